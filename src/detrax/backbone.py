@@ -1,0 +1,107 @@
+"""torchvision-layout ResNet (bottleneck, stride on the 3x3 conv) with frozen batch norm, NHWC.
+
+As in the official DETR, batch norm is frozen everywhere, and the stem and layer1 are not trained: their
+kernels are `Frozen` variables, not `nnx.Param`, so an optimizer built with `wrt=nnx.Param` never sees them
+and autodiff computes no backward pass below layer2. DC5 replaces the stride of the last stage by dilation.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Frozen(nnx.Variable):
+    """A parameter that training leaves alone (frozen batch norm statistics, the stem and layer1)."""
+
+
+_kaiming_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv(nnx.Module):
+    """Bias-free 2D convolution with torch's symmetric padding; kernel [kh, kw, in, out]."""
+
+    def __init__(self, cin: int, cout: int, k: int, *, stride: int = 1, dilation: int = 1, padding: int = 0,
+                 trainable: bool = True, rngs: nnx.Rngs):
+        var = nnx.Param if trainable else Frozen
+        self.kernel = var(_kaiming_fan_out(rngs.params(), (k, k, cin, cout), jnp.float32))
+        self.stride, self.dilation, self.padding = stride, dilation, padding
+
+    def __call__(self, x):  # x [B, H, W, Cin] -> [B, H', W', Cout]
+        p = self.padding
+        return jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), (self.stride, self.stride), [(p, p), (p, p)],
+            rhs_dilation=(self.dilation, self.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class FrozenBatchNorm(nnx.Module):
+    """BatchNorm2d with fixed statistics and affine parameters; eps 1e-5 inside the rsqrt, as the official."""
+
+    def __init__(self, n: int):
+        self.scale = Frozen(jnp.ones((n,), jnp.float32))
+        self.bias = Frozen(jnp.zeros((n,), jnp.float32))
+        self.mean = Frozen(jnp.zeros((n,), jnp.float32))
+        self.var = Frozen(jnp.ones((n,), jnp.float32))
+
+    def __call__(self, x):  # x [B, H, W, C]
+        scale = self.scale[...] * jax.lax.rsqrt(self.var[...] + 1e-5)  # [C]
+        bias = self.bias[...] - self.mean[...] * scale  # [C]
+        return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class Bottleneck(nnx.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, *, stride: int, dilation: int, downsample: bool, trainable: bool,
+                 rngs: nnx.Rngs):
+        kw = dict(trainable=trainable, rngs=rngs)
+        self.conv1 = Conv(cin, planes, 1, **kw)
+        self.bn1 = FrozenBatchNorm(planes)
+        self.conv2 = Conv(planes, planes, 3, stride=stride, dilation=dilation, padding=dilation, **kw)
+        self.bn2 = FrozenBatchNorm(planes)
+        self.conv3 = Conv(planes, planes * 4, 1, **kw)
+        self.bn3 = FrozenBatchNorm(planes * 4)
+        if downsample:
+            self.downsample_conv = Conv(cin, planes * 4, 1, stride=stride, **kw)
+            self.downsample_bn = FrozenBatchNorm(planes * 4)
+        else:
+            self.downsample_conv = self.downsample_bn = None
+
+    def __call__(self, x):
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        shortcut = x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
+        return jax.nn.relu(y + shortcut)
+
+
+class ResNet(nnx.Module):
+    """Stem (conv1, bn1, max pool) and four stages `layer1`..`layer4`, named as torchvision's; returns C5."""
+
+    def __init__(self, depths=(3, 4, 6, 3), width: int = 64, dilation: bool = False, *, rngs: nnx.Rngs):
+        self.conv1 = Conv(3, width, 7, stride=2, padding=3, trainable=False, rngs=rngs)
+        self.bn1 = FrozenBatchNorm(width)
+        cin, current_dilation = width, 1
+        for i, depth in enumerate(depths):
+            planes, stride = width * 2**i, (1 if i == 0 else 2)
+            first_dilation = current_dilation
+            if dilation and i == len(depths) - 1:  # torchvision's replace_stride_with_dilation for the last stage
+                current_dilation, stride = current_dilation * stride, 1  # its first block keeps the old one
+            blocks = []
+            for j in range(depth):
+                blocks.append(Bottleneck(
+                    cin, planes, stride=stride if j == 0 else 1,
+                    dilation=first_dilation if j == 0 else current_dilation,
+                    downsample=j == 0 and (stride != 1 or cin != planes * 4), trainable=i > 0, rngs=rngs))
+                cin = planes * 4
+            setattr(self, f"layer{i + 1}", nnx.List(blocks))
+        self.num_stages = len(depths)
+        self.out_channels = cin
+
+    def __call__(self, x):  # x [B, H, W, 3] -> [B, H/32, W/32, C] (H/16 with DC5)
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                  [(0, 0), (1, 1), (1, 1), (0, 0)])
+        for i in range(self.num_stages):
+            for block in getattr(self, f"layer{i + 1}"):
+                x = block(x)
+        return x

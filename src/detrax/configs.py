@@ -1,0 +1,149 @@
+"""Presets as plain Python functions that return a config (the big_vision way).
+
+Derived values are computed here, in code; `smoke=True` shrinks any preset to a size that runs in seconds.
+Only this module and the CLI turn strings into values (see `override`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's parameters and its forward pass."""
+
+    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet (custom depths / width, e.g. the tiny preset)
+    depths: tuple[int, ...] = RESNET_DEPTHS["resnet50"]  # bottleneck blocks per stage
+    width: int = 64  # channels of the stem; stage i has width * 2**i planes and 4x that many outputs
+    dilation: bool = False  # DC5: dilation instead of stride in the last stage
+    num_classes: int = 91  # the class head has num_classes + 1 outputs; the last is no-object
+    num_queries: int = 100
+    hidden_dim: int = 256
+    num_heads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1  # on residual branches, the FFN and the attention weights, as the official model
+    pre_norm: bool = False
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention: cuDNN flash on GPU) | auto
+
+    def __post_init__(self):
+        if self.backbone in RESNET_DEPTHS and tuple(self.depths) != RESNET_DEPTHS[self.backbone]:
+            raise ValueError(f"backbone {self.backbone!r} has depths {RESNET_DEPTHS[self.backbone]}, "
+                             f"not {tuple(self.depths)}; use backbone='resnet' for custom depths")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
+        if self.attention not in ("xla", "dot_product", "auto"):
+            raise ValueError(f"attention must be xla, dot_product or auto, not {self.attention!r}")
+        object.__setattr__(self, "depths", tuple(self.depths))
+
+    @property
+    def backbone_channels(self) -> int:
+        return self.width * 2 ** (len(self.depths) - 1) * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    model: ModelConfig
+
+
+def detr_r50(smoke: bool = False) -> Config:
+    if smoke:
+        return tiny()
+    return Config("detr_r50", ModelConfig(backbone="resnet50", depths=RESNET_DEPTHS["resnet50"]))
+
+
+def detr_r50_dc5(smoke: bool = False) -> Config:
+    cfg = detr_r50(smoke)
+    return dataclasses.replace(cfg, name="detr_r50_dc5", model=dataclasses.replace(cfg.model, dilation=True))
+
+
+def detr_r101(smoke: bool = False) -> Config:
+    if smoke:
+        return tiny()
+    return Config("detr_r101", ModelConfig(backbone="resnet101", depths=RESNET_DEPTHS["resnet101"]))
+
+
+def detr_r101_dc5(smoke: bool = False) -> Config:
+    cfg = detr_r101(smoke)
+    return dataclasses.replace(cfg, name="detr_r101_dc5", model=dataclasses.replace(cfg.model, dilation=True))
+
+
+def tiny(smoke: bool = True) -> Config:
+    """A DETR small enough for unit tests: same structure, a few thousand parameters."""
+    del smoke
+    return Config("tiny", ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, num_classes=5,
+                                      num_queries=10, hidden_dim=32, num_heads=4, enc_layers=2, dec_layers=2,
+                                      ffn_dim=64))
+
+
+PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, tiny)}
+
+
+def get(name: str, smoke: bool = False) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name](smoke=smoke)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(fields)}")
+    return ModelConfig(**d)
+
+
+def model_config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def _parse(value: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(like, tuple):
+        return tuple(int(v) for v in value.strip("()[] ").split(",") if v.strip())
+    return type(like)(value)
+
+
+def override(cfg: Any, assignments: list[str]) -> Any:
+    """Apply `key=value` strings (dotted keys reach nested configs) to a frozen dataclass config."""
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), value.strip(), key)
+    return cfg
+
+
+def _set(obj: Any, path: list[str], value: str, full: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    head = path[0]
+    if head not in fields:
+        raise ValueError(f"unknown config key {full!r}; valid keys here: {', '.join(sorted(fields))}")
+    current = getattr(obj, head)
+    if len(path) == 1:
+        if dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full!r} is a section; set one of its fields")
+        try:
+            new = _parse(value, current)
+        except ValueError as e:
+            raise ValueError(f"bad value for {full!r}: {e}") from None
+    else:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {'.'.join(path)!r}: {head!r} has no fields")
+        new = _set(current, path[1:], value, full)
+    return dataclasses.replace(obj, **{head: new})

@@ -1,0 +1,245 @@
+"""Weights in: official DETR, Hugging Face DetrForObjectDetection and torchvision ResNet -> detrax.
+
+Each source has an explicit key table, target path -> (source key, transform), built below. Conversion fails,
+naming the keys, when a source key is left unused or a parameter is left unfilled, and names both shapes when
+they differ. The only source keys passed over are listed in IGNORED (BN counters, an ImageNet classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+
+import numpy as np
+from flax import nnx
+
+from detrax.configs import RESNET_DEPTHS, ModelConfig
+from detrax.model import DETR, WEIGHTS, assemble
+from detrax.model import path_key as model_path_key
+
+IGNORED = re.compile(r"(.*\.num_batches_tracked$)|(^fc\.(weight|bias)$)")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+conv = lambda w: w.transpose(2, 3, 1, 0)  # torch [O, I, kh, kw] -> [kh, kw, I, O]
+linear = lambda w: w.T  # torch [O, I] -> [I, O]
+same = lambda w: w
+conv1x1 = lambda w: w[:, :, 0, 0].T  # torch [O, I, 1, 1] -> [I, O]
+
+
+def _bn(table, dst, src):
+    for a, b in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var")):
+        table[f"{dst}/{a}"] = (f"{src}.{b}", same)
+
+
+def _linear(table, dst, src):
+    table[f"{dst}/kernel"] = (f"{src}.weight", linear)
+    table[f"{dst}/bias"] = (f"{src}.bias", same)
+
+
+def _norm(table, dst, src):
+    table[f"{dst}/scale"] = (f"{src}.weight", same)
+    table[f"{dst}/bias"] = (f"{src}.bias", same)
+
+
+def resnet_table(depths, prefix: str, hf: bool = False) -> dict:
+    """torchvision names (conv1, layer1.0.conv1, ...), or HF ResNetBackbone names (embedder, encoder.stages)."""
+    t = {}
+    stem = f"{prefix}embedder.embedder." if hf else prefix
+    t["backbone/conv1/kernel"] = (stem + ("convolution.weight" if hf else "conv1.weight"), conv)
+    _bn(t, "backbone/bn1", stem + ("normalization" if hf else "bn1"))
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            dst = f"backbone/layer{i + 1}/{j}"
+            src = f"{prefix}encoder.stages.{i}.layers.{j}." if hf else f"{prefix}layer{i + 1}.{j}."
+            for k in range(3):
+                conv_src = f"{src}layer.{k}." if hf else src
+                t[f"{dst}/conv{k + 1}/kernel"] = (conv_src + ("convolution.weight" if hf else f"conv{k + 1}.weight"), conv)
+                _bn(t, f"{dst}/bn{k + 1}", conv_src + ("normalization" if hf else f"bn{k + 1}"))
+            if j == 0:
+                t[f"{dst}/downsample_conv/kernel"] = (src + ("shortcut.convolution.weight" if hf else "downsample.0.weight"), conv)
+                _bn(t, f"{dst}/downsample_bn", src + ("shortcut.normalization" if hf else "downsample.1"))
+    return t
+
+
+def official_table(cfg: ModelConfig, prefix="backbone.0.body.") -> dict:
+    t = resnet_table(cfg.depths, prefix)
+    d = cfg.hidden_dim
+    for kind, n in (("encoder", cfg.enc_layers), ("decoder", cfg.dec_layers)):
+        for i in range(n):
+            dst, src = f"transformer/{kind}/{i}", f"transformer.{kind}.layers.{i}"
+            attns = [("self_attn", "self_attn")] + ([("cross_attn", "multihead_attn")] if kind == "decoder" else [])
+            for a_dst, a_src in attns:
+                for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    rows = slice(j * d, (j + 1) * d)
+                    t[f"{dst}/{a_dst}/{name}/kernel"] = (f"{src}.{a_src}.in_proj_weight", lambda w, r=rows: w[r].T)
+                    t[f"{dst}/{a_dst}/{name}/bias"] = (f"{src}.{a_src}.in_proj_bias", lambda w, r=rows: w[r])
+                _linear(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.out_proj")
+            _linear(t, f"{dst}/linear1", f"{src}.linear1")
+            _linear(t, f"{dst}/linear2", f"{src}.linear2")
+            for k in range(3 if kind == "decoder" else 2):
+                _norm(t, f"{dst}/norm{k + 1}", f"{src}.norm{k + 1}")
+    if cfg.pre_norm:
+        _norm(t, "transformer/encoder_norm", "transformer.encoder.norm")
+    _norm(t, "transformer/decoder_norm", "transformer.decoder.norm")
+    t["input_proj/kernel"] = ("input_proj.weight", conv1x1)
+    t["input_proj/bias"] = ("input_proj.bias", same)
+    t["query_embed"] = ("query_embed.weight", same)
+    _linear(t, "class_embed", "class_embed")
+    for k in range(3):
+        _linear(t, f"bbox_embed/layers/{k}", f"bbox_embed.layers.{k}")
+    return t
+
+
+def hf_table(cfg: ModelConfig, keys) -> dict:
+    """HF DetrForObjectDetection, in the names of transformers 4 (hub files: `backbone.conv_encoder`,
+    `out_proj`, `fc1`) and of transformers 5 (`backbone.model`, `o_proj`, `mlp.fc1`), timm or HF ResNet."""
+    keys = set(keys)
+    bb = "model.backbone.conv_encoder.model." if any(k.startswith("model.backbone.conv_encoder.") for k in keys) \
+        else "model.backbone.model."
+    t = resnet_table(cfg.depths, bb, hf=f"{bb}embedder.embedder.convolution.weight" in keys)
+    v5 = "model.encoder.layers.0.self_attn.o_proj.weight" in keys
+    out, fc = ("o_proj", "mlp.fc") if v5 else ("out_proj", "fc")
+    for kind, n in (("encoder", cfg.enc_layers), ("decoder", cfg.dec_layers)):
+        for i in range(n):
+            dst, src = f"transformer/{kind}/{i}", f"model.{kind}.layers.{i}"
+            attns = [("self_attn", "self_attn")] + ([("cross_attn", "encoder_attn")] if kind == "decoder" else [])
+            for a_dst, a_src in attns:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    _linear(t, f"{dst}/{a_dst}/{name}", f"{src}.{a_src}.{name}")
+                _linear(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.{out}")
+            _linear(t, f"{dst}/linear1", f"{src}.{fc}1")
+            _linear(t, f"{dst}/linear2", f"{src}.{fc}2")
+            norms = ["self_attn_layer_norm"] + (["encoder_attn_layer_norm"] if kind == "decoder" else [])
+            for k, name in enumerate(norms + ["final_layer_norm"]):
+                _norm(t, f"{dst}/norm{k + 1}", f"{src}.{name}")
+    _norm(t, "transformer/decoder_norm", "model.decoder.layernorm")
+    t["input_proj/kernel"] = ("model.input_projection.weight", conv1x1)
+    t["input_proj/bias"] = ("model.input_projection.bias", same)
+    t["query_embed"] = ("model.query_position_embeddings.weight", same)
+    _linear(t, "class_embed", "class_labels_classifier")
+    for k in range(3):
+        _linear(t, f"bbox_embed/layers/{k}", f"bbox_predictor.layers.{k}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------- reading sources
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A flat {key: float32 array} from `.safetensors` (no torch needed) or a torch file (`.pth`, `.pt`, `.bin`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{path}: reading a torch file needs PyTorch: pip install 'detrax[torch]'") from None
+    torch.serialization.add_safe_globals([argparse.Namespace])  # the official checkpoints carry their args
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ConversionError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # the official {'model': state_dict, 'optimizer': ..., 'args': ...}
+    if not isinstance(obj, dict) or not all(hasattr(v, "numpy") for v in obj.values()):
+        raise ConversionError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}})")
+    return {k: v.detach().float().numpy() for k, v in obj.items()}
+
+
+def detect(sd) -> str:
+    if any(k.startswith("backbone.0.body.") for k in sd) or "query_embed.weight" in sd:
+        return "official"
+    if "class_labels_classifier.weight" in sd or any(k.startswith("model.backbone.") for k in sd):
+        return "hf"
+    if "conv1.weight" in sd and any(k.startswith("layer1.0.") for k in sd):
+        return "torchvision"
+    raise ConversionError("unrecognised checkpoint layout (not official DETR, HF DETR or torchvision ResNet); "
+                          f"first keys: {sorted(sd)[:5]}")
+
+
+def _count(keys, pattern) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(sd, fmt: str, base: ModelConfig, **overrides) -> ModelConfig:
+    """What the weights fix (depths, widths, layer counts, classes, queries); the rest from `base`."""
+    keys = list(sd)
+    bb = {"official": r"backbone\.0\.body\.", "torchvision": ""}.get(fmt)
+    if bb is None:
+        bb = r"model\.backbone\.(?:conv_encoder\.)?model\."
+    hf_resnet = any(re.match(bb + "encoder.stages", k) for k in keys)
+    if hf_resnet:
+        depths = tuple(_count(keys, bb + rf"encoder\.stages\.{i}\.layers\.(\d+)\.") for i in range(4))
+    else:
+        depths = tuple(_count(keys, bb + rf"layer{i + 1}\.(\d+)\.") for i in range(4))
+    stem = next((k for k in keys if re.match(bb + r"(conv1|embedder\.embedder\.convolution)\.weight$", k)), None)
+    if stem is None or 0 in depths:
+        raise ConversionError(f"no ResNet backbone found in the {fmt} checkpoint (depths {depths})")
+    width = sd[stem].shape[0]
+    name = next((n for n, d in RESNET_DEPTHS.items() if d == depths and width == 64), "resnet")
+    found = dict(backbone=name, depths=depths, width=width)
+    if fmt == "official":
+        found.update(num_classes=sd["class_embed.weight"].shape[0] - 1,
+                     num_queries=sd["query_embed.weight"].shape[0], hidden_dim=sd["query_embed.weight"].shape[1],
+                     enc_layers=_count(keys, r"transformer\.encoder\.layers\.(\d+)\."),
+                     dec_layers=_count(keys, r"transformer\.decoder\.layers\.(\d+)\."),
+                     ffn_dim=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
+                     pre_norm="transformer.encoder.norm.weight" in sd)
+    elif fmt == "hf":
+        fc1 = next(k for k in keys if re.match(r"model\.encoder\.layers\.0\.(mlp\.)?fc1\.weight$", k))
+        found.update(num_classes=sd["class_labels_classifier.weight"].shape[0] - 1,
+                     num_queries=sd["model.query_position_embeddings.weight"].shape[0],
+                     hidden_dim=sd["model.query_position_embeddings.weight"].shape[1],
+                     enc_layers=_count(keys, r"model\.encoder\.layers\.(\d+)\."),
+                     dec_layers=_count(keys, r"model\.decoder\.layers\.(\d+)\."), ffn_dim=sd[fc1].shape[0])
+    found.update(overrides)
+    return dataclasses.replace(base, **found)
+
+
+def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overrides):
+    """A state dict -> (DETR model in eval mode, report dict). `overrides` set config fields that the weights
+    cannot tell (`dilation`, `num_heads`, `dtype`, ...). A torchvision ResNet fills the backbone only; the rest
+    is freshly initialised from `seed`."""
+    fmt = detect(sd)
+    cfg = infer_config(sd, fmt, base or ModelConfig(), **overrides)
+    if fmt == "official":
+        table = official_table(cfg)
+    elif fmt == "hf":
+        if cfg.pre_norm:
+            raise ConversionError("HF DETR has no pre-norm variant")
+        table = hf_table(cfg, sd)
+    else:
+        table = resnet_table(cfg.depths, "")
+    shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(
+        nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(seed))), WEIGHTS))}
+    assert not set(table) - set(shapes), f"key table names unknown weights: {sorted(set(table) - set(shapes))[:5]}"
+    missing = sorted(k for k in {src for src, _ in table.values()} if k not in sd)
+    unused = sorted(k for k in set(sd) - {src for src, _ in table.values()} if not IGNORED.match(k))
+    unfilled = sorted(set(shapes) - set(table)) if fmt != "torchvision" else []
+    if missing or unused or unfilled:
+        raise ConversionError("; ".join(f"{what} ({len(ks)}): {', '.join(ks[:8])}{' ...' if len(ks) > 8 else ''}"
+                                        for what, ks in (("source keys missing", missing),
+                                                         ("source keys left unused", unused),
+                                                         ("parameters left unfilled", unfilled)) if ks))
+    arrays, sources = {}, {}
+    for dst, (src, fn) in table.items():
+        try:
+            arrays[dst] = np.asarray(fn(sd[src]), np.float32)
+        except (IndexError, ValueError) as e:
+            raise ConversionError(f"{src} has shape {tuple(sd[src].shape)}, unusable for {dst} "
+                                  f"(shape {tuple(shapes[dst])}): {e}") from None
+        sources[dst] = f"{src} {tuple(sd[src].shape)}"
+    try:
+        model = assemble(cfg, arrays, seed=seed, init_rest=fmt == "torchvision", sources=sources)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    return model, {"format": fmt, "config": cfg, "filled": len(table), "fresh": sorted(set(shapes) - set(table))}

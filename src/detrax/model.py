@@ -1,0 +1,106 @@
+"""DETR: backbone -> 1x1 input projection -> transformer -> class and box heads on every decoder layer."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from detrax.backbone import Frozen, ResNet
+from detrax.configs import ModelConfig
+from detrax.position_encoding import resize_mask, sine_position_embedding
+from detrax.transformer import Transformer
+
+WEIGHTS = (nnx.Param, Frozen)  # what a checkpoint holds: trained parameters and frozen ones
+
+
+class MLP(nnx.Module):
+    """Linear layers with ReLU between them (the official box head: 3 layers, hidden_dim wide)."""
+
+    def __init__(self, cin: int, hidden: int, cout: int, num_layers: int, dtype, *, rngs: nnx.Rngs):
+        dims = [cin] + [hidden] * (num_layers - 1) + [cout]
+        self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+
+    def __call__(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+
+class DETR(nnx.Module):
+    """The official DETR detector.
+
+    Call with `pixels` [B, H, W, 3] float32 (normalised with the ImageNet mean and std) and `mask` [B, H, W]
+    bool (True on real pixels, False on padding). Returns a dict:
+      pred_logits [B, Q, C + 1]  class logits; the last class is no-object
+      pred_boxes  [B, Q, 4]      normalised (cx, cy, w, h) in [0, 1], relative to each image's unpadded size
+      aux_outputs                list over the first L - 1 decoder layers of dicts with the same two keys
+    Outputs are float32 whatever the compute dtype.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
+        self.config = c
+        self.dtype = dtype
+        self.backbone = ResNet(c.depths, c.width, c.dilation, rngs=rngs)
+        self.input_proj = nnx.Linear(self.backbone.out_channels, c.hidden_dim, dtype=dtype, rngs=rngs)  # 1x1 conv
+        self.query_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_queries, c.hidden_dim)))
+        self.transformer = Transformer(c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers, c.ffn_dim,
+                                       c.dropout, c.pre_norm, c.attention, dtype, rngs=rngs)
+        self.class_embed = nnx.Linear(c.hidden_dim, c.num_classes + 1, dtype=dtype, rngs=rngs)
+        self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3, dtype, rngs=rngs)
+
+    def __call__(self, pixels, mask=None):
+        pixels = jnp.asarray(pixels, self.dtype)  # [B, H, W, 3]
+        mask = jnp.ones(pixels.shape[:3], bool) if mask is None else jnp.asarray(mask, bool)  # [B, H, W]
+        features = self.backbone(pixels)  # [B, h, w, C]
+        b, h, w, _ = features.shape
+        mask = resize_mask(mask, (h, w))  # [B, h, w]
+        pos = sine_position_embedding(mask, self.config.hidden_dim // 2).astype(self.dtype)  # [B, h, w, D]
+        src = self.input_proj(features)  # [B, h, w, D]
+        d = src.shape[-1]
+        hs, _ = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), self.query_embed[...],
+                                 pos.reshape(b, h * w, d))  # [L, B, Q, D]
+        logits = self.class_embed(hs).astype(jnp.float32)  # [L, B, Q, C + 1]
+        boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, B, Q, 4]
+        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+                "aux_outputs": [{"pred_logits": a, "pred_boxes": bb} for a, bb in zip(logits[:-1], boxes[:-1])]}
+
+
+def path_key(path) -> str:
+    return "/".join(map(str, path))
+
+
+def assemble(config: ModelConfig, arrays: dict, *, seed: int = 0, init_rest: bool = False, sources=None) -> DETR:
+    """A DETR in eval mode whose weights are `arrays` ({"backbone/conv1/kernel": array, ...}).
+
+    Every weight must be given, unless `init_rest`, which initialises the others from `seed`. Without it nothing
+    is initialised: the model is built abstractly and only its RNG streams get real keys. `sources` may name
+    where each array came from, for the error messages.
+    """
+    build = lambda: DETR(config, rngs=nnx.Rngs(seed))
+    model = build() if init_rest else nnx.eval_shape(build)
+    graphdef, weights, rest = nnx.split(model, WEIGHTS, ...)
+    flat = dict(nnx.to_flat_state(weights))
+    paths = {path_key(p): p for p in flat}
+    extra = sorted(set(arrays) - set(paths))
+    missing = [] if init_rest else sorted(set(paths) - set(arrays))
+    if extra or missing:
+        raise ValueError(f"weights do not fit the model: unexpected {extra[:8]}, missing {missing[:8]}")
+    for name, value in arrays.items():
+        want = tuple(flat[paths[name]].shape)
+        if tuple(value.shape) != want:
+            src = f" (from {sources[name]})" if sources and name in sources else ""
+            raise ValueError(f"{name}{src} has shape {tuple(value.shape)}, the model needs {want}")
+        flat[paths[name]] = flat[paths[name]].replace(jnp.asarray(value, jnp.float32))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    if not init_rest:
+        nnx.reseed(model, default=seed)
+    model.eval()
+    return model
+
+
+def weight_arrays(model: DETR) -> dict:
+    """{"backbone/conv1/kernel": array, ...} for every weight of `model`."""
+    return {path_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}

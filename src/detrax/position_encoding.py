@@ -1,0 +1,41 @@
+"""The sine position embedding of the official PositionEmbeddingSine(normalize=True), over the padding mask."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def resize_mask(mask, size):
+    """Nearest-neighbour resize of a [B, H, W] bool mask to `size`, exactly as
+    `F.interpolate(mask[None].float(), size).bool()`: source index floor(dst * (in / out)) in float32."""
+    _, h, w = mask.shape
+    rows = _nearest_index(h, size[0])
+    cols = _nearest_index(w, size[1])
+    return mask[:, rows][:, :, cols]  # [B, h, w]
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    if n_in == n_out:
+        return np.arange(n_out)
+    scale = np.float32(n_in) / np.float32(n_out)
+    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def sine_position_embedding(mask, num_feats: int = 128, temperature: float = 10000.0,
+                            scale: float = 2 * math.pi, eps: float = 1e-6):
+    """mask [B, H, W] bool, True on real pixels -> [B, H, W, 2 * num_feats] float32 (y features, then x)."""
+    m = mask.astype(jnp.float32)
+    y = jnp.cumsum(m, axis=1)  # [B, H, W]
+    x = jnp.cumsum(m, axis=2)  # [B, H, W]
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    dim_t = np.arange(num_feats, dtype=np.float32)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)  # [F]
+    pos_x = x[..., None] / dim_t  # [B, H, W, F]
+    pos_y = y[..., None] / dim_t  # [B, H, W, F]
+    b, h, w = mask.shape
+    pos_x = jnp.stack([jnp.sin(pos_x[..., 0::2]), jnp.cos(pos_x[..., 1::2])], axis=-1).reshape(b, h, w, -1)
+    pos_y = jnp.stack([jnp.sin(pos_y[..., 0::2]), jnp.cos(pos_y[..., 1::2])], axis=-1).reshape(b, h, w, -1)
+    return jnp.concatenate([pos_y, pos_x], axis=-1)  # [B, H, W, 2F]

@@ -1,0 +1,110 @@
+"""The DETR encoder-decoder transformer (official models/transformer.py), sequences as [B, S, D].
+
+Post-norm by default, pre-norm as an option. Positions are added to queries and keys, never to values. The
+decoder starts from zeros, and its final LayerNorm is applied to the output of every layer (the auxiliary
+outputs), as the official `return_intermediate=True`.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from detrax.attention import attention
+
+_xavier = jax.nn.initializers.xavier_uniform()
+
+
+def _linear(cin, cout, dtype, rngs):
+    return nnx.Linear(cin, cout, dtype=dtype, kernel_init=_xavier, rngs=rngs)
+
+
+def _norm(d, dtype, rngs):
+    return nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+
+
+class MultiHeadAttention(nnx.Module):
+    """nn.MultiheadAttention with separate q/k/v projections and dropout on the attention weights."""
+
+    def __init__(self, d: int, num_heads: int, dropout: float, kernel: str, dtype, *, rngs: nnx.Rngs):
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (_linear(d, d, dtype, rngs) for _ in range(4))
+        self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)  # holds the rate, the rng stream, train/eval
+        self.num_heads, self.kernel = num_heads, kernel
+        self.record_weights = False  # when on, sows the weights [B, N, T, S] as nnx.Intermediate 'weights'
+
+    def __call__(self, q, k, v, key_mask=None):  # q [B, T, D], k and v [B, S, D], key_mask [B, S]
+        b, t, d = q.shape
+        heads = lambda x: x.reshape(x.shape[0], x.shape[1], self.num_heads, d // self.num_heads)
+        q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))  # [B, *, N, D/N]
+        drop = self.attn_dropout
+        rng = None if (drop.deterministic or drop.rate == 0.0) else drop.rngs()
+        out = attention(q, k, v, key_mask, kernel=self.kernel, dropout_rate=drop.rate, dropout_rng=rng,
+                        return_weights=self.record_weights)
+        if self.record_weights:
+            out, weights = out
+            self.sow(nnx.Intermediate, "weights", weights)
+        return self.out_proj(out.reshape(b, t, d))  # [B, T, D]
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, d, num_heads, ffn, dropout, pre_norm, kernel, dtype, *, rngs: nnx.Rngs):
+        self.self_attn = MultiHeadAttention(d, num_heads, dropout, kernel, dtype, rngs=rngs)
+        self.linear1, self.linear2 = _linear(d, ffn, dtype, rngs), _linear(ffn, d, dtype, rngs)
+        self.norm1, self.norm2 = _norm(d, dtype, rngs), _norm(d, dtype, rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.pre_norm = pre_norm
+
+    def __call__(self, src, key_mask, pos):  # src, pos [B, S, D]; key_mask [B, S]
+        ffn = lambda x: self.linear2(self.dropout(jax.nn.relu(self.linear1(x))))
+        if self.pre_norm:
+            x = self.norm1(src)
+            src = src + self.dropout(self.self_attn(x + pos, x + pos, x, key_mask))
+            return src + self.dropout(ffn(self.norm2(src)))
+        src = self.norm1(src + self.dropout(self.self_attn(src + pos, src + pos, src, key_mask)))
+        return self.norm2(src + self.dropout(ffn(src)))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, d, num_heads, ffn, dropout, pre_norm, kernel, dtype, *, rngs: nnx.Rngs):
+        self.self_attn = MultiHeadAttention(d, num_heads, dropout, kernel, dtype, rngs=rngs)
+        self.cross_attn = MultiHeadAttention(d, num_heads, dropout, kernel, dtype, rngs=rngs)
+        self.linear1, self.linear2 = _linear(d, ffn, dtype, rngs), _linear(ffn, d, dtype, rngs)
+        self.norm1, self.norm2, self.norm3 = (_norm(d, dtype, rngs) for _ in range(3))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.pre_norm = pre_norm
+
+    def __call__(self, tgt, memory, key_mask, pos, query_pos):  # tgt [B, Q, D]; memory, pos [B, S, D]
+        ffn = lambda x: self.linear2(self.dropout(jax.nn.relu(self.linear1(x))))
+        if self.pre_norm:
+            x = self.norm1(tgt)
+            tgt = tgt + self.dropout(self.self_attn(x + query_pos, x + query_pos, x))
+            x = self.norm2(tgt)
+            tgt = tgt + self.dropout(self.cross_attn(x + query_pos, memory + pos, memory, key_mask))
+            return tgt + self.dropout(ffn(self.norm3(tgt)))
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt + query_pos, tgt + query_pos, tgt)))
+        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + query_pos, memory + pos, memory, key_mask)))
+        return self.norm3(tgt + self.dropout(ffn(tgt)))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, d=256, num_heads=8, enc_layers=6, dec_layers=6, ffn=2048, dropout=0.1, pre_norm=False,
+                 kernel="xla", dtype=jnp.float32, *, rngs: nnx.Rngs):
+        args = (d, num_heads, ffn, dropout, pre_norm, kernel, dtype)
+        self.encoder = nnx.List([EncoderLayer(*args, rngs=rngs) for _ in range(enc_layers)])
+        self.decoder = nnx.List([DecoderLayer(*args, rngs=rngs) for _ in range(dec_layers)])
+        self.encoder_norm = _norm(d, dtype, rngs) if pre_norm else None  # the official has it with pre-norm only
+        self.decoder_norm = _norm(d, dtype, rngs)
+
+    def __call__(self, src, key_mask, query_embed, pos):
+        """src, pos [B, S, D]; key_mask [B, S] (True: real); query_embed [Q, D] -> hs [L, B, Q, D], memory."""
+        memory = src
+        for layer in self.encoder:
+            memory = layer(memory, key_mask, pos)
+        if self.encoder_norm is not None:
+            memory = self.encoder_norm(memory)
+        query_pos = jnp.broadcast_to(query_embed.astype(src.dtype), (src.shape[0],) + query_embed.shape)
+        tgt = jnp.zeros_like(query_pos)  # [B, Q, D]
+        hs = []
+        for layer in self.decoder:
+            tgt = layer(tgt, memory, key_mask, pos, query_pos)
+            hs.append(self.decoder_norm(tgt))
+        return jnp.stack(hs), memory  # [L, B, Q, D], [B, S, D]
