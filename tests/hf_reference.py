@@ -1,7 +1,6 @@
 """Hugging Face DETR built offline with random weights, as the reference for parity tests."""
 
 import numpy as np
-
 from conftest import require
 
 

@@ -97,11 +97,17 @@ class ResNet(nnx.Module):
         self.num_stages = len(depths)
         self.out_channels = cin
 
-    def __call__(self, x):  # x [B, H, W, 3] -> [B, H/32, W/32, C] (H/16 with DC5)
+    def stages(self, x):
+        """x [B, H, W, 3] -> the outputs of layer1..layer4, at strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         x = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                   [(0, 0), (1, 1), (1, 1), (0, 0)])
+        outs = []
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
                 x = block(x)
-        return x
+            outs.append(x)
+        return outs
+
+    def __call__(self, x):  # x [B, H, W, 3] -> C5 [B, H/32, W/32, C] (H/16 with DC5)
+        return self.stages(x)[-1]

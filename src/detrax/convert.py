@@ -50,20 +50,29 @@ def _norm(table, dst, src):
 def resnet_table(depths, prefix: str, hf: bool = False) -> dict:
     """torchvision names (conv1, layer1.0.conv1, ...), or HF ResNetBackbone names (embedder, encoder.stages)."""
     t = {}
+
+    def conv_bn(dst_conv, dst_bn, src_conv, src_bn):
+        t[f"{dst_conv}/kernel"] = (f"{src_conv}.weight", conv)
+        _bn(t, dst_bn, src_bn)
+
     stem = f"{prefix}embedder.embedder." if hf else prefix
-    t["backbone/conv1/kernel"] = (stem + ("convolution.weight" if hf else "conv1.weight"), conv)
-    _bn(t, "backbone/bn1", stem + ("normalization" if hf else "bn1"))
+    conv_bn("backbone/conv1", "backbone/bn1", *((stem + "convolution", stem + "normalization") if hf
+                                                  else (stem + "conv1", stem + "bn1")))
     for i, depth in enumerate(depths):
         for j in range(depth):
             dst = f"backbone/layer{i + 1}/{j}"
-            src = f"{prefix}encoder.stages.{i}.layers.{j}." if hf else f"{prefix}layer{i + 1}.{j}."
-            for k in range(3):
-                conv_src = f"{src}layer.{k}." if hf else src
-                t[f"{dst}/conv{k + 1}/kernel"] = (conv_src + ("convolution.weight" if hf else f"conv{k + 1}.weight"), conv)
-                _bn(t, f"{dst}/bn{k + 1}", conv_src + ("normalization" if hf else f"bn{k + 1}"))
-            if j == 0:
-                t[f"{dst}/downsample_conv/kernel"] = (src + ("shortcut.convolution.weight" if hf else "downsample.0.weight"), conv)
-                _bn(t, f"{dst}/downsample_bn", src + ("shortcut.normalization" if hf else "downsample.1"))
+            if hf:
+                src = f"{prefix}encoder.stages.{i}.layers.{j}."
+                units = [(f"{src}layer.{k}.convolution", f"{src}layer.{k}.normalization") for k in range(3)]
+                down = (f"{src}shortcut.convolution", f"{src}shortcut.normalization")
+            else:
+                src = f"{prefix}layer{i + 1}.{j}."
+                units = [(f"{src}conv{k + 1}", f"{src}bn{k + 1}") for k in range(3)]
+                down = (f"{src}downsample.0", f"{src}downsample.1")
+            for k, (c, b) in enumerate(units):
+                conv_bn(f"{dst}/conv{k + 1}", f"{dst}/bn{k + 1}", c, b)
+            if j == 0:  # every stage's first block projects its shortcut
+                conv_bn(f"{dst}/downsample_conv", f"{dst}/downsample_bn", *down)
     return t
 
 
@@ -243,3 +252,19 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
     except ValueError as e:
         raise ConversionError(str(e)) from None
     return model, {"format": fmt, "config": cfg, "filled": len(table), "fresh": sorted(set(shapes) - set(table))}
+
+
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, **overrides) -> dict:
+    """Read `src` (official / HF / torchvision, `.pth` or `.safetensors`), convert, write detrax weights to `dst`.
+
+    DC5 cannot be read off the weights: it is taken from `dilation=`, else from a file name holding "dc5"
+    (as the official detr-r50-dc5-*.pth), and the report says which.
+    """
+    sd = read_state_dict(src)
+    if "dilation" not in overrides and "dc5" in os.path.basename(os.fspath(src)).lower():
+        overrides["dilation"] = True
+    model, report = convert(sd, **overrides)
+    from detrax.checkpoint import save_weights
+
+    save_weights(model, dst)
+    return report

@@ -1,0 +1,212 @@
+"""An independent PyTorch reference of the official DETR (facebookresearch/detr): torchvision's ResNet with
+optional dilation, FrozenBatchNorm2d, PositionEmbeddingSine(normalize=True), the transformer built on
+nn.MultiheadAttention (post- or pre-norm), and the heads. Its state dict has the official checkpoint's keys."""
+
+import math
+
+from conftest import require
+
+torch = require("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+class FrozenBatchNorm2d(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        for name, init in (("weight", torch.ones), ("bias", torch.zeros), ("running_mean", torch.zeros),
+                           ("running_var", torch.ones)):
+            self.register_buffer(name, init(n))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, planes, stride, downsample, dilation, norm):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), norm(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision.models.resnet.ResNet with Bottleneck blocks and replace_stride_with_dilation=[F, F, dc5]."""
+
+    def __init__(self, depths=(3, 4, 6, 3), width=64, dilation=False, norm=FrozenBatchNorm2d, fc=False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 7, 2, 3, bias=False), norm(width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.inplanes, self.dilation = width, 1
+        for i, depth in enumerate(depths):
+            setattr(self, f"layer{i + 1}", self._make_layer(width * 2**i, depth, 1 if i == 0 else 2,
+                                                            dilate=dilation and i == 3, norm=norm))
+        self.fc = nn.Linear(self.inplanes, 1000) if fc else None
+
+    def _make_layer(self, planes, blocks, stride, dilate, norm):
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), norm(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample, previous_dilation, norm)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, 1, None, self.dilation, norm) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def stages(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i in range(4):
+            x = getattr(self, f"layer{i + 1}")(x)
+            outs.append(x)
+        return outs
+
+
+def position_embedding_sine(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+    not_mask = ~mask  # official masks are True on padding
+    y_embed = not_mask.cumsum(1, dtype=torch.float32)
+    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    eps = 1e-6
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos_x = x_embed[:, :, :, None] / dim_t
+    pos_y = y_embed[:, :, :, None] / dim_t
+    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d, nhead, ffn, pre):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, nhead, dropout=0.1)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.pre = pre
+
+    def forward(self, src, key_padding_mask, pos):
+        if self.pre:
+            x = self.norm1(src)
+            src = src + self.self_attn(x + pos, x + pos, x, key_padding_mask=key_padding_mask)[0]
+            return src + self.linear2(F.relu(self.linear1(self.norm2(src))))
+        src = self.norm1(src + self.self_attn(src + pos, src + pos, src, key_padding_mask=key_padding_mask)[0])
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d, nhead, ffn, pre):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, nhead, dropout=0.1)
+        self.multihead_attn = nn.MultiheadAttention(d, nhead, dropout=0.1)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.pre = pre
+
+    def forward(self, tgt, memory, key_padding_mask, pos, query_pos):
+        if self.pre:
+            x = self.norm1(tgt)
+            tgt = tgt + self.self_attn(x + query_pos, x + query_pos, x)[0]
+            x = self.norm2(tgt)
+            tgt = tgt + self.multihead_attn(x + query_pos, memory + pos, memory,
+                                            key_padding_mask=key_padding_mask)[0]
+            return tgt + self.linear2(F.relu(self.linear1(self.norm3(tgt))))
+        tgt = self.norm1(tgt + self.self_attn(tgt + query_pos, tgt + query_pos, tgt)[0])
+        tgt = self.norm2(tgt + self.multihead_attn(tgt + query_pos, memory + pos, memory,
+                                                   key_padding_mask=key_padding_mask)[0])
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class Stack(nn.Module):
+    def __init__(self, layers, norm):
+        super().__init__()
+        self.layers, self.norm = nn.ModuleList(layers), norm
+
+
+class Transformer(nn.Module):
+    def __init__(self, d, nhead, enc, dec, ffn, pre):
+        super().__init__()
+        self.encoder = Stack([EncoderLayer(d, nhead, ffn, pre) for _ in range(enc)], nn.LayerNorm(d) if pre else None)
+        self.decoder = Stack([DecoderLayer(d, nhead, ffn, pre) for _ in range(dec)], nn.LayerNorm(d))
+
+    def forward(self, src, mask, query_embed, pos):  # src [B, D, H, W], mask [B, H, W] True on padding
+        bs = src.shape[0]
+        src, pos = src.flatten(2).permute(2, 0, 1), pos.flatten(2).permute(2, 0, 1)
+        query_pos = query_embed.unsqueeze(1).repeat(1, bs, 1)
+        mask = mask.flatten(1)
+        memory = src
+        for layer in self.encoder.layers:
+            memory = layer(memory, mask, pos)
+        if self.encoder.norm is not None:
+            memory = self.encoder.norm(memory)
+        out, intermediate = torch.zeros_like(query_pos), []
+        for layer in self.decoder.layers:
+            out = layer(out, memory, mask, pos, query_pos)
+            intermediate.append(self.decoder.norm(out))
+        return torch.stack(intermediate).transpose(1, 2)  # [L, B, Q, D]
+
+
+class Body(nn.Module):
+    def __init__(self, resnet):
+        super().__init__()
+        self.body = resnet
+
+
+class MLP(nn.Module):
+    def __init__(self, cin, hidden, cout, n):
+        super().__init__()
+        h = [hidden] * (n - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip([cin] + h, h + [cout]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+class DETR(nn.Module):
+    def __init__(self, num_classes=91, depths=(3, 4, 6, 3), width=64, dilation=False, d=256, nhead=8, enc=6, dec=6,
+                 ffn=2048, queries=100, pre_norm=False):
+        super().__init__()
+        resnet = ResNet(depths, width, dilation)
+        self.backbone = nn.Sequential(Body(resnet))
+        self.transformer = Transformer(d, nhead, enc, dec, ffn, pre_norm)
+        self.input_proj = nn.Conv2d(resnet.inplanes, d, 1)
+        self.query_embed = nn.Embedding(queries, d)
+        self.class_embed = nn.Linear(d, num_classes + 1)
+        self.bbox_embed = MLP(d, d, 4, 3)
+
+    def forward(self, pixels, mask):
+        """pixels [B, 3, H, W]; mask [B, H, W] True on padding (the official NestedTensor). -> [L, B, Q, *]."""
+        x = self.backbone[0].body.stages(pixels)[-1]
+        m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+        pos = position_embedding_sine(m, self.query_embed.weight.shape[1] // 2)
+        hs = self.transformer(self.input_proj(x), m, self.query_embed.weight, pos)
+        return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+
+
+def randomise_batch_norm(module, seed=0):
+    """Frozen batch-norm statistics that are not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                n = m.running_mean.numel()
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return module

@@ -1,0 +1,176 @@
+"""Conversion of official DETR, HF DETR and torchvision ResNet weights, against independent torch references."""
+
+import argparse
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import require
+from hf_reference import build_hf_detr, hf_all_layers, padded_batch
+
+from detrax import checkpoint
+from detrax import convert as cv
+from detrax.backbone import ResNet
+from detrax.configs import ModelConfig
+
+torch = require("torch")
+import official_reference as ref  # noqa: E402
+
+TINY = dict(num_classes=5, depths=(1, 1, 2, 3), width=8, d=32, nhead=4, enc=2, dec=2, ffn=64, queries=10)
+SIZES = [(61, 83), (77, 50)]  # odd sizes, both padded
+
+
+def _numpy_sd(module):
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def _official(dilation=False, pre_norm=False, seed=0):
+    torch.manual_seed(seed)
+    model = ref.DETR(**TINY, dilation=dilation, pre_norm=pre_norm).eval()
+    return ref.randomise_batch_norm(model, seed)
+
+
+def _run_official(model, pixels, mask):
+    with torch.no_grad():
+        logits, boxes = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(~mask))
+    return logits.numpy(), boxes.numpy()
+
+
+def _all_layers(model, pixels, mask):
+    out = model(pixels, mask)
+    stack = lambda k: np.stack([a[k] for a in out["aux_outputs"]] + [out[k]])
+    return stack("pred_logits"), stack("pred_boxes")
+
+
+@pytest.mark.parametrize("dilation,pre_norm", [(False, False), (True, False), (False, True)])
+def test_official_checkpoint_gives_official_outputs(tmp_path, dilation, pre_norm):
+    official = _official(dilation, pre_norm)
+    pixels, mask = padded_batch(SIZES, seed=1)
+    want_logits, want_boxes = _run_official(official, pixels, mask)
+    path = tmp_path / ("detr-dc5.pth" if dilation else "detr.pth")
+    torch.save({"model": official.state_dict(), "args": argparse.Namespace(lr=1e-4)}, path)
+    report = cv.convert_file(path, tmp_path / "out.safetensors", num_heads=4)
+    cfg = report["config"]
+    assert report["format"] == "official" and cfg.dilation == dilation and cfg.pre_norm == pre_norm
+    assert (cfg.depths, cfg.width, cfg.hidden_dim, cfg.enc_layers, cfg.dec_layers, cfg.num_queries,
+            cfg.num_classes) == ((1, 1, 2, 3), 8, 32, 2, 2, 10, 5)
+    model = checkpoint.load_weights(tmp_path / "out.safetensors")
+    logits, boxes = _all_layers(model, pixels, mask)
+    assert logits.shape == (2, 2, 10, 6)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
+
+
+def test_dc5_backbone_matches_dilated_torch_resnet_stage_by_stage():
+    depths = (2, 2, 3, 3)
+    torch.manual_seed(0)
+    theirs = ref.randomise_batch_norm(ref.ResNet(depths, width=8, dilation=True).eval())
+    model, report = cv.convert(_numpy_sd(theirs) | {"fc.weight": np.zeros((1000, 256), np.float32)},
+                               ModelConfig(backbone="resnet", depths=depths, width=8, hidden_dim=32, num_heads=4),
+                               dilation=True)
+    assert report["format"] == "torchvision" and report["fresh"]  # the transformer and heads are new
+    x = np.random.default_rng(0).standard_normal((2, 70, 45, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = theirs.stages(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    got = model.backbone.stages(jnp.asarray(x))
+    strides = [4, 8, 16, 16]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape[1] == -(-70 // strides[i]) and g.shape[-1] == w.shape[1]
+        np.testing.assert_allclose(np.asarray(g), w.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=1e-5,
+                                   err_msg=f"layer{i + 1}")
+
+
+def test_torchvision_resnet_with_bn_counters_and_classifier():
+    torch.manual_seed(0)
+    tv = ref.randomise_batch_norm(ref.ResNet((1, 1, 1, 1), width=8, norm=torch.nn.BatchNorm2d, fc=True).eval())
+    sd = _numpy_sd(tv)
+    assert any(k.endswith("num_batches_tracked") for k in sd) and "fc.weight" in sd
+    model, report = cv.convert(sd, ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32,
+                                               num_heads=4, num_classes=3))
+    assert "class_embed/kernel" in report["fresh"] and not any(k.startswith("backbone") for k in report["fresh"])
+    x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = tv.stages(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[-1].permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(model.backbone(jnp.asarray(x))), want, atol=1e-4, rtol=1e-5)
+    assert model(x)["pred_logits"].shape == (1, 100, 4)
+
+
+def test_hf_transformers4_hub_names_from_safetensors(tmp_path):
+    hf = build_hf_detr(depths=(1, 1, 1, 1), embedding_size=8, num_labels=5, d_model=32, layers=2, ffn=64,
+                       heads=4, queries=10)
+    pixels, mask = padded_batch(SIZES, seed=2)
+    want_logits, want_boxes = hf_all_layers(hf, pixels, mask)
+    renames = [("model.backbone.model.", "model.backbone.conv_encoder.model."), (".o_proj.", ".out_proj."),
+               (".mlp.fc", ".fc")]  # transformers 5 names -> the names in the published (v4) files
+    sd = {}
+    for k, v in hf.state_dict().items():
+        for a, b in renames:
+            k = k.replace(a, b)
+        sd[k] = v.numpy()
+    from safetensors.numpy import save_file
+
+    save_file(sd, tmp_path / "model.safetensors")
+    report = cv.convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", num_heads=4)
+    assert report["format"] == "hf" and report["config"].num_classes == 5
+    logits, boxes = _all_layers(checkpoint.load_weights(tmp_path / "out.safetensors"), pixels, mask)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def official_sd():
+    return _numpy_sd(_official())
+
+
+def test_unused_source_key_is_named(official_sd):
+    sd = dict(official_sd, **{"transformer.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(cv.ConversionError, match=r"left unused \(1\): transformer\.extra\.weight"):
+        cv.convert(sd, num_heads=4)
+
+
+def test_missing_source_key_is_named(official_sd):
+    sd = {k: v for k, v in official_sd.items() if k != "transformer.decoder.layers.1.norm2.bias"}
+    with pytest.raises(cv.ConversionError, match=r"missing \(1\): transformer\.decoder\.layers\.1\.norm2\.bias"):
+        cv.convert(sd, num_heads=4)
+
+
+def test_wrong_shape_names_both_shapes(official_sd):
+    sd = dict(official_sd)
+    sd["transformer.encoder.layers.0.linear2.bias"] = np.zeros(33, np.float32)
+    with pytest.raises(cv.ConversionError, match=r"linear2/bias .*linear2\.bias \(33,\).* shape \(33,\).*needs \(32,\)"):
+        cv.convert(sd, num_heads=4)
+
+
+def test_unrecognised_layout_and_bad_files(tmp_path):
+    with pytest.raises(cv.ConversionError, match="unrecognised checkpoint layout.*'a.weight'"):
+        cv.convert({"a.weight": np.zeros(2, np.float32)})
+    with pytest.raises(cv.ConversionError, match="no such file"):
+        cv.read_state_dict(tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(cv.ConversionError, match="junk.pth: not a readable torch checkpoint"):
+        cv.read_state_dict(tmp_path / "junk.pth")
+
+
+def test_torch_file_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    (tmp_path / "w.pth").write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(cv.ConversionError, match=r"needs PyTorch: pip install 'detrax\[torch\]'"):
+        cv.read_state_dict(tmp_path / "w.pth")
+
+
+def test_weights_file_round_trip_and_bad_file(tmp_path, official_sd):
+    model, _ = cv.convert(official_sd, num_heads=4)
+    checkpoint.save_weights(model, tmp_path / "w.safetensors")
+    again = checkpoint.load_weights(tmp_path / "w.safetensors")
+    x = np.random.default_rng(0).standard_normal((1, 40, 40, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model(x)["pred_boxes"], again(x)["pred_boxes"])
+    with pytest.raises(ValueError, match="not a detrax weights file"):
+        from safetensors.numpy import save_file
+        save_file({"a": np.zeros(1, np.float32)}, tmp_path / "other.safetensors")
+        checkpoint.load_weights(tmp_path / "other.safetensors")
+
+
+def test_resnet_module_has_torchvision_structure():
+    m = ResNet((3, 4, 6, 3), rngs=__import__("flax").nnx.Rngs(0))
+    assert len(m.layer3) == 6 and m.out_channels == 2048 and m.layer2[0].conv2.stride == 2
