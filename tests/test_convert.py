@@ -138,7 +138,8 @@ def test_missing_source_key_is_named(official_sd):
 def test_wrong_shape_names_both_shapes(official_sd):
     sd = dict(official_sd)
     sd["transformer.encoder.layers.0.linear2.bias"] = np.zeros(33, np.float32)
-    with pytest.raises(cv.ConversionError, match=r"linear2/bias .*linear2\.bias \(33,\).* shape \(33,\).*needs \(32,\)"):
+    msg = r"linear2/bias .*linear2\.bias \(33,\).* shape \(33,\).*needs \(32,\)"
+    with pytest.raises(cv.ConversionError, match=msg):
         cv.convert(sd, num_heads=4)
 
 

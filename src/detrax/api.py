@@ -1,0 +1,85 @@
+"""The library facade: `detrax.load(...)` -> a `Detector` that runs, predicts and saves."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from detrax import configs
+from detrax.coco_names import class_names
+from detrax.model import DETR
+
+
+class Detector:
+    """A DETR ready for inference. `detector(pixels, mask)` runs the jitted model (compiled once per input
+    shape) and returns the model's output dict; `detector.predict(images)` returns detections."""
+
+    def __init__(self, model: DETR, names: dict | None = None):
+        model.eval()
+        self.model = model
+        self.config = model.config
+        self.names = names if names is not None else class_names(model.config.num_classes)
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def forward(state, pixels, mask):
+            return nnx.merge(graphdef, state)(pixels, mask)
+
+        self._state, self._forward = state, forward
+
+    def __call__(self, pixels, mask=None) -> dict:
+        pixels = np.asarray(pixels, np.float32)
+        mask = np.ones(pixels.shape[:3], bool) if mask is None else np.asarray(mask, bool)
+        return self._forward(self._state, pixels, mask)
+
+    def predict(self, images, threshold: float = 0.7, batch_size: int = 8, size: int = 800,
+                max_size: int = 1333) -> list[dict] | dict:
+        """Paths, PIL images or HxWx3 uint8 arrays (one or a list) -> per image a dict of `boxes` [N, 4]
+        absolute (x0, y0, x1, y1), `scores`, `labels` and `names`, best first. Images are resized as the
+        official val transform (shorter side `size`, longer at most `max_size`)."""
+        from detrax.predict import detect, read_image
+
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        pil = [read_image(os.fspath(im)) if isinstance(im, (str, os.PathLike)) else
+               im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8))
+               for im in images]
+        dets = detect(self, pil, threshold=threshold, batch_size=batch_size, size=size, max_size=max_size)
+        for d in dets:
+            d["names"] = [self.names.get(int(label), str(int(label))) for label in d["labels"]]
+        return dets[0] if single else dets
+
+    def save(self, path: str | os.PathLike) -> None:
+        from detrax.checkpoint import save_weights
+
+        save_weights(self.model, path)
+
+
+def load(path: str | os.PathLike, **config_overrides) -> Detector:
+    """A Detector from detrax weights (`.safetensors` written by `detrax convert` or `Detector.save`), from an
+    official / HF / torchvision checkpoint (converted on the fly), or `random:PRESET` for random weights."""
+    path = os.fspath(path)
+    if path.startswith("random:"):
+        cfg = configs.get(path.split(":", 1)[1]).model
+        import dataclasses
+
+        return Detector(DETR(dataclasses.replace(cfg, **config_overrides), rngs=nnx.Rngs(0)))
+    from detrax import checkpoint
+
+    if path.endswith(".safetensors"):
+        try:
+            checkpoint.read_config(path)
+        except ValueError:
+            pass  # not ours: an HF file, converted below
+        else:
+            return Detector(checkpoint.load_weights(path, **config_overrides))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    from detrax.convert import convert, read_state_dict
+
+    model, _ = convert(read_state_dict(path), **config_overrides)
+    return Detector(model)

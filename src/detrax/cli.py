@@ -1,0 +1,115 @@
+"""The `detrax` command: a thin layer over the library API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _writable_dir(path: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".detrax-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"detrax: error: output folder {path} cannot be written ({e.strerror})") from None
+    return path
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    import detrax
+    from detrax.data.synthetic import scene
+    from detrax.predict import list_images, read_image, write_results
+
+    out = _writable_dir(args.out)
+    files = list_images(args.paths)
+    if not files:
+        gen = _writable_dir(os.path.join(out, "inputs"))
+        rng = np.random.default_rng(args.seed)
+        for i in range(args.generate):
+            image, _, _ = scene(rng, 480, 640)
+            files.append(os.path.join(gen, f"scene{i:03d}.jpg"))
+            image.save(files[-1], quality=95)
+        print(f"no images given: generated {len(files)} synthetic scenes in {gen}")
+    images, kept, skipped = [], [], []
+    for f in files:
+        try:
+            images.append(read_image(f))
+            kept.append(f)
+        except (ValueError, FileNotFoundError) as e:
+            skipped.append(f)
+            print(f"skipped: {e}", file=sys.stderr)
+    t0 = time.time()
+    detector = detrax.load(args.checkpoint)
+    if args.checkpoint.startswith("random:"):
+        print(f"{args.checkpoint}: RANDOM weights, so the boxes mean nothing; pass a converted or trained "
+              "checkpoint for real detections")
+    dets = detector.predict(images, threshold=args.threshold, batch_size=args.batch_size, size=args.size,
+                            max_size=args.max_size) if images else []
+    path = write_results(out, kept, images, dets, detector.names)
+    n = sum(len(d["scores"]) for d in dets)
+    print(json.dumps({"images": len(kept), "skipped": len(skipped), "detections": n, "threshold": args.threshold,
+                      "results": path, "seconds": round(time.time() - t0, 2)}))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from detrax.convert import convert_file
+
+    overrides = {"num_heads": args.num_heads}
+    if args.dilation:
+        overrides["dilation"] = True
+    report = convert_file(args.src, args.dst, **overrides)
+    cfg = report["config"]
+    print(f"{args.src}: {report['format']} checkpoint -> {args.dst}")
+    print(f"  model: {cfg.backbone}{' DC5' if cfg.dilation else ''} depths {cfg.depths}, {cfg.num_classes} classes, "
+          f"{cfg.num_queries} queries, {cfg.enc_layers}+{cfg.dec_layers} layers, "
+          f"{'pre' if cfg.pre_norm else 'post'}-norm; {report['filled']} weights converted")
+    if report["fresh"]:
+        print(f"  freshly initialised ({len(report['fresh'])} weights): transformer and heads")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detrax", description="DETR in JAX and Flax NNX")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("predict", help="detect objects in images; writes results.json and drawn images")
+    s.add_argument("checkpoint", help="detrax weights (.safetensors), an official/HF checkpoint, or random:PRESET")
+    s.add_argument("paths", nargs="*", help="image files or folders (none: generate synthetic scenes)")
+    s.add_argument("--out", default="runs/predict", help="output folder")
+    s.add_argument("--threshold", type=float, default=0.7)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--size", type=int, default=800, help="shorter side after resizing")
+    s.add_argument("--max-size", type=int, default=1333, help="longer side at most")
+    s.add_argument("--generate", type=int, default=2, help="synthetic scenes to make when no image is given")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet weights -> detrax weights")
+    s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra) or .safetensors")
+    s.add_argument("dst", help="output .safetensors")
+    s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
+    s.add_argument("--num-heads", type=int, default=8, help="attention heads (weights cannot tell; official: 8)")
+    s.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"detrax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Input pipeline: image reading and the official DETR transforms."""

@@ -1,0 +1,158 @@
+"""Model pieces: mask resizing, position embedding, attention kernels, frozen parts, dtypes, output dict."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import require
+from flax import nnx
+
+from detrax import configs
+from detrax.attention import attention
+from detrax.backbone import Frozen
+from detrax.model import DETR
+from detrax.position_encoding import resize_mask, sine_position_embedding
+
+torch = require("torch")
+
+
+@pytest.mark.parametrize("size,out", [((37, 53), (2, 2)), ((64, 96), (2, 3)), ((100, 30), (7, 3)),
+                                      ((800, 1216), (25, 38)), ((33, 33), (33, 33)), ((5, 7), (10, 14)),
+                                      ((803, 1199), (26, 38))])
+def test_mask_resize_equals_torch_interpolate(size, out):
+    rs = np.random.default_rng(sum(size))
+    mask = rs.random((2,) + size) > 0.5
+    want = torch.nn.functional.interpolate(torch.from_numpy(mask)[None].float(), size=out).to(torch.bool)[0]
+    np.testing.assert_array_equal(np.asarray(resize_mask(jnp.asarray(mask), out)), want.numpy())
+
+
+def test_sine_position_embedding_equals_hf():
+    transformers = require("transformers")
+    emb = transformers.models.detr.modeling_detr.DetrSinePositionEmbedding(64, normalize=True)
+    mask = np.zeros((2, 9, 13), bool)
+    mask[0, :7, :11] = True
+    mask[1, :9, :5] = True
+    want = emb.build_sine_position_embedding((2, 128, 9, 13), "cpu", torch.float32, 64, True, 2 * np.pi, 10000,
+                                              torch.from_numpy(mask))
+    got = sine_position_embedding(jnp.asarray(mask), 64)
+    assert got.shape == (2, 9, 13, 128)
+    np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def _qkv(rs, b=2, t=5, s=7, n=4, d=8):
+    q, k, v = (jnp.asarray(rs.standard_normal(shape), jnp.float32) for shape in
+               ((b, t, n, d), (b, s, n, d), (b, s, n, d)))
+    key_mask = jnp.asarray(np.arange(s)[None, :] < np.array([[s], [s - 3]]))  # second item: 3 padded keys
+    return q, k, v, key_mask
+
+
+def test_attention_kernels_agree_and_respect_the_mask(rng):
+    q, k, v, key_mask = _qkv(rng)
+    xla = attention(q, k, v, key_mask, kernel="xla")
+    dot = attention(q, k, v, key_mask, kernel="dot_product")
+    auto = attention(q, k, v, key_mask, kernel="auto")
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(dot), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(auto), atol=1e-5)
+    v2 = v.at[1, -3:].set(100.0)  # padded keys' values must not leak into the output
+    np.testing.assert_allclose(np.asarray(attention(q, k, v2, key_mask)), np.asarray(xla), atol=1e-5)
+    mha = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(np.array(x)).transpose(1, 2) for x in (q, k, v)),
+        attn_mask=torch.from_numpy(np.array(key_mask))[:, None, None, :]).transpose(1, 2)
+    np.testing.assert_allclose(np.asarray(xla), mha.numpy(), atol=1e-5)
+
+
+def test_attention_dropout(rng):
+    q, k, v, key_mask = _qkv(rng)
+    plain = attention(q, k, v, key_mask)
+    dropped = attention(q, k, v, key_mask, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+    assert not np.allclose(np.asarray(plain), np.asarray(dropped))
+    _, weights = attention(q, k, v, key_mask, return_weights=True)
+    np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-6)
+    assert float(jnp.abs(weights[1, :, :, -3:]).max()) == 0.0
+    with pytest.raises(ValueError, match="no attention dropout"):
+        attention(q, k, v, key_mask, kernel="dot_product", dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        attention(q, k, v, key_mask, kernel="flash3")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = DETR(configs.tiny().model, rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+def _batch(b=2, h=64, w=80, seed=0):
+    rs = np.random.default_rng(seed)
+    pixels = rs.standard_normal((b, h, w, 3)).astype(np.float32)
+    mask = np.ones((b, h, w), bool)
+    mask[1, :, w // 2:] = False
+    return pixels, mask
+
+
+def test_output_dict(tiny):
+    pixels, mask = _batch()
+    out = tiny(pixels, mask)
+    c = tiny.config
+    assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"}
+    assert out["pred_logits"].shape == (2, c.num_queries, c.num_classes + 1)
+    assert out["pred_boxes"].shape == (2, c.num_queries, 4)
+    assert len(out["aux_outputs"]) == c.dec_layers - 1
+    assert all(set(a) == {"pred_logits", "pred_boxes"} for a in out["aux_outputs"])
+    assert float(out["pred_boxes"].min()) >= 0.0 and float(out["pred_boxes"].max()) <= 1.0
+    assert out["pred_logits"].dtype == jnp.float32
+
+
+def test_stem_and_layer1_are_frozen_and_get_no_gradient(tiny):
+    params = nnx.state(tiny, nnx.Param)
+    paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
+    assert not any(p.startswith(("backbone/conv1", "backbone/layer1", "backbone/bn")) for p in paths)
+    assert any(p.startswith("backbone/layer2") for p in paths) and "query_embed" in paths
+    assert not any("/bn" in p for p in paths)  # batch norm is frozen everywhere
+    frozen = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(tiny, Frozen))}
+    assert "backbone/conv1/kernel" in frozen and "backbone/layer1/0/conv2/kernel" in frozen
+    pixels, mask = _batch()
+
+    def loss(model):
+        return model(pixels, mask)["pred_boxes"].sum()
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(tiny)
+    flat = dict(nnx.to_flat_state(grads))
+    assert all("/".join(map(str, p)) in paths for p in flat)
+    assert float(jnp.abs(flat[("backbone", "layer2", 0, "conv1", "kernel")].get_value()).max()) > 0
+
+
+def test_train_mode_dropout_and_eval_determinism():
+    model = DETR(configs.tiny().model, rngs=nnx.Rngs(0))
+    pixels, mask = _batch()
+    model.train()
+    a, b = model(pixels, mask)["pred_logits"], model(pixels, mask)["pred_logits"]
+    assert not np.allclose(np.asarray(a), np.asarray(b))  # fresh dropout masks on each call
+    model.eval()
+    a, b = model(pixels, mask)["pred_logits"], model(pixels, mask)["pred_logits"]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_is_close_to_float32(tiny):
+    import dataclasses
+
+    from detrax.model import assemble, weight_arrays
+
+    bf16 = assemble(dataclasses.replace(tiny.config, dtype="bfloat16"), weight_arrays(tiny))
+    pixels, mask = _batch()
+    a, b = tiny(pixels, mask), bf16(pixels, mask)
+    assert b["pred_logits"].dtype == jnp.float32
+    assert nnx.state(bf16, nnx.Param)["query_embed"].get_value().dtype == jnp.float32  # float32 master weights
+    np.testing.assert_allclose(np.asarray(b["pred_boxes"]), np.asarray(a["pred_boxes"]), atol=0.05)
+    assert not np.array_equal(np.asarray(b["pred_boxes"]), np.asarray(a["pred_boxes"]))  # it really ran in bf16
+
+
+def test_model_kernels_agree(tiny):
+    import dataclasses
+
+    from detrax.model import assemble, weight_arrays
+
+    dot = assemble(dataclasses.replace(tiny.config, attention="dot_product"), weight_arrays(tiny))
+    pixels, mask = _batch()
+    np.testing.assert_allclose(np.asarray(dot(pixels, mask)["pred_logits"]),
+                               np.asarray(tiny(pixels, mask)["pred_logits"]), atol=1e-5)
