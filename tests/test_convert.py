@@ -175,3 +175,16 @@ def test_weights_file_round_trip_and_bad_file(tmp_path, official_sd):
 def test_resnet_module_has_torchvision_structure():
     m = ResNet((3, 4, 6, 3), rngs=__import__("flax").nnx.Rngs(0))
     assert len(m.layer3) == 6 and m.out_channels == 2048 and m.layer2[0].conv2.stride == 2
+
+
+def test_cli_convert(tmp_path, capsys, official_sd):
+    from detrax import cli
+
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in official_sd.items()}}, tmp_path / "detr-r50-dc5.pth")
+    assert cli.main(["convert", str(tmp_path / "detr-r50-dc5.pth"), str(tmp_path / "w.safetensors"),
+                     "--num-heads", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "official checkpoint" in out and "DC5" in out
+    assert checkpoint.read_config(tmp_path / "w.safetensors").dilation
+    assert cli.main(["convert", str(tmp_path / "nothing.pth"), str(tmp_path / "x.safetensors")]) == 2
+    assert "nothing.pth: no such file" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""DETR-R50 forward latency and peak memory: detrax (JAX/XLA) against HF transformers' DETR (PyTorch), CPU.
+
+Each (framework, shape) runs in its own subprocess so that its peak RSS is its own; both use every core.
+Prints one line per measurement, the ratios detrax / PyTorch, and last a JSON object of every figure.
+
+    .venv/bin/python benchmarks/bench_inference.py [--iters 5] [--sizes 800x1216,640x640]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def worker_detrax(h, w, iters):
+    import jax
+    from flax import nnx
+
+    import detrax
+    from detrax import configs
+    from detrax.model import DETR
+
+    det = detrax.Detector(DETR(configs.detr_r50().model, rngs=nnx.Rngs(0)))
+    x = np.random.default_rng(0).standard_normal((1, h, w, 3)).astype(np.float32)
+    m = np.ones((1, h, w), bool)
+    t0 = time.perf_counter()
+    jax.block_until_ready(det(x, m))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(det(x, m))
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "times": times}
+
+
+def worker_torch(h, w, iters, channels_last):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DetrConfig(use_timm_backbone=False, num_labels=91, backbone_config=transformers.ResNetConfig(
+        depths=[3, 4, 6, 3], out_features=["stage4"]))
+    model = transformers.DetrForObjectDetection(cfg).eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32))
+    m = torch.ones((1, h, w), dtype=torch.long)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(pixel_values=x, pixel_mask=m)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model(pixel_values=x, pixel_mask=m)
+            times.append(time.perf_counter() - t0)
+    return {"times": times}
+
+
+def run_worker(kind, h, w, iters):
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--sizes", f"{h}x{w}", "--iters", str(iters)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} {h}x{w} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--sizes", default="800x1216,640x640")
+    p.add_argument("--worker", choices=["detrax", "torch", "torch_cl"])
+    args = p.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    if args.worker:
+        h, w = sizes[0]
+        res = worker_detrax(h, w, args.iters) if args.worker == "detrax" else \
+            worker_torch(h, w, args.iters, args.worker == "torch_cl")
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+    figures = {}
+    for h, w in sizes:
+        row = {}
+        for kind in ("detrax", "torch", "torch_cl"):
+            r = run_worker(kind, h, w, args.iters)
+            row[kind] = {"median_s": round(statistics.median(r["times"]), 4), "min_s": round(min(r["times"]), 4),
+                         "peak_rss_mib": round(r["peak_rss_mib"], 1)}
+            if "compile_s" in r:
+                row[kind]["compile_s"] = round(r["compile_s"], 2)
+            print(f"{h}x{w} {kind:9s} median {row[kind]['median_s']:.3f} s  min {row[kind]['min_s']:.3f} s  "
+                  f"peak RSS {row[kind]['peak_rss_mib']:.0f} MiB" +
+                  (f"  compile {row[kind]['compile_s']:.1f} s" if "compile_s" in row[kind] else ""), flush=True)
+        best = min(row["torch"]["median_s"], row["torch_cl"]["median_s"])
+        row["ratio_vs_torch_fp32"] = round(row["detrax"]["median_s"] / row["torch"]["median_s"], 3)
+        row["ratio_vs_torch_best"] = round(row["detrax"]["median_s"] / best, 3)
+        row["memory_ratio_vs_torch"] = round(row["detrax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"], 3)
+        print(f"{h}x{w} ratio detrax/torch: {row['ratio_vs_torch_fp32']} (NCHW fp32), "
+              f"{row['ratio_vs_torch_best']} (best of NCHW, channels_last); memory {row['memory_ratio_vs_torch']}")
+        figures[f"{h}x{w}"] = row
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

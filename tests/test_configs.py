@@ -1,0 +1,47 @@
+import pytest
+
+from detrax import configs
+
+
+def test_presets():
+    assert configs.get("detr_r50").model.depths == (3, 4, 6, 3)
+    assert configs.get("detr_r101").model.depths == (3, 4, 23, 3)
+    assert configs.get("detr_r50_dc5").model.dilation and configs.get("detr_r101_dc5").model.dilation
+    assert not configs.get("detr_r50").model.dilation
+    m = configs.get("detr_r50").model
+    assert (m.num_queries, m.hidden_dim, m.num_heads, m.enc_layers, m.dec_layers, m.ffn_dim, m.dropout,
+            m.num_classes, m.pre_norm) == (100, 256, 8, 6, 6, 2048, 0.1, 91, False)
+    assert m.backbone_channels == 2048
+    assert configs.get("detr_r50", smoke=True).model.hidden_dim < 256
+
+
+def test_override_and_its_errors():
+    cfg = configs.override(configs.get("tiny"), ["model.num_classes=20", "model.pre_norm=true",
+                                                 "model.depths=1,2,1,1"])
+    assert cfg.model.num_classes == 20 and cfg.model.pre_norm and cfg.model.depths == (1, 2, 1, 1)
+    with pytest.raises(ValueError, match="unknown config key 'model.num_clases'.*num_classes"):
+        configs.override(cfg, ["model.num_clases=3"])
+    with pytest.raises(ValueError, match="bad value for 'model.pre_norm'"):
+        configs.override(cfg, ["model.pre_norm=maybe"])
+    with pytest.raises(ValueError, match="not key=value"):
+        configs.override(cfg, ["model.num_classes"])
+    with pytest.raises(ValueError, match="unknown config 'detr_r5'"):
+        configs.get("detr_r5")
+
+
+def test_invalid_model_configs():
+    with pytest.raises(ValueError, match="not divisible"):
+        configs.ModelConfig(hidden_dim=250)
+    with pytest.raises(ValueError, match="use backbone='resnet'"):
+        configs.ModelConfig(backbone="resnet50", depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="attention must be"):
+        configs.ModelConfig(attention="flash")
+
+
+def test_model_config_json_round_trip():
+    cfg = configs.get("detr_r101_dc5").model
+    import json
+
+    assert configs.model_config_from_dict(json.loads(configs.model_config_to_json(cfg))) == cfg
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        configs.model_config_from_dict({"bogus": 1})

@@ -1,0 +1,101 @@
+"""The Python API and the CLI: same detections, outputs on disk, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import detrax
+from detrax import cli
+from detrax.data.synthetic import scene
+from detrax.data.transforms import resized_size
+
+SIZE = dict(size=128, max_size=200)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    detrax.load("random:tiny").save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(120, 160), (200, 90), (150, 150)]):
+        scene(rng, h, w)[0].save(folder / f"{i:012d}.png")
+    return folder
+
+
+def test_resized_size_as_official():
+    assert resized_size(640, 480, 800, 1333) == (800, 1066)
+    assert resized_size(480, 640, 800, 1333) == (1066, 800)
+    assert resized_size(2000, 500, 800, 1333) == (333, 1332)  # capped: size round(333.25), then int(1332.0)
+    assert resized_size(800, 600, 600, 1333) == (600, 800)
+
+
+def test_api_and_cli_agree(weights, images, tmp_path, capsys):
+    det = detrax.load(weights)
+    files = sorted(str(p) for p in images.iterdir())
+    api = det.predict(files, threshold=0.0, batch_size=2, **SIZE)
+    assert len(api) == 3 and all(len(d["scores"]) == det.config.num_queries for d in api)
+    assert set(api[0]) == {"boxes", "scores", "labels", "names"}
+    one = det.predict(Image.open(files[1]), threshold=0.0, **SIZE)  # a single PIL image -> a single dict
+    np.testing.assert_allclose(one["boxes"], api[1]["boxes"], atol=1e-3)  # alone or batched: the same
+    arr = det.predict(np.asarray(Image.open(files[2]).convert("RGB")), threshold=0.0, **SIZE)
+    np.testing.assert_allclose(arr["scores"], api[2]["scores"], atol=1e-6)
+
+    out = tmp_path / "out"
+    rc = cli.main(["predict", weights, str(images), "--out", str(out), "--threshold", "0", "--batch-size", "2",
+                   "--size", "128", "--max-size", "200"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == 3 and summary["skipped"] == 0 and summary["detections"] == 30
+    results = json.load(open(out / "results.json"))
+    for i, d in enumerate(api):
+        mine = [r for r in results if r["image_id"] == i]
+        assert len(mine) == len(d["scores"])
+        np.testing.assert_allclose(sorted(r["score"] for r in mine), sorted(d["scores"]), atol=1e-4)
+        x0, y0, x1, y1 = d["boxes"][0]
+        assert mine[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
+    for i, f in enumerate(files):
+        drawn = Image.open(out / f"{i:012d}.jpg")
+        assert drawn.size == Image.open(f).size
+
+
+def test_unreadable_files_are_skipped_and_counted(weights, images, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    Image.open(next(images.iterdir())).save(bad / "good.png")
+    rc = cli.main(["predict", weights, str(bad), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o"),
+                   "--size", "128", "--max-size", "200"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["images"] == 1 and summary["skipped"] == 2
+    assert "broken.jpg: not a readable image" in captured.err and "missing.png" in captured.err
+
+
+def test_unwritable_output_folder_fails_before_any_work(weights, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="cannot be written"):
+        cli.main(["predict", weights, "--out", str(blocker / "sub")])
+
+
+def test_generated_scenes_with_random_weights(tmp_path, capsys):
+    rc = cli.main(["predict", "random:tiny", "--out", str(tmp_path), "--generate", "1", "--threshold", "0",
+                   "--size", "96", "--max-size", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "RANDOM weights" in out
+    assert os.path.exists(tmp_path / "inputs" / "scene000.jpg") and os.path.exists(tmp_path / "scene000.jpg")
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["predict", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
