@@ -36,3 +36,16 @@ def generalized_box_iou(a, b):
     wh = jnp.clip(rb - lt, 0)  # [N, M, 2]
     hull = wh[..., 0] * wh[..., 1]  # [N, M]
     return iou - (hull - union) / hull
+
+
+def elementwise_generalized_box_iou(a, b):
+    """Generalized IoU of paired xyxy boxes a [..., 4] and b [..., 4]: [...] (the diagonal of the pairwise)."""
+    area_a, area_b = box_area(a), box_area(b)  # [...]
+    lt = jnp.maximum(a[..., :2], b[..., :2])  # [..., 2]
+    rb = jnp.minimum(a[..., 2:], b[..., 2:])  # [..., 2]
+    wh = jnp.clip(rb - lt, 0)  # [..., 2]
+    inter = wh[..., 0] * wh[..., 1]  # [...]
+    union = area_a + area_b - inter  # [...]
+    hull_wh = jnp.clip(jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0)  # [..., 2]
+    hull = hull_wh[..., 0] * hull_wh[..., 1]  # [...]
+    return inter / union - (hull - union) / hull

@@ -51,9 +51,29 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The official criterion: matcher cost weights, loss weights, no-object weight, auxiliary losses."""
+
+    matcher: str = "hungarian"  # hungarian (exact, host) | hungarian_jax (exact, on device) | sinkhorn
+    eos_coef: float = 0.1
+    ce_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    aux_loss: bool = True
+
+    def __post_init__(self):
+        if self.matcher not in ("hungarian", "hungarian_jax", "sinkhorn"):
+            raise ValueError(f"matcher must be hungarian, hungarian_jax or sinkhorn, not {self.matcher!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str
     model: ModelConfig
+    loss: LossConfig = LossConfig()
 
 
 def detr_r50(smoke: bool = False) -> Config:

@@ -1,0 +1,82 @@
+"""The set loss of the official SetCriterion: every decoder layer matched on its own, then cross-entropy over all
+queries (no-object weighted `eos_coef`), and L1 and GIoU over matched pairs divided by the number of target boxes.
+
+`num_boxes` is the count of valid targets in the (global) batch, at least 1: with arrays sharded over devices
+and hosts this is the count over all of them, as the official all-reduce. Inside `shard_map`, pass `axis_name`.
+Names follow the official ones: `loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`, `class_error` for
+the last layer, with `_i` for decoder layer i of the auxiliary outputs (no `class_error_i`, as the official).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from detrax.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from detrax.matching import cost_matrix, match
+
+WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef=0.1):
+    """Losses of stacked layers: logits [L, B, N, C+1], boxes [L, B, N, 4], targets [B, M] / [B, M, 4],
+    query_for_target [L, B, M] -> dict of [L] arrays."""
+    num_classes = logits.shape[-1] - 1
+    n = logits.shape[-2]
+    hit = (query_for_target[..., None, :] == jnp.arange(n)[:, None]) & valid[:, None, :]  # [L, B, N, M]
+    matched = hit.any(-1)  # [L, B, N]
+    target_classes = jnp.where(matched, (hit * tgt_labels[:, None, :]).sum(-1), num_classes)  # [L, B, N]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [L, B, N, C+1]
+    nll = -jnp.take_along_axis(logp, target_classes[..., None], axis=-1)[..., 0]  # [L, B, N]
+    w = jnp.where(target_classes == num_classes, eos_coef, 1.0)  # [L, B, N]
+    loss_ce = (w * nll).sum((1, 2)) / w.sum((1, 2))  # [L]
+
+    idx = jnp.clip(query_for_target, 0)[..., None]  # [L, B, M, 1]
+    src = jnp.take_along_axis(boxes.astype(jnp.float32), idx, axis=2)  # [L, B, M, 4]
+    vf = valid.astype(jnp.float32)  # [B, M]
+    loss_bbox = (jnp.abs(src - tgt_boxes).sum(-1) * vf).sum((1, 2)) / num_boxes  # [L]
+    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt_boxes))  # [L, B, M]
+    loss_giou = ((1 - jnp.where(valid, giou, 1.0)) * vf).sum((1, 2)) / num_boxes  # [L]
+
+    card_pred = (logits.argmax(-1) != num_classes).sum(-1)  # [L, B]
+    cardinality_error = jnp.abs(card_pred - valid.sum(-1)).mean(-1).astype(jnp.float32)  # [L]
+    src_logits = jnp.take_along_axis(logits, idx, axis=2)  # [L, B, M, C+1]
+    correct = ((src_logits.argmax(-1) == tgt_labels) & valid).sum((1, 2))  # [L]
+    class_error = 100.0 - 100.0 * correct / jnp.maximum(valid.sum(), 1)  # [L]; 100 with no target, as official
+    return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
+            "cardinality_error": cardinality_error, "class_error": class_error}
+
+
+def set_loss(outputs, targets, matcher: str = "hungarian", *, eos_coef: float = 0.1, weights=None,
+             cost_weights=(1.0, 5.0, 2.0), aux_loss: bool = True, axis_name=None) -> dict:
+    """outputs: the model's dict; targets: `labels` [B, M] int, `boxes` [B, M, 4] normalised (cx, cy, w, h),
+    `valid` [B, M] bool. Returns every term (see the module doc) and `loss`, the weighted total."""
+    weights = dict(WEIGHTS if weights is None else weights)
+    layers = (list(outputs.get("aux_outputs", [])) if aux_loss else []) + [outputs]
+    logits = jnp.stack([o["pred_logits"] for o in layers])  # [L, B, N, C+1]
+    boxes = jnp.stack([o["pred_boxes"] for o in layers])  # [L, B, N, 4]
+    labels, tgt_boxes = jnp.asarray(targets["labels"], jnp.int32), jnp.asarray(targets["boxes"], jnp.float32)
+    valid = jnp.asarray(targets["valid"], bool)
+    cost = cost_matrix(logits, boxes, labels, tgt_boxes, *cost_weights)  # [L, B, N, M]
+    query_for_target = match(cost, valid, matcher)  # [L, B, M]
+    num_boxes = valid.sum().astype(jnp.float32)
+    if axis_name is not None:
+        num_boxes = jax.lax.psum(num_boxes, axis_name)
+    num_boxes = jnp.maximum(num_boxes, 1.0)
+    terms = layer_losses(logits, boxes, labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef)
+    last = len(layers) - 1
+    out = {}
+    for name, values in terms.items():
+        out[name] = values[last]
+        if name != "class_error":
+            out.update({f"{name}_{i}": values[i] for i in range(last)})
+    out["loss"] = sum(w * out[k] + sum(w * out[f"{k}_{i}"] for i in range(last)) for k, w in weights.items())
+    return out
+
+
+def criterion(cfg):
+    """set_loss with the settings of a `configs.LossConfig`."""
+    weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
+    return lambda outputs, targets, **kw: set_loss(
+        outputs, targets, cfg.matcher, eos_coef=cfg.eos_coef, weights=weights,
+        cost_weights=(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou), aux_loss=cfg.aux_loss, **kw)
