@@ -77,6 +77,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_data_synth(args) -> int:
+    from detrax.data.synthetic import write_dataset
+
+    counts = write_dataset(args.out, args.num_images, args.seed)
+    print(json.dumps({"out": args.out, **counts}))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from detrax.data.doctor import check
+
+    report = check(args.dir, args.split, args.max_targets)
+    print(json.dumps(report, indent=1 if args.pretty else None))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detrax", description="DETR in JAX and Flax NNX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
     s.add_argument("--num-heads", type=int, default=8, help="attention heads (weights cannot tell; official: 8)")
     s.set_defaults(func=cmd_convert)
+
+    data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(
+        dest="data_command", required=True)
+    s = data.add_parser("synth", help="write a COCO-format folder of synthetic shapes (train and val)")
+    s.add_argument("out")
+    s.add_argument("--num-images", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    s = data.add_parser("check", help="read a dataset as training would; print a JSON report; exit 1 if bad")
+    s.add_argument("dir")
+    s.add_argument("--split", default=None, help="one split (default: every split found)")
+    s.add_argument("--max-targets", type=int, default=100)
+    s.add_argument("--pretty", action="store_true")
+    s.set_defaults(func=cmd_data_check)
     return p
 
 

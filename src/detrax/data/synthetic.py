@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -17,9 +20,14 @@ def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 
     draw = ImageDraw.Draw(image)
     boxes, labels = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        w = int(rng.integers(max(8, width // 10), max(9, width // 3)))
-        h = int(rng.integers(max(8, height // 10), max(9, height // 3)))
-        x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        for _try in range(20):  # shapes do not overlap, so that every box shows its whole shape
+            w = int(rng.integers(max(8, width // 8), max(9, width // 3)))
+            h = int(rng.integers(max(8, height // 8), max(9, height // 3)))
+            x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+            if all(x0 >= b[2] or x0 + w <= b[0] or y0 >= b[3] or y0 + h <= b[1] for b in boxes):
+                break
+        else:
+            continue
         label = int(rng.integers(len(SHAPES)))
         color = tuple(int(c) for c in rng.integers(0, 256, size=3))
         box = (x0, y0, x0 + w, y0 + h)
@@ -32,3 +40,34 @@ def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 
         boxes.append(box)
         labels.append(label)
     return image, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
+
+
+def write_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: float = 0.25,
+                  sizes: tuple[int, int] = (128, 192), max_objects: int = 4) -> dict:
+    """A COCO-layout folder (`annotations/instances_{train,val}.json`, images in `train/` and `val/`) of
+    synthetic scenes, categories 1..3 (rectangle, ellipse, triangle). Deterministic from `seed`. Returns
+    {split: number of images}."""
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(num_images * val_fraction)))
+    counts = {}
+    ann_id = 1
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    for split, n, first in (("train", num_images - n_val, 1), ("val", n_val, num_images - n_val + 1)):
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(first, first + n):
+            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+            image, boxes, labels = scene(rng, h, w, max_objects)
+            name = f"{image_id:06d}.png"
+            image.save(os.path.join(out, split, name))
+            images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+            for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist()):
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": label + 1, "iscrowd": 0,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+                ann_id += 1
+        data = {"images": images, "annotations": annotations,
+                "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
+        with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(data, f)
+        counts[split] = n
+    return counts
