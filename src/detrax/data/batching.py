@@ -20,8 +20,8 @@ def bucket_shape(h: int, w: int, step: int) -> tuple[int, int]:
 
 
 class Collate:
-    """[(pixels [h, w, 3], target)] -> one batch dict of NumPy arrays:
-      pixels [B, H, W, 3] float32, mask [B, H, W] bool (True on real pixels),
+    """[(pixels [h, w, 3] uint8, target)] -> one batch dict of NumPy arrays:
+      pixels [B, H, W, 3] uint8 (see transforms.normalize_batch), mask [B, H, W] bool (True on real pixels),
       labels [B, M] int32, boxes [B, M, 4] float32 normalised (cx, cy, w, h), valid [B, M] bool,
       image_id [B] int64, orig_size [B, 2] and size [B, 2] (height, width), real [B] bool.
     With `batch_size`, a short batch is filled with blank examples (real False, no valid target)."""
@@ -33,7 +33,7 @@ class Collate:
         n = self.batch_size or len(examples)
         h, w = bucket_shape(max(x.shape[0] for x, _ in examples), max(x.shape[1] for x, _ in examples), self.step)
         m = self.max_targets
-        out = {"pixels": np.zeros((n, h, w, 3), np.float32), "mask": np.zeros((n, h, w), bool),
+        out = {"pixels": np.zeros((n, h, w, 3), np.uint8), "mask": np.zeros((n, h, w), bool),
                "labels": np.zeros((n, m), np.int32), "boxes": np.tile(DUMMY_BOX, (n, m, 1)),
                "valid": np.zeros((n, m), bool), "image_id": np.full(n, -1, np.int64),
                "orig_size": np.ones((n, 2), np.int32), "size": np.ones((n, 2), np.int32), "real": np.zeros(n, bool)}

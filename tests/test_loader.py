@@ -1,0 +1,90 @@
+"""Bucketed batches, padded targets, the grain loader and its exact resumption."""
+
+import numpy as np
+import pytest
+
+from detrax.data.batching import Collate, bucket_shape
+from detrax.data.coco import DataError, read_coco
+from detrax.data.loader import Augment, Loader, dataset
+from detrax.data.synthetic import write_dataset
+
+SMALL = dict(scales=(96, 128), max_size=192, crop_scales=(100, 120), crop_size=(64, 96), val_size=128)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(str(root), num_images=14, seed=2)
+    return read_coco(str(root), "train").records
+
+
+def test_bucket_shape():
+    assert bucket_shape(100, 129, 64) == (128, 192) and bucket_shape(128, 128, 128) == (128, 128)
+
+
+def test_collate_pads_images_and_targets():
+    x1, x2 = np.ones((50, 70, 3), np.uint8), 2 * np.ones((90, 30, 3), np.uint8)
+    t = lambda n, i: {"labels": np.arange(n), "boxes": np.full((n, 4), 0.25, np.float32), "image_id": i,
+                      "orig_size": (10, 20)}
+    b = Collate(max_targets=4, step=32, batch_size=3)([(x1, t(2, 5)), (x2, t(4, 6))])
+    assert b["pixels"].shape == (3, 96, 96, 3) and b["mask"].shape == (3, 96, 96)
+    assert b["mask"][0, :50, :70].all() and b["mask"][0].sum() == 50 * 70
+    assert b["mask"][1].sum() == 90 * 30 and (b["pixels"][1, :90, :30] == 2).all()
+    assert (b["pixels"][0, 50:] == 0).all()
+    np.testing.assert_array_equal(b["valid"], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["real"], [True, True, False])
+    assert b["mask"][2].sum() == 1  # a blank keeps one pixel so that attention stays finite
+    np.testing.assert_array_equal(b["image_id"], [5, 6, -1])
+    with pytest.raises(DataError, match="image 6 has 4 boxes, more than max_targets=3"):
+        Collate(max_targets=3, step=32)([(x2, t(4, 6))])
+
+
+def test_eval_batches_cover_every_image_once(records):
+    ds = dataset(records, Augment(train=False, **SMALL), 4, max_targets=8, step=64)
+    seen = []
+    for batch in Loader(ds):
+        for i in np.flatnonzero(batch["real"]):
+            rec = next(r for r in records if r["image_id"] == batch["image_id"][i])
+            h, w = batch["size"][i]
+            assert batch["mask"][i].sum() == h * w and batch["mask"][i, :h, :w].all()
+            assert batch["valid"][i].sum() == len(rec["labels"])
+            np.testing.assert_array_equal(batch["labels"][i][batch["valid"][i]], rec["labels"])
+            assert tuple(batch["orig_size"][i]) == (rec["height"], rec["width"])
+            seen.append(int(batch["image_id"][i]))
+        assert batch["pixels"].shape[1] % 64 == 0 and batch["pixels"].shape[2] % 64 == 0
+    assert sorted(seen) == sorted(r["image_id"] for r in records)
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def _same(a, b):
+    return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_from_saved_state_gives_the_same_next_batches(records, workers):
+    ds = dataset(records, Augment(train=True, **SMALL), 2, max_targets=8, step=64, seed=5)
+    with Loader(ds, workers=workers) as loader:
+        _take(loader, 3)
+        state = loader.state()
+        want = _take(loader, 4)  # crosses the end of the first epoch (5 batches)
+    with Loader(ds, workers=workers) as again:
+        again.restore(state)
+        got = _take(again, 4)
+    assert _same(want, got)
+    assert loader.padding_waste >= 0 and len(loader.shapes) >= 1
+
+
+def test_epochs_reshuffle_and_shards_split(records):
+    assert len(records) == 10
+    ds = dataset(records, Augment(train=True, **SMALL), 5, max_targets=8, step=64, seed=1)
+    first, second = _take(Loader(ds), 2), _take(Loader(ds), 4)[2:]
+    assert sorted(first[0]["image_id"].tolist() + first[1]["image_id"].tolist()) == \
+        sorted(r["image_id"] for r in records)  # one epoch is a permutation
+    assert not np.array_equal(first[0]["image_id"], second[0]["image_id"])  # the next epoch reshuffles
+    ids = [set(np.concatenate([b["image_id"] for b in _take(Loader(dataset(
+        records, Augment(train=True, **SMALL), 1, max_targets=8, seed=1, shard=(i, 2))), 5)]).tolist())
+        for i in range(2)]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == len(records)
