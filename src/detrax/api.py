@@ -60,8 +60,9 @@ class Detector:
 
 
 def load(path: str | os.PathLike, **config_overrides) -> Detector:
-    """A Detector from detrax weights (`.safetensors` written by `detrax convert` or `Detector.save`), from an
-    official / HF / torchvision checkpoint (converted on the fly), or `random:PRESET` for random weights."""
+    """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
+    `detrax convert` or `Detector.save`), an official / HF / torchvision checkpoint (converted on the fly), or
+    `random:PRESET` for random weights."""
     path = os.fspath(path)
     if path.startswith("random:"):
         cfg = configs.get(path.split(":", 1)[1]).model
@@ -70,6 +71,8 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
         return Detector(DETR(dataclasses.replace(cfg, **config_overrides), rngs=nnx.Rngs(0)))
     from detrax import checkpoint
 
+    if os.path.isdir(path):
+        return Detector(checkpoint.load_run(path))
     if path.endswith(".safetensors"):
         try:
             checkpoint.read_config(path)

@@ -77,8 +77,9 @@ class Bottleneck(nnx.Module):
 class ResNet(nnx.Module):
     """Stem (conv1, bn1, max pool) and four stages `layer1`..`layer4`, named as torchvision's; returns C5."""
 
-    def __init__(self, depths=(3, 4, 6, 3), width: int = 64, dilation: bool = False, *, rngs: nnx.Rngs):
-        self.conv1 = Conv(3, width, 7, stride=2, padding=3, trainable=False, rngs=rngs)
+    def __init__(self, depths=(3, 4, 6, 3), width: int = 64, dilation: bool = False, frozen_stages: int = 1, *,
+                 rngs: nnx.Rngs):
+        self.conv1 = Conv(3, width, 7, stride=2, padding=3, trainable=frozen_stages == 0, rngs=rngs)
         self.bn1 = FrozenBatchNorm(width)
         cin, current_dilation = width, 1
         for i, depth in enumerate(depths):
@@ -91,7 +92,8 @@ class ResNet(nnx.Module):
                 blocks.append(Bottleneck(
                     cin, planes, stride=stride if j == 0 else 1,
                     dilation=first_dilation if j == 0 else current_dilation,
-                    downsample=j == 0 and (stride != 1 or cin != planes * 4), trainable=i > 0, rngs=rngs))
+                    downsample=j == 0 and (stride != 1 or cin != planes * 4), trainable=i + 1 > frozen_stages,
+                    rngs=rngs))
                 cin = planes * 4
             setattr(self, f"layer{i + 1}", nnx.List(blocks))
         self.num_stages = len(depths)
@@ -100,7 +102,7 @@ class ResNet(nnx.Module):
     def stages(self, x):
         """x [B, H, W, 3] -> the outputs of layer1..layer4, at strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
         x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),  # differentiable max pool
                                   [(0, 0), (1, 1), (1, 1), (0, 0)])
         outs = []
         for i in range(self.num_stages):

@@ -53,3 +53,97 @@ def load_weights(path: str | os.PathLike, **config_overrides) -> DETR:
         return assemble(cfg, load_file(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------- training checkpoints (orbax)
+
+def _to_saveable(tree):
+    """Typed PRNG keys -> their uint32 data (orbax stores plain arrays)."""
+    import jax
+
+    is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+
+
+def _from_saveable(tree, like):
+    import jax
+
+    is_key = lambda x: hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if is_key(ref)
+                        else x, tree, like)
+
+
+class Checkpoints:
+    """`workdir/checkpoints/<step>/` with items `model` (weights and RNG streams), `optimizer`, `data` (the
+    loader's iterator state) and `meta` (config, step). Orbax writes each to a temporary folder and renames it
+    when complete, so a checkpoint is never seen half-written; the last `keep` are kept."""
+
+    def __init__(self, workdir: str, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, model_state, opt_state, data_state, meta: dict) -> None:
+        from flax import nnx
+
+        a = self._ocp.args
+        pure = lambda s: _to_saveable(nnx.to_pure_dict(s))
+        self.manager.save(step, args=a.Composite(
+            model=a.StandardSave(pure(model_state)), optimizer=a.StandardSave(pure(opt_state)),
+            data=a.JsonSave(data_state), meta=a.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, model_like, opt_like=None, step=None):
+        """(model_state, opt_state or None, data_state, meta) of `step` (default: the latest); `*_like` are
+        nnx.States of the right structure (their values are replaced)."""
+        import jax
+        from flax import nnx
+
+        a = self._ocp.args
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
+            x, "sharding", None)) if hasattr(x, "dtype") else x, _to_saveable(t))
+        def back(restored, like):
+            nnx.replace_by_pure_dict(like, _from_saveable(restored, nnx.to_pure_dict(like)))
+            return like
+
+        items = {"model": a.StandardRestore(abstract(nnx.to_pure_dict(model_like))), "data": a.JsonRestore(),
+                 "meta": a.JsonRestore()}
+        if opt_like is not None:
+            items["optimizer"] = a.StandardRestore(abstract(nnx.to_pure_dict(opt_like)))
+        out = self.manager.restore(step, args=a.Composite(**items))
+        opt = back(out["optimizer"], opt_like) if opt_like is not None else None
+        return back(out["model"], model_like), opt, out["data"], out["meta"]
+
+    def close(self):
+        self.manager.close()
+
+
+def load_run(workdir: str, step=None) -> DETR:
+    """The model of a training run's latest checkpoint (or `step`), in eval mode."""
+    from flax import nnx
+
+    from detrax import configs
+
+    ckpts = Checkpoints(workdir)
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint in {ckpts.directory}")
+    meta = ckpts.manager.restore(step, args=ckpts._ocp.args.Composite(meta=ckpts._ocp.args.JsonRestore()))["meta"]
+    cfg = configs.from_dict(meta["config"]).model
+    abstract = nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(0)))
+    nnx.reseed(abstract, default=0)  # RNG streams get real keys: their restored values replace them
+    graphdef, like = nnx.split(abstract)
+    model_state, _, _, _ = ckpts.restore(like, None, step)
+    ckpts.close()
+    model = nnx.merge(graphdef, model_state)
+    model.eval()
+    return model

@@ -93,6 +93,46 @@ def cmd_data_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def _config(args):
+    from detrax import configs
+
+    return configs.override(configs.get(args.config, smoke=args.smoke), args.overrides)
+
+
+def _distributed(args):
+    if args.num_processes > 1:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def cmd_train(args) -> int:
+    from detrax.train import Run, fit
+
+    cfg = _config(args)
+    _distributed(args)
+    summary = fit(cfg, Run(args.data, args.workdir, resume=args.resume, init=args.init))
+    print(json.dumps({"workdir": args.workdir, "step": summary["step"], "eval": summary["eval"]}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import detrax
+    from detrax import configs
+    from detrax.data.coco import read_coco
+    from detrax.evaluate import evaluate
+    from detrax.train import resolve_split
+
+    detector = detrax.load(args.checkpoint)
+    data_cfg = configs.get(args.config).data if args.config else configs.DataConfig()
+    data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
+    split = resolve_split(args.data, args.split or data_cfg.val_split, "val")
+    ds = read_coco(args.data, split)
+    metrics = evaluate(detector, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out)
+    print(json.dumps(metrics))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detrax", description="DETR in JAX and Flax NNX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
     s.add_argument("--num-heads", type=int, default=8, help="attention heads (weights cannot tell; official: 8)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
+    s.add_argument("--config", default="detr_r50", help="a preset of detrax.configs")
+    s.add_argument("--data", required=True, help="COCO-format folder")
+    s.add_argument("--workdir", required=True, help="checkpoints, metrics, plots")
+    s.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    s.add_argument("--init", default=None, help="start from these weights (the class head may differ)")
+    s.add_argument("--smoke", action="store_true", help="the preset's smoke-sized variant")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
+    s.add_argument("--coordinator", default=None, help="host:port of process 0, for multi-host runs")
+    s.add_argument("--num-processes", type=int, default=1)
+    s.add_argument("--process-id", type=int, default=0)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="COCO AP of a checkpoint or a training run's workdir")
+    s.add_argument("checkpoint", help="detrax weights, an official/HF checkpoint, or a training workdir")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default=None, help="default: the split named val*")
+    s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use")
+    s.add_argument("--out", default=None, help="write metrics.json and results.json here")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
+    s.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(
         dest="data_command", required=True)

@@ -32,6 +32,7 @@ class ModelConfig:
     pre_norm: bool = False
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention: cuDNN flash on GPU) | auto
+    frozen_stages: int = 1  # 1: stem and layer1 not trained (official, for a pretrained backbone); 0: train all
 
     def __post_init__(self):
         if self.backbone in RESNET_DEPTHS and tuple(self.depths) != RESNET_DEPTHS[self.backbone]:
@@ -70,10 +71,47 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The official augmentations' sizes, batching, and where the splits are."""
+
+    scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    max_size: int = 1333
+    crop_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, ...] = (384, 600)
+    val_size: int = 800
+    max_targets: int = 100  # target slots per image (at most num_queries)
+    bucket_step: int = 128  # padded sides are multiples of this
+    workers: int = 0  # 0: decode in threads of this process; N: N worker processes
+    train_split: str = "auto"  # auto: the split named train*, else the first
+    val_split: str = "auto"  # auto: the split named val*
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The official recipe: AdamW, lr 1e-4 (backbone 1e-5), weight decay 1e-4, clip 0.1, lr x0.1 at epoch 200."""
+
+    batch_size: int = 2  # global, over all devices and hosts
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    epochs: int = 300
+    lr_drop: int = 200  # epoch at which the learning rate drops x0.1
+    steps: int = 0  # > 0: the run's length in steps, overriding epochs (lr_drop scales with it)
+    seed: int = 42
+    ckpt_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep: int = 3  # checkpoints kept
+    eval_every: int = 1  # epochs; 0: only at the end
+    log_every: int = 20  # steps
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str
     model: ModelConfig
     loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def detr_r50(smoke: bool = False) -> Config:
@@ -106,7 +144,20 @@ def tiny(smoke: bool = True) -> Config:
                                       ffn_dim=64))
 
 
-PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, tiny)}
+def demo(smoke: bool = False) -> Config:
+    """A small DETR trained from scratch on the synthetic shapes (`detrax data synth`), on a CPU in minutes."""
+    model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, num_classes=4, num_queries=16,
+                        hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128, frozen_stages=0)
+    data = DataConfig(scales=(112, 128, 144, 160), max_size=192, crop_scales=(128, 144), crop_size=(96, 128),
+                      val_size=128, max_targets=16, bucket_step=64)
+    train = TrainConfig(batch_size=8, lr=3e-4, lr_backbone=3e-4, epochs=60, lr_drop=45, ckpt_every=500,
+                        eval_every=10, log_every=10)
+    if smoke:
+        train = dataclasses.replace(train, epochs=1, eval_every=1)
+    return Config("demo", model, data=data, train=train)
+
+
+PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, tiny, demo)}
 
 
 def get(name: str, smoke: bool = False) -> Config:
@@ -125,6 +176,23 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 def model_config_to_json(cfg: ModelConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """The inverse of `to_dict` (tuples restored), failing on unknown keys."""
+    sections = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "train": TrainConfig}
+    kwargs = {"name": d["name"]}
+    for key, cls in sections.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d.get(key, {})) - fields)
+        if unknown:
+            raise ValueError(f"unknown {key} config keys {unknown}; valid keys: {sorted(fields)}")
+        kwargs[key] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get(key, {}).items()})
+    return Config(**kwargs)
 
 
 def _parse(value: str, like: Any) -> Any:

@@ -48,7 +48,7 @@ def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, 
 
 
 def set_loss(outputs, targets, matcher: str = "hungarian", *, eos_coef: float = 0.1, weights=None,
-             cost_weights=(1.0, 5.0, 2.0), aux_loss: bool = True, axis_name=None) -> dict:
+             cost_weights=(1.0, 5.0, 2.0), aux_loss: bool = True, axis_name=None, mesh=None) -> dict:
     """outputs: the model's dict; targets: `labels` [B, M] int, `boxes` [B, M, 4] normalised (cx, cy, w, h),
     `valid` [B, M] bool. Returns every term (see the module doc) and `loss`, the weighted total."""
     weights = dict(WEIGHTS if weights is None else weights)
@@ -58,7 +58,7 @@ def set_loss(outputs, targets, matcher: str = "hungarian", *, eos_coef: float = 
     labels, tgt_boxes = jnp.asarray(targets["labels"], jnp.int32), jnp.asarray(targets["boxes"], jnp.float32)
     valid = jnp.asarray(targets["valid"], bool)
     cost = cost_matrix(logits, boxes, labels, tgt_boxes, *cost_weights)  # [L, B, N, M]
-    query_for_target = match(cost, valid, matcher)  # [L, B, M]
+    query_for_target = match(cost, valid, matcher, mesh)  # [L, B, M]
     num_boxes = valid.sum().astype(jnp.float32)
     if axis_name is not None:
         num_boxes = jax.lax.psum(num_boxes, axis_name)

@@ -182,8 +182,14 @@ def sinkhorn(cost, valid, eps_start=1.0, eps_end=1e-3, stages=6, iters=10):
     return fn(cost, valid)
 
 
-def match(cost, valid, matcher: str = "hungarian"):
-    """Dispatch by name: 'hungarian', 'hungarian_jax' or 'sinkhorn'."""
+def match(cost, valid, matcher: str = "hungarian", mesh=None):
+    """Dispatch by name: 'hungarian', 'hungarian_jax' or 'sinkhorn'. With a `mesh` whose 'data' axis shards the
+    batch (cost [L, B, N, M], valid [B, M]), each device matches its own images: host callbacks stay local."""
     if matcher not in MATCHERS:
         raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
-    return {"hungarian": hungarian, "hungarian_jax": hungarian_jax, "sinkhorn": sinkhorn}[matcher](cost, valid)
+    fn = {"hungarian": hungarian, "hungarian_jax": hungarian_jax, "sinkhorn": sinkhorn}[matcher]
+    if mesh is not None and mesh.size > 1:
+        from jax.sharding import PartitionSpec as P
+
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(None, "data"), P("data")), out_specs=P(None, "data"))
+    return fn(cost, valid)

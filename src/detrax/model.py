@@ -43,7 +43,7 @@ class DETR(nnx.Module):
         dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
         self.config = c
         self.dtype = dtype
-        self.backbone = ResNet(c.depths, c.width, c.dilation, rngs=rngs)
+        self.backbone = ResNet(c.depths, c.width, c.dilation, c.frozen_stages, rngs=rngs)
         self.input_proj = nnx.Linear(self.backbone.out_channels, c.hidden_dim, dtype=dtype, rngs=rngs)  # 1x1 conv
         self.query_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_queries, c.hidden_dim)))
         self.transformer = Transformer(c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers, c.ffn_dim,

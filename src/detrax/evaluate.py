@@ -1,0 +1,67 @@
+"""COCO box AP with pycocotools, with the official val transform and post-processing (all queries kept)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+
+from detrax.data.loader import Augment, Loader, dataset
+from detrax.data.transforms import normalize_batch
+from detrax.postprocess import postprocess
+
+KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def predict_dataset(forward, records, data_cfg, batch_size: int) -> list[dict]:
+    """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image."""
+    augment = Augment(train=False, val_size=data_cfg.val_size, max_size=data_cfg.max_size)
+    ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step)
+    results = []
+    with Loader(ds) as loader:
+        for batch in loader:
+            out = forward(normalize_batch(batch["pixels"], batch["mask"]), batch["mask"])
+            scores, labels, boxes = (np.asarray(x) for x in postprocess(out, batch["orig_size"]))
+            for i in np.flatnonzero(batch["real"]):
+                for s, lab, (x0, y0, x1, y1) in zip(scores[i], labels[i], boxes[i]):
+                    results.append({"image_id": int(batch["image_id"][i]), "category_id": int(lab),
+                                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                                    "score": float(s)})
+    return results
+
+
+def coco_ap(annotation_file: str, results: list[dict], image_ids=None, quiet: bool = True) -> dict:
+    """pycocotools' COCOeval on `results`: AP, AP50, AP75, APs, APm, APl."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        gt = COCO(annotation_file)
+        if not results:
+            return dict.fromkeys(KEYS, 0.0)
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
+
+
+def evaluate(forward, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None) -> dict:
+    """AP of `forward` (pixels, mask -> model outputs) on a `data.coco.Dataset`; with `out_dir`, writes
+    metrics.json and results.json there."""
+    results = predict_dataset(forward, dataset_.records, data_cfg, batch_size)
+    metrics = coco_ap(dataset_.annotation_file, results, [r["image_id"] for r in dataset_.records])
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+    return metrics

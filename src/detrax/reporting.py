@@ -1,0 +1,117 @@
+"""What a training run shows: a live progress bar, JSON-lines metrics, TensorBoard events, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
+
+
+class Reporter:
+    def __init__(self, workdir: str, total_steps: int, steps_per_epoch: int, batch_size: int, enabled: bool = True,
+                 stream=None):
+        self.workdir, self.total, self.per_epoch, self.batch = workdir, total_steps, steps_per_epoch, batch_size
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last = {}
+        self.t0, self.step0 = time.time(), None
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def start(self, step: int):
+        self.t0, self.step0 = time.time(), step
+
+    def log(self, step: int, kind: str, metrics: dict):
+        """Append to metrics.jsonl and TensorBoard (`kind` is train or eval)."""
+        if not self.enabled:
+            return
+        row = {"step": step, "epoch": step / max(1, self.per_epoch), "kind": kind, "time": time.time(),
+               **{k: float(v) for k, v in metrics.items()}}
+        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"{kind}/{k}", float(v), step)
+        self._tb.flush()
+        if kind == "train":
+            self.last = {k: float(metrics[k]) for k in SHOWN if k in metrics}
+        else:
+            self.line(f"eval at step {step}: " + " ".join(f"{k} {float(v):.3f}" for k, v in metrics.items()))
+
+    def progress(self, step: int):
+        """The bar: epoch, step, loss terms, images per second, ETA."""
+        if not self.enabled:
+            return
+        done = step - (self.step0 or 0)
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        width = 24
+        filled = int(width * step / max(1, self.total))
+        terms = " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in self.last.items())
+        text = (f"epoch {step // max(1, self.per_epoch) + 1} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{step}/{self.total} {terms} | {rate * self.batch:.1f} img/s | ETA {_hms(eta)}")
+        if self.tty:
+            self.stream.write("\r" + text[:200] + "\x1b[K")
+        elif step % max(1, self.per_epoch) == 0 or step == self.total:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def line(self, text: str):
+        if self.enabled:
+            self.stream.write(("\n" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def plot(workdir: str) -> list[str]:
+    """losses.png (training terms against steps) and ap.png (eval AP curves), from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = [json.loads(line) for line in open(path)]
+    written = []
+    for kind, keys, name in (("train", ("loss", "loss_ce", "loss_bbox", "loss_giou"), "losses.png"),
+                             ("eval", ("AP", "AP50", "AP75"), "ap.png")):
+        sel = [r for r in rows if r["kind"] == kind]
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in sel if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="o" if kind == "eval" else None)
+        ax.set_xlabel("step")
+        ax.set_title(f"{kind} ({os.path.basename(os.path.abspath(workdir))})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, name))
+        plt.close(fig)
+        written.append(os.path.join(workdir, name))
+    return written

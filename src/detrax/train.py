@@ -1,0 +1,217 @@
+"""Training: the official optimizer, one jitted step, and the loop that checkpoints, evaluates and reports.
+
+Data parallel over every device of every host: the batch is sharded over a 1-D mesh axis 'data', weights and
+optimizer state are replicated; XLA inserts the gradient all-reduce. Each host reads its own shard of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from detrax import configs
+from detrax.data.coco import read_coco, splits
+from detrax.data.loader import Augment, Loader, dataset
+from detrax.data.transforms import normalize_batch
+from detrax.loss import criterion
+from detrax.model import DETR, WEIGHTS, assemble, weight_arrays
+
+BATCH_KEYS = ("pixels", "mask", "labels", "boxes", "valid")
+
+
+def _group(params):
+    """'backbone' for the backbone's parameters, 'rest' for the others."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "backbone" if getattr(path[0], "key", None) == "backbone" else "rest", params)
+
+
+def optimizer(cfg: configs.TrainConfig, total_steps: int, drop_step: int) -> optax.GradientTransformation:
+    """AdamW with the backbone at its own learning rate, both x0.1 at `drop_step`, after clipping the global
+    gradient norm, as the official main.py."""
+    sched = lambda lr: optax.piecewise_constant_schedule(lr, {drop_step: 0.1}) if drop_step < total_steps else lr
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_max_norm) if cfg.clip_max_norm > 0 else optax.identity(),
+        optax.multi_transform({"rest": optax.adamw(sched(cfg.lr), weight_decay=cfg.weight_decay),
+                               "backbone": optax.adamw(sched(cfg.lr_backbone), weight_decay=cfg.weight_decay)},
+                              _group))
+
+
+def make_train_step(graphdef, loss_fn):
+    """A jitted (state, batch) -> (state, metrics): forward, set loss, backward, clip, AdamW."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):
+        model, opt = nnx.merge(graphdef, state)
+        pixels = normalize_batch(batch["pixels"], batch["mask"])
+        targets = {k: batch[k] for k in ("labels", "boxes", "valid")}
+
+        def objective(model):
+            terms = loss_fn(model(pixels, batch["mask"]), targets)
+            return terms["loss"], terms
+
+        (_, terms), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        terms["grad_norm"] = optax.global_norm(grads)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), terms
+
+    return step
+
+
+@dataclasses.dataclass
+class Run:
+    """What `fit` needs besides the config."""
+
+    data_dir: str
+    workdir: str
+    resume: bool = False
+    init: str | None = None  # weights to start from (detrax, official, HF, torchvision)
+    quiet: bool = False
+
+
+def resolve_split(root: str, want: str, prefix: str) -> str:
+    if want != "auto":
+        return want
+    found = splits(root)
+    match = [s for s in found if s.startswith(prefix)]
+    if not match:
+        raise ValueError(f"{root}: no split named {prefix}* among {found}; set data.{prefix}_split")
+    return match[0]
+
+
+def init_from(model: DETR, path: str) -> list[str]:
+    """Copy the weights of `path` into `model` where the shapes agree; the class head may differ (another number
+    of classes) and is then left freshly initialised. Returns the names left fresh."""
+    from detrax.api import load
+
+    source = weight_arrays(load(path).model)
+    target = weight_arrays(model)
+    fresh, arrays = [], {}
+    for name, value in target.items():
+        src = source.get(name)
+        if src is not None and src.shape == value.shape:
+            arrays[name] = src
+        elif name.startswith("class_embed"):
+            arrays[name] = value
+            fresh.append(name)
+        else:
+            raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
+                             f"{value.shape}")
+    nnx.update(model, nnx.state(assemble(model.config, arrays, init_rest=True), WEIGHTS))
+    return fresh
+
+
+def fit(cfg: configs.Config, run: Run) -> dict:
+    """Train `cfg` on the COCO-format folder `run.data_dir`, writing to `run.workdir`. Returns the last eval."""
+    from detrax.checkpoint import Checkpoints
+    from detrax.evaluate import evaluate
+    from detrax.reporting import Reporter, plot
+
+    n_proc, proc = jax.process_count(), jax.process_index()
+    tc, dc = cfg.train, cfg.data
+    if tc.batch_size % jax.device_count():
+        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {jax.device_count()} devices")
+    if dc.max_targets > cfg.model.num_queries:
+        raise ValueError(f"data.max_targets={dc.max_targets} exceeds model.num_queries={cfg.model.num_queries}")
+    train_ds = read_coco(run.data_dir, resolve_split(run.data_dir, dc.train_split, "train"))
+    if train_ds.num_classes > cfg.model.num_classes:
+        raise ValueError(f"{train_ds.annotation_file}: category ids reach {train_ds.num_classes - 1}; set "
+                         f"model.num_classes={train_ds.num_classes} (it is {cfg.model.num_classes})")
+    per_epoch = len(train_ds.records) // tc.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{train_ds.annotation_file}: {len(train_ds.records)} images, fewer than one batch of "
+                         f"{tc.batch_size}")
+    total = tc.steps or tc.epochs * per_epoch
+    drop = round(total * tc.lr_drop / tc.epochs) if tc.steps else tc.lr_drop * per_epoch
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    model = DETR(cfg.model, rngs=nnx.Rngs(tc.seed))
+    notes = []
+    if run.init and not run.resume:
+        fresh = init_from(model, run.init)
+        notes.append(f"initialised from {run.init}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+    state = jax.device_put(state, replicated)
+    loss_fn = criterion(cfg.loss)
+    step_fn = make_train_step(graphdef, lambda out, t: loss_fn(out, t, mesh=mesh))
+
+    augment = Augment(True, dc.scales, dc.max_size, dc.crop_scales, dc.crop_size, dc.val_size)
+    train_data = dataset(train_ds.records, augment, tc.batch_size // n_proc, max_targets=dc.max_targets,
+                         step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc))
+    loader = Loader(train_data, workers=dc.workers)
+    ckpts = Checkpoints(run.workdir, tc.keep)
+    start = 0
+    if run.resume and ckpts.latest_step() is not None:
+        _, _, data_state, meta = ckpts.restore(state[0], state[1])  # fills state in place
+        state = jax.device_put(state, replicated)
+        loader.restore(data_state)
+        start = meta["step"]
+        notes.append(f"resumed from step {start}")
+    reporter = Reporter(run.workdir, total, per_epoch, tc.batch_size, enabled=proc == 0 and not run.quiet)
+    for note in notes:
+        reporter.line(note)
+    val_ds = None
+    try:
+        val_ds = read_coco(run.data_dir, resolve_split(run.data_dir, dc.val_split, "val"))
+    except ValueError as e:
+        reporter.line(f"no evaluation: {e}")
+
+    def save(step):
+        ckpts.save(step, state[0], state[1], loader.state(),
+                   {"step": step, "config": configs.to_dict(cfg)})
+
+    def run_eval(step):
+        if val_ds is None or proc != 0:
+            return None
+        model = nnx.merge(graphdef, state)[0]
+        model.eval()
+        m_graph, m_state = nnx.split(model)
+        fwd = jax.jit(lambda s, x, mask: nnx.merge(m_graph, s)(x, mask))
+        metrics = evaluate(lambda x, mask: fwd(m_state, x, mask), val_ds, dc, batch_size=tc.batch_size)
+        reporter.log(step, "eval", metrics)
+        return metrics
+
+    metrics, last_eval = {}, None
+    reporter.start(start)
+    for step in range(start, total):
+        local = next(loader)
+        batch = {k: jax.make_array_from_process_local_data(sharded, local[k]) for k in BATCH_KEYS}
+        state, terms = step_fn(state, batch)
+        done = step + 1
+        if done % tc.log_every == 0 or done == total:
+            metrics = jax.device_get(terms)
+            reporter.log(done, "train", metrics)
+        reporter.progress(done)
+        if done % tc.ckpt_every == 0 and done < total:
+            save(done)
+        if tc.eval_every and done % (tc.eval_every * per_epoch) == 0 and done < total:
+            last_eval = run_eval(done)
+    if start < total or ckpts.latest_step() != total:
+        save(total)
+    last_eval = run_eval(total) or last_eval
+    loader.close()
+    ckpts.close()
+    if proc == 0 and not run.quiet:
+        plot(run.workdir)
+    reporter.close()
+    return {"step": total, "train": {k: float(v) for k, v in metrics.items()}, "eval": last_eval,
+            "params": jax.device_get(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))}
+
+
+def params_digest(params) -> str:
+    """A hash of parameter values, to compare runs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
