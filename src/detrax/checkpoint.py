@@ -74,15 +74,17 @@ def _from_saveable(tree, like):
 
 
 class Checkpoints:
-    """`workdir/checkpoints/<step>/` with items `model` (weights and RNG streams), `optimizer`, `data` (the
-    loader's iterator state) and `meta` (config, step). Orbax writes each to a temporary folder and renames it
-    when complete, so a checkpoint is never seen half-written; the last `keep` are kept."""
+    """`workdir/checkpoints/<step>/` with items `model` (weights and RNG streams), `optimizer` and `meta` (config,
+    step), and `workdir/data_state/<step>.<process>.json`, each host's loader state. Orbax writes to a temporary
+    folder and renames it when complete, so a checkpoint is never seen half-written; the last `keep` are kept.
+    The loader state is written (atomically) before the checkpoint it belongs to."""
 
     def __init__(self, workdir: str, keep: int = 3):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.data_dir = os.path.join(os.path.abspath(workdir), "data_state")
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
@@ -94,10 +96,27 @@ class Checkpoints:
 
         a = self._ocp.args
         pure = lambda s: _to_saveable(nnx.to_pure_dict(s))
+        os.makedirs(self.data_dir, exist_ok=True)
+        path = self._data_path(step)
+        with open(path + ".tmp", "w") as f:
+            json.dump(data_state, f)
+        os.replace(path + ".tmp", path)
         self.manager.save(step, args=a.Composite(
             model=a.StandardSave(pure(model_state)), optimizer=a.StandardSave(pure(opt_state)),
-            data=a.JsonSave(data_state), meta=a.JsonSave(meta)), force=True)
+            meta=a.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
+        kept = {str(s) for s in self.manager.all_steps()}
+        for name in os.listdir(self.data_dir):  # loader states of checkpoints that orbax has let go
+            if name.split(".")[0] not in kept and not name.endswith(".tmp"):
+                try:
+                    os.remove(os.path.join(self.data_dir, name))
+                except FileNotFoundError:
+                    pass
+
+    def _data_path(self, step: int) -> str:
+        import jax
+
+        return os.path.join(self.data_dir, f"{step}.{jax.process_index()}.json")
 
     def restore(self, model_like, opt_like=None, step=None):
         """(model_state, opt_state or None, data_state, meta) of `step` (default: the latest); `*_like` are
@@ -115,13 +134,16 @@ class Checkpoints:
             nnx.replace_by_pure_dict(like, _from_saveable(restored, nnx.to_pure_dict(like)))
             return like
 
-        items = {"model": a.StandardRestore(abstract(nnx.to_pure_dict(model_like))), "data": a.JsonRestore(),
-                 "meta": a.JsonRestore()}
+        items = {"model": a.StandardRestore(abstract(nnx.to_pure_dict(model_like))), "meta": a.JsonRestore()}
         if opt_like is not None:
             items["optimizer"] = a.StandardRestore(abstract(nnx.to_pure_dict(opt_like)))
         out = self.manager.restore(step, args=a.Composite(**items))
         opt = back(out["optimizer"], opt_like) if opt_like is not None else None
-        return back(out["model"], model_like), opt, out["data"], out["meta"]
+        data = None
+        if opt_like is not None:
+            with open(self._data_path(step)) as f:
+                data = json.load(f)
+        return back(out["model"], model_like), opt, data, out["meta"]
 
     def close(self):
         self.manager.close()

@@ -133,6 +133,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """Synthetic data -> train the `demo` preset -> COCO AP -> predictions drawn on val images."""
+    import detrax
+    from detrax.data.coco import read_coco
+    from detrax.data.synthetic import write_dataset
+    from detrax.predict import read_image, write_results
+    from detrax.train import Run, fit
+
+    t0 = time.time()
+    data = os.path.join(args.workdir, "data")
+    if not os.path.isdir(os.path.join(data, "annotations")):
+        counts = write_dataset(data, args.num_images, args.seed)
+        print(f"synthetic dataset: {counts['train']} train and {counts['val']} val images in {data}")
+    cfg = _config(args)
+    summary = fit(cfg, Run(data, args.workdir, resume=args.resume))
+    val = read_coco(data, "val")
+    detector = detrax.Detector(detrax.load(args.workdir).model, names=val.names)
+    files = [r["file"] for r in val.records[:args.draw]]
+    images = [read_image(f) for f in files]
+    dets = detector.predict(images, threshold=args.threshold, size=cfg.data.val_size, max_size=cfg.data.max_size)
+    out = os.path.join(args.workdir, "predictions")
+    write_results(out, files, images, dets, detector.names)
+    ev = summary["eval"] or {}
+    print(json.dumps({"AP": ev.get("AP"), "AP50": ev.get("AP50"), "minutes": round((time.time() - t0) / 60, 1),
+                      "workdir": args.workdir, "predictions": out}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detrax", description="DETR in JAX and Flax NNX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-processes", type=int, default=1)
     s.add_argument("--process-id", type=int, default=0)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="the built-in default: synthetic shapes, train a small DETR on the CPU, "
+                                     "evaluate, draw predictions")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--config", default="demo")
+    s.add_argument("--num-images", type=int, default=576)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--draw", type=int, default=8, help="val images to draw predictions on")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--smoke", action="store_true", help="a one-epoch run, to see that everything works")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("eval", help="COCO AP of a checkpoint or a training run's workdir")
     s.add_argument("checkpoint", help="detrax weights, an official/HF checkpoint, or a training workdir")

@@ -82,6 +82,7 @@ class DataConfig:
     max_targets: int = 100  # target slots per image (at most num_queries)
     bucket_step: int = 128  # padded sides are multiples of this
     workers: int = 0  # 0: decode in threads of this process; N: N worker processes
+    augment: bool = True  # False: training images get the val transform (for overfitting checks)
     train_split: str = "auto"  # auto: the split named train*, else the first
     val_split: str = "auto"  # auto: the split named val*
 

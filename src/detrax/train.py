@@ -57,7 +57,7 @@ def make_train_step(graphdef, loss_fn):
             return terms["loss"], terms
 
         (_, terms), grads = nnx.value_and_grad(objective, has_aux=True)(model)
-        terms["grad_norm"] = optax.global_norm(grads)
+        terms["grad_norm"] = optax.tree.norm(grads)
         opt.update(model, grads)
         return nnx.state((model, opt)), terms
 
@@ -73,6 +73,7 @@ class Run:
     resume: bool = False
     init: str | None = None  # weights to start from (detrax, official, HF, torchvision)
     quiet: bool = False
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this call
 
 
 def resolve_split(root: str, want: str, prefix: str) -> str:
@@ -130,7 +131,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     total = tc.steps or tc.epochs * per_epoch
     drop = round(total * tc.lr_drop / tc.epochs) if tc.steps else tc.lr_drop * per_epoch
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     model = DETR(cfg.model, rngs=nnx.Rngs(tc.seed))
     notes = []
@@ -139,11 +140,11 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         notes.append(f"initialised from {run.init}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
-    state = jax.device_put(state, replicated)
+    state = replicate(state, replicated)
     loss_fn = criterion(cfg.loss)
     step_fn = make_train_step(graphdef, lambda out, t: loss_fn(out, t, mesh=mesh))
 
-    augment = Augment(True, dc.scales, dc.max_size, dc.crop_scales, dc.crop_size, dc.val_size)
+    augment = Augment(True, dc.augment, dc.scales, dc.max_size, dc.crop_scales, dc.crop_size, dc.val_size)
     train_data = dataset(train_ds.records, augment, tc.batch_size // n_proc, max_targets=dc.max_targets,
                          step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc))
     loader = Loader(train_data, workers=dc.workers)
@@ -151,7 +152,6 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     start = 0
     if run.resume and ckpts.latest_step() is not None:
         _, _, data_state, meta = ckpts.restore(state[0], state[1])  # fills state in place
-        state = jax.device_put(state, replicated)
         loader.restore(data_state)
         start = meta["step"]
         notes.append(f"resumed from step {start}")
@@ -171,17 +171,17 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     def run_eval(step):
         if val_ds is None or proc != 0:
             return None
-        model = nnx.merge(graphdef, state)[0]
-        model.eval()
-        m_graph, m_state = nnx.split(model)
-        fwd = jax.jit(lambda s, x, mask: nnx.merge(m_graph, s)(x, mask))
-        metrics = evaluate(lambda x, mask: fwd(m_state, x, mask), val_ds, dc, batch_size=tc.batch_size)
+        from detrax.api import Detector
+
+        local = {k: local_copy(v) for k, v in weight_arrays(nnx.merge(graphdef, state)[0]).items()}
+        metrics = evaluate(Detector(assemble(cfg.model, local)), val_ds, dc, batch_size=tc.batch_size)
         reporter.log(step, "eval", metrics)
         return metrics
 
     metrics, last_eval = {}, None
     reporter.start(start)
-    for step in range(start, total):
+    end = total if run.stop_after is None else min(total, start + run.stop_after)
+    for step in range(start, end):
         local = next(loader)
         batch = {k: jax.make_array_from_process_local_data(sharded, local[k]) for k in BATCH_KEYS}
         state, terms = step_fn(state, batch)
@@ -194,16 +194,35 @@ def fit(cfg: configs.Config, run: Run) -> dict:
             save(done)
         if tc.eval_every and done % (tc.eval_every * per_epoch) == 0 and done < total:
             last_eval = run_eval(done)
-    if start < total or ckpts.latest_step() != total:
-        save(total)
-    last_eval = run_eval(total) or last_eval
+    if ckpts.latest_step() != end:
+        save(end)
+    if end == total:
+        last_eval = run_eval(total) or last_eval
     loader.close()
     ckpts.close()
     if proc == 0 and not run.quiet:
         plot(run.workdir)
     reporter.close()
-    return {"step": total, "train": {k: float(v) for k, v in metrics.items()}, "eval": last_eval,
-            "params": jax.device_get(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))}
+    return {"step": end, "train": {k: float(v) for k, v in metrics.items()}, "eval": last_eval,
+            "params": jax.tree.map(local_copy, nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))}
+
+
+def local_copy(x):
+    """This host's copy of a replicated array, as NumPy."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def replicate(tree, sharding):
+    """Host values identical on every host -> arrays replicated over the whole mesh."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)
 
 
 def params_digest(params) -> str:

@@ -18,6 +18,7 @@ class Augment:
     """The official transforms for one record; picklable, for worker processes."""
 
     train: bool
+    augment: bool = True  # with train: False applies the val transform but keeps the training order
     scales: tuple = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     max_size: int = 1333
     crop_scales: tuple = (400, 500, 600)
@@ -28,7 +29,7 @@ class Augment:
         image = load_image(record)
         target = {"boxes": record["boxes"], "labels": record["labels"], "image_id": record["image_id"],
                   "orig_size": (record["height"], record["width"])}
-        if self.train:
+        if self.train and self.augment:
             return T.train_transform(image, target, rng, self.scales, self.max_size, self.crop_scales,
                                      self.crop_size)
         return T.val_transform(image, target, self.val_size, self.max_size)

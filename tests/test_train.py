@@ -1,0 +1,100 @@
+"""Training: the loss falls, a tiny DETR overfits 4 images, exact resume, config errors, evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from detrax import cli, configs
+from detrax.data.synthetic import write_dataset
+from detrax.train import Run, fit, params_digest
+
+FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(str(root), num_images=24, seed=3)
+    return str(root)
+
+
+def _cfg(*overrides):
+    return configs.override(configs.get("demo"), FAST + list(overrides))
+
+
+def _losses(workdir):
+    return [r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if r["kind"] == "train"]
+
+
+def test_loss_falls(synth, tmp_path):
+    fit(_cfg("train.steps=30", "train.lr=1e-3"), Run(synth, str(tmp_path), quiet=False))
+    losses = _losses(tmp_path)
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    for name in ("losses.png", "metrics.jsonl"):
+        assert (tmp_path / name).exists()
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_overfits_four_images_to_ap50(tmp_path):
+    root = tmp_path / "four"
+    write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
+    cfg = _cfg("train.steps=450", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
+               "data.augment=false", "data.val_split=train", "train.lr_drop=1000", "train.log_every=50")
+    summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
+    assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
+
+
+def test_stop_and_resume_equals_a_straight_run(synth, tmp_path):
+    cfg = _cfg("train.steps=9", "train.ckpt_every=4", "model.dropout=0.1")  # dropout: RNG state must resume too
+    straight = fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
+    first = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True, stop_after=5))
+    assert first["step"] == 5
+    resumed = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True, resume=True))
+    assert resumed["step"] == 9
+    assert params_digest(resumed["params"]) == params_digest(straight["params"])  # bitwise on CPU
+
+
+def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
+    import detrax
+
+    other = configs.override(configs.get("demo"), ["model.num_classes=7"]).model
+    from flax import nnx
+
+    detrax.Detector(detrax.DETR(other, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
+    fit(_cfg("train.steps=1"), Run(synth, str(tmp_path / "run"), init=str(tmp_path / "w.safetensors")))
+    err = capsys.readouterr().err
+    assert "initialised from" in err and "fresh: class_embed/bias, class_embed/kernel" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_sise=4", r"unknown config key 'train.batch_sise'; valid keys here: .*batch_size"),
+    ("model.num_classes=2", r"category ids reach 3; set model.num_classes=4"),
+    ("data.max_targets=40", r"data.max_targets=40 exceeds model.num_queries=16"),
+    ("train.batch_size=64", r"fewer than one batch of 64"),
+])
+def test_config_errors_are_clear(synth, tmp_path, capsys, override, message):
+    rc = cli.main(["train", "--config", "demo", "--data", synth, "--workdir", str(tmp_path), override])
+    assert rc == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    fit(_cfg("train.steps=20", "train.lr=1e-3"), Run(synth, str(tmp_path / "run"), quiet=True))
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", synth, "--config", "demo", "--out",
+                     str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    gt = COCO(f"{synth}/annotations/instances_val.json")
+    ev = COCOeval(gt, gt.loadRes(str(tmp_path / "ev" / "results.json")), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert [metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == [float(x) for x in ev.stats[:6]]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
