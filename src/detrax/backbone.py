@@ -66,12 +66,21 @@ class Bottleneck(nnx.Module):
         else:
             self.downsample_conv = self.downsample_bn = None
 
-    def __call__(self, x):
-        y = jax.nn.relu(self.bn1(self.conv1(x)))
-        y = jax.nn.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        shortcut = x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
+    def __call__(self, x, calibrate: bool = False):
+        cb = lambda conv, bn, v: _conv_bn(conv, bn, v, calibrate)
+        y = jax.nn.relu(cb(self.conv1, self.bn1, x))
+        y = jax.nn.relu(cb(self.conv2, self.bn2, y))
+        y = cb(self.conv3, self.bn3, y)
+        shortcut = x if self.downsample_conv is None else cb(self.downsample_conv, self.downsample_bn, x)
         return jax.nn.relu(y + shortcut)
+
+
+def _conv_bn(conv, bn, x, calibrate: bool):
+    y = conv(x)
+    if calibrate:  # data-dependent initialisation: the frozen statistics become this batch's
+        bn.mean[...] = y.mean((0, 1, 2))
+        bn.var[...] = y.var((0, 1, 2))
+    return bn(y)
 
 
 class ResNet(nnx.Module):
@@ -99,15 +108,17 @@ class ResNet(nnx.Module):
         self.num_stages = len(depths)
         self.out_channels = cin
 
-    def stages(self, x):
-        """x [B, H, W, 3] -> the outputs of layer1..layer4, at strides 4, 8, 16, 32 (16 for layer4 with DC5)."""
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
+    def stages(self, x, calibrate: bool = False):
+        """x [B, H, W, 3] -> the outputs of layer1..layer4, at strides 4, 8, 16, 32 (16 for layer4 with DC5).
+        With `calibrate` (eagerly, outside jit), every frozen batch norm first takes the mean and variance of its
+        input over this batch: a normalised start for a backbone trained from scratch."""
+        x = jax.nn.relu(_conv_bn(self.conv1, self.bn1, x, calibrate))
         x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),  # differentiable max pool
                                   [(0, 0), (1, 1), (1, 1), (0, 0)])
         outs = []
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
-                x = block(x)
+                x = block(x, calibrate)
             outs.append(x)
         return outs
 

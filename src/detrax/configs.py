@@ -104,6 +104,7 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept
     eval_every: int = 1  # epochs; 0: only at the end
     log_every: int = 20  # steps
+    calibrate_bn: bool = False  # from scratch: set the frozen batch-norm statistics from a first batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,7 @@ def demo(smoke: bool = False) -> Config:
     data = DataConfig(scales=(112, 128, 144, 160), max_size=192, crop_scales=(128, 144), crop_size=(96, 128),
                       val_size=128, max_targets=16, bucket_step=64)
     train = TrainConfig(batch_size=8, lr=3e-4, lr_backbone=3e-4, epochs=60, lr_drop=45, ckpt_every=500,
-                        eval_every=10, log_every=10)
+                        eval_every=10, log_every=10, calibrate_bn=True)
     if smoke:
         train = dataclasses.replace(train, epochs=1, eval_every=1)
     return Config("demo", model, data=data, train=train)

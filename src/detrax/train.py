@@ -108,6 +108,15 @@ def init_from(model: DETR, path: str) -> list[str]:
     return fresh
 
 
+def calibrate(model: DETR, records, dc: configs.DataConfig) -> None:
+    """Frozen batch-norm statistics from a batch of training images (val transform): a from-scratch backbone
+    starts normalised instead of with activations that grow by orders of magnitude per stage."""
+    augment = Augment(False, val_size=dc.val_size, max_size=dc.max_size)
+    with Loader(dataset(records, augment, len(records), max_targets=dc.max_targets, step=dc.bucket_step)) as it:
+        batch = next(it)
+    model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), calibrate=True)
+
+
 def fit(cfg: configs.Config, run: Run) -> dict:
     """Train `cfg` on the COCO-format folder `run.data_dir`, writing to `run.workdir`. Returns the last eval."""
     from detrax.checkpoint import Checkpoints
@@ -138,6 +147,9 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     if run.init and not run.resume:
         fresh = init_from(model, run.init)
         notes.append(f"initialised from {run.init}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    if tc.calibrate_bn and not run.init and not run.resume:
+        calibrate(model, train_ds.records[: 4 * tc.batch_size], dc)
+        notes.append(f"frozen batch norm calibrated on {min(len(train_ds.records), 4 * tc.batch_size)} images")
     opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     state = replicate(state, replicated)

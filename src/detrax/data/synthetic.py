@@ -9,14 +9,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("rectangle", "ellipse", "triangle")
+HUES = np.array([[210, 50, 50], [50, 190, 60], [60, 80, 220]])  # each shape has its colour family
 
 
 def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 5):
-    """One image with 1..max_objects shapes: (PIL RGB image, boxes [N, 4] absolute xyxy, labels [N])."""
-    base = rng.integers(40, 200, size=3)
+    """One image with 1..max_objects shapes, each in its own colour family on a grey texture (so that a small
+    model learns classes quickly): (PIL RGB image, boxes [N, 4] absolute xyxy, labels [N])."""
+    base = rng.integers(70, 180)
     noise = rng.normal(0, 18, size=(height // 8 + 1, width // 8 + 1, 1))
     texture = np.kron(noise, np.ones((8, 8, 1)))[:height, :width]
-    image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8).repeat(3, axis=2))
     draw = ImageDraw.Draw(image)
     boxes, labels = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -29,7 +31,7 @@ def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 
         else:
             continue
         label = int(rng.integers(len(SHAPES)))
-        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        color = tuple(int(c) for c in np.clip(HUES[label] + rng.integers(-35, 36, size=3), 0, 255))
         box = (x0, y0, x0 + w, y0 + h)
         if SHAPES[label] == "rectangle":
             draw.rectangle(box, fill=color)

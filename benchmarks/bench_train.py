@@ -1,0 +1,127 @@
+"""DETR-R50 training step (batch 2 at 512x512, 3 boxes per image, backbone stages 2-4 trainable, AdamW, clip 0.1):
+detrax against HF transformers' DETR in PyTorch, each in its own subprocess, same machine, same run.
+
+    .venv/bin/python benchmarks/bench_train.py [--iters 5] [--size 512]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+B, NBOX = 2, 3
+
+
+def batch(size, seed=0):
+    rs = np.random.default_rng(seed)
+    pixels = rs.integers(0, 256, (B, size, size, 3)).astype(np.uint8)
+    boxes = np.concatenate([rs.uniform(0.3, 0.7, (B, NBOX, 2)), rs.uniform(0.1, 0.3, (B, NBOX, 2))], -1)
+    return pixels, boxes.astype(np.float32), rs.integers(1, 91, (B, NBOX))
+
+
+def worker_detrax(size, iters):
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from detrax import configs
+    from detrax.loss import criterion
+    from detrax.model import DETR
+    from detrax.train import make_train_step, optimizer
+
+    cfg = configs.get("detr_r50")
+    model = DETR(cfg.model, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optimizer(cfg.train, 10**6, 10**6), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, opt))
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    loss_fn = criterion(cfg.loss)
+    step = make_train_step(graphdef, lambda o, t: loss_fn(o, t, mesh=mesh))
+    pixels, boxes, labels = batch(size)
+    m = 100
+    b = {"pixels": pixels, "mask": np.ones(pixels.shape[:3], bool), "labels": np.zeros((B, m), np.int32),
+         "boxes": np.tile(np.array([0.5, 0.5, 1, 1], np.float32), (B, m, 1)), "valid": np.zeros((B, m), bool)}
+    b["labels"][:, :NBOX], b["boxes"][:, :NBOX], b["valid"][:, :NBOX] = labels, boxes, True
+    t0 = time.perf_counter()
+    state, terms = step(state, b)
+    jax.block_until_ready(terms)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        state, terms = step(state, b)
+        jax.block_until_ready(terms)
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "times": times, "loss": float(terms["loss"])}
+
+
+def worker_torch(size, iters):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DetrConfig(use_timm_backbone=False, num_labels=91, auxiliary_loss=True,
+                                  backbone_config=transformers.ResNetConfig(depths=[3, 4, 6, 3],
+                                                                            out_features=["stage4"]))
+    model = transformers.DetrForObjectDetection(cfg).train()  # HF freezes all but stages 2-4, as the official
+    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
+    pixels, boxes, labels = batch(size)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.45) / 0.225
+    targets = [{"class_labels": torch.from_numpy(labels[i]), "boxes": torch.from_numpy(boxes[i])} for i in range(B)]
+
+    def step():
+        out = model(pixel_values=x, pixel_mask=torch.ones((B, size, size), dtype=torch.long), labels=targets)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        return out.loss
+
+    step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"times": times}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--worker", choices=["detrax", "torch"])
+    args = p.parse_args()
+    if args.worker:
+        fn = worker_detrax if args.worker == "detrax" else worker_torch
+        res = fn(args.size, args.iters)
+        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+    figures = {}
+    for kind in ("detrax", "torch"):
+        out = subprocess.run([sys.executable, __file__, "--worker", kind, "--size", str(args.size), "--iters",
+                              str(args.iters)], capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        figures[kind] = {"median_s": round(statistics.median(r["times"]), 3), "peak_rss_mib": round(r["peak_rss_mib"])}
+        if "compile_s" in r:
+            figures[kind]["compile_s"] = round(r["compile_s"], 1)
+        print(f"{kind:7s} step median {figures[kind]['median_s']:.3f} s  peak RSS {figures[kind]['peak_rss_mib']} MiB"
+              + (f"  compile {figures[kind]['compile_s']} s" if "compile_s" in r else ""), flush=True)
+    figures["ratio_detrax_vs_torch"] = round(figures["detrax"]["median_s"] / figures["torch"]["median_s"], 3)
+    print(f"ratio detrax / torch: {figures['ratio_detrax_vs_torch']}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
