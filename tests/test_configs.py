@@ -45,3 +45,13 @@ def test_model_config_json_round_trip():
     assert configs.model_config_from_dict(json.loads(configs.model_config_to_json(cfg))) == cfg
     with pytest.raises(ValueError, match="unknown model config keys"):
         configs.model_config_from_dict({"bogus": 1})
+
+
+def test_length_shortcuts():
+    cfg = configs.override(configs.get("demo"), ["steps=7", "epochs=3", "batch_size=4"])
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.batch_size) == (7, 3, 4)
+
+
+def test_config_dict_round_trip():
+    cfg = configs.get("detr_r50_dc5")
+    assert configs.from_dict(configs.to_dict(cfg)) == cfg

@@ -156,3 +156,19 @@ def test_model_kernels_agree(tiny):
     pixels, mask = _batch()
     np.testing.assert_allclose(np.asarray(dot(pixels, mask)["pred_logits"]),
                                np.asarray(tiny(pixels, mask)["pred_logits"]), atol=1e-5)
+
+
+def test_batch_norm_calibration_normalises_a_from_scratch_backbone():
+    model = DETR(configs.tiny().model, rngs=nnx.Rngs(1))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3)) * 3 + 1, jnp.float32)
+    before = model.backbone.stages(x)[-1]
+    model.backbone.stages(x, calibrate=True)
+    y = model.backbone.bn1(model.backbone.conv1(x))
+    np.testing.assert_allclose(np.asarray(y.mean((0, 1, 2))), 0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(y.std((0, 1, 2))), 1, atol=1e-3)
+    z = model.backbone.layer2[0].bn3(model.backbone.layer2[0].conv3(jax.nn.relu(model.backbone.layer2[0].bn2(
+        model.backbone.layer2[0].conv2(jax.nn.relu(model.backbone.layer2[0].bn1(model.backbone.layer2[0].conv1(
+            model.backbone.stages(x)[0]))))))))
+    np.testing.assert_allclose(np.asarray(z.std((0, 1, 2))), 1, atol=1e-3)
+    after = model.backbone.stages(x)[-1]
+    assert not np.allclose(np.asarray(before), np.asarray(after))

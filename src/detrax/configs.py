@@ -209,12 +209,18 @@ def _parse(value: str, like: Any) -> Any:
     return type(like)(value)
 
 
+SHORTCUTS = {"steps": "train.steps", "epochs": "train.epochs", "batch_size": "train.batch_size"}
+
+
 def override(cfg: Any, assignments: list[str]) -> Any:
-    """Apply `key=value` strings (dotted keys reach nested configs) to a frozen dataclass config."""
+    """Apply `key=value` strings (dotted keys reach nested configs; `steps`, `epochs` and `batch_size` are short
+    for their train.* keys) to a frozen dataclass config."""
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
+        if isinstance(cfg, Config):
+            key = SHORTCUTS.get(key.strip(), key)
         cfg = _set(cfg, key.strip().split("."), value.strip(), key)
     return cfg
 
