@@ -40,8 +40,8 @@ def test_loss_falls(synth, tmp_path):
 def test_overfits_four_images_to_ap50(tmp_path):
     root = tmp_path / "four"
     write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
-    cfg = _cfg("train.steps=450", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
-               "data.augment=false", "data.val_split=train", "train.lr_drop=1000", "train.log_every=50")
+    cfg = _cfg("train.steps=500", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
+               "model.dilation=false", "data.val_split=train", "train.lr_drop=1000", "train.log_every=50")
     summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
 
@@ -90,6 +90,7 @@ def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys
     assert cli.main(["eval", str(tmp_path / "run"), "--data", synth, "--config", "demo", "--out",
                      str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics  # what the CLI printed
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     gt = COCO(f"{synth}/annotations/instances_val.json")
     ev = COCOeval(gt, gt.loadRes(str(tmp_path / "ev" / "results.json")), "bbox")
@@ -97,4 +98,3 @@ def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys
     ev.accumulate()
     ev.summarize()
     assert [metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == [float(x) for x in ev.stats[:6]]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics
