@@ -43,7 +43,7 @@ def test_api_and_cli_agree(weights, images, tmp_path, capsys):
     files = sorted(str(p) for p in images.iterdir())
     api = det.predict(files, threshold=0.0, batch_size=2, **SIZE)
     assert len(api) == 3 and all(len(d["scores"]) == det.config.num_queries for d in api)
-    assert set(api[0]) == {"boxes", "scores", "labels", "names"}
+    assert set(api[0]) == {"boxes", "scores", "labels", "names", "queries"}
     one = det.predict(Image.open(files[1]), threshold=0.0, **SIZE)  # a single PIL image -> a single dict
     np.testing.assert_allclose(one["boxes"], api[1]["boxes"], atol=1e-3)  # alone or batched: the same
     arr = det.predict(np.asarray(Image.open(files[2]).convert("RGB")), threshold=0.0, **SIZE)
@@ -99,3 +99,61 @@ def test_generated_scenes_with_random_weights(tmp_path, capsys):
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["predict", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_results_load_in_pycocotools(weights, images, tmp_path, capsys):
+    from conftest import require
+
+    coco_mod = require("pycocotools.coco")
+    rc = cli.main(["predict", weights, str(images), "--out", str(tmp_path), "--threshold", "0", "--size", "128",
+                   "--max-size", "200"])
+    assert rc == 0
+    files = sorted(os.listdir(images))
+    gt = coco_mod.COCO()
+    gt.dataset = {"images": [{"id": i, "file_name": f, "width": 10, "height": 10} for i, f in enumerate(files)],
+                  "annotations": [], "categories": [{"id": i, "name": str(i)} for i in range(6)]}
+    gt.createIndex()
+    res = gt.loadRes(str(tmp_path / "results.json"))
+    assert len(res.getAnnIds()) == 30 and set(res.getImgIds()) == {0, 1, 2}
+
+
+def test_detections_do_not_depend_on_the_batch(weights, images):
+    det = detrax.load(weights)
+    files = sorted(str(p) for p in images.iterdir())
+    alone = [det.predict(f, threshold=0.0, **SIZE) for f in files]
+    together = det.predict(files + files[::-1], threshold=0.0, batch_size=4, **SIZE)
+    for a, b in zip(alone + alone[::-1], together):
+        np.testing.assert_array_equal(a["queries"], b["queries"])
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-3)
+
+
+def test_attention_panels_for_each_detection(weights, images, tmp_path, capsys):
+    rc = cli.main(["predict", weights, str(images), "--out", str(tmp_path), "--threshold", "0", "--size", "128",
+                   "--max-size", "200", "--attention", "--attention-points", "1"])
+    assert rc == 0
+    det = detrax.load(weights)
+    first = sorted(images.iterdir())[0]
+    d = det.predict(str(first), threshold=0.0, **SIZE)
+    panel = det.attention(str(first), d, points=[(10, 10)], **SIZE)
+    rows = len(d["scores"]) + 1  # one per detection, one per point
+    assert panel.height % rows == 0 and panel.height // rows > 20
+    drawn = Image.open(tmp_path / f"{first.stem}_attention.png")
+    assert drawn.height == (len(d["scores"]) + 1) * (panel.height // rows)
+    arr = np.asarray(panel)
+    assert arr.std() > 10  # not blank
+
+
+def test_attention_weights_are_distributions(weights):
+    import jax.numpy as jnp
+
+    from detrax.attention_maps import forward_with_attention
+
+    det = detrax.load(weights)
+    x = np.random.default_rng(0).standard_normal((1, 128, 128, 3)).astype(np.float32)
+    mask = np.zeros((1, 128, 128), bool)
+    mask[:, :96, :64] = True
+    out, cross, selfa = forward_with_attention(det.model, jnp.asarray(x), jnp.asarray(mask))
+    assert cross.shape == (1, det.config.num_queries, 4, 4) and selfa.shape == (1, 16, 4, 4)
+    np.testing.assert_allclose(np.asarray(cross.sum((-1, -2))), 1.0, atol=1e-5)
+    assert float(np.asarray(cross)[0, :, :, 2:].max()) == 0.0  # padded columns get no attention
+    np.testing.assert_allclose(np.asarray(out["pred_boxes"]), np.asarray(det(x, mask)["pred_boxes"]), atol=1e-5)

@@ -53,6 +53,16 @@ class Detector:
             d["names"] = [self.names.get(int(label), str(int(label))) for label in d["labels"]]
         return dets[0] if single else dets
 
+    def attention(self, image, det: dict, size: int = 800, max_size: int = 1333, points=None):
+        """A PNG-ready panel of what the model looked at for each detection of `det` (from `predict` on this
+        image), and of the encoder's self-attention at `points` [(x, y), ...] in image pixels."""
+        from detrax.attention_maps import attention_panels
+        from detrax.data.transforms import normalize, resize
+        from detrax.predict import read_image
+
+        image = read_image(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else image
+        return attention_panels(self.model, image, normalize(resize(image, size, max_size)), det, points)
+
     def save(self, path: str | os.PathLike) -> None:
         from detrax.checkpoint import save_weights
 

@@ -54,6 +54,12 @@ def cmd_predict(args) -> int:
     dets = detector.predict(images, threshold=args.threshold, batch_size=args.batch_size, size=args.size,
                             max_size=args.max_size) if images else []
     path = write_results(out, kept, images, dets, detector.names)
+    if args.attention and dets:
+        for f, im, d in zip(kept, images, dets):
+            points = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in d["boxes"][:args.attention_points]]
+            stem = os.path.splitext(os.path.basename(f))[0]
+            detector.attention(im, d, args.size, args.max_size, points).save(
+                os.path.join(out, f"{stem}_attention.png"))
     n = sum(len(d["scores"]) for d in dets)
     print(json.dumps({"images": len(kept), "skipped": len(skipped), "detections": n, "threshold": args.threshold,
                       "results": path, "seconds": round(time.time() - t0, 2)}))
@@ -174,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=800, help="shorter side after resizing")
     s.add_argument("--max-size", type=int, default=1333, help="longer side at most")
     s.add_argument("--generate", type=int, default=2, help="synthetic scenes to make when no image is given")
+    s.add_argument("--attention", action="store_true", help="also write <image>_attention.png: each detection's "
+                   "decoder cross-attention, and encoder self-attention at the first detections' centres")
+    s.add_argument("--attention-points", type=int, default=2, help="encoder self-attention points (box centres)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_predict)
 

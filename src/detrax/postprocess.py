@@ -22,11 +22,12 @@ def postprocess(outputs, target_sizes):
 
 
 def select(scores, labels, boxes, threshold: float = 0.5):
-    """One dict of NumPy arrays per image with the detections scoring above `threshold`, best first."""
+    """One dict of NumPy arrays per image with the detections scoring above `threshold`, best first: scores,
+    labels, boxes and the index of the query that made each."""
     scores, labels, boxes = np.asarray(scores), np.asarray(labels), np.asarray(boxes)
     results = []
     for s, lab, b in zip(scores, labels, boxes):
         keep = np.flatnonzero(s > threshold)
         keep = keep[np.argsort(-s[keep], kind="stable")]
-        results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep]})
+        results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep], "queries": keep})
     return results
