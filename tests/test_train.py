@@ -34,6 +34,9 @@ def test_loss_falls(synth, tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     for name in ("losses.png", "metrics.jsonl"):
         assert (tmp_path / name).exists()
+    import detrax
+
+    assert detrax.load(str(tmp_path)).names == {1: "rectangle", 2: "ellipse", 3: "triangle"}
     assert any((tmp_path / "tensorboard").iterdir())
 
 

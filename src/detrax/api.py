@@ -82,7 +82,9 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
     from detrax import checkpoint
 
     if os.path.isdir(path):
-        return Detector(checkpoint.load_run(path))
+        model, meta = checkpoint.load_run(path, with_meta=True)
+        names = {int(k): v for k, v in meta.get("names", {}).items()} or None
+        return Detector(model, names=names)
     if path.endswith(".safetensors"):
         try:
             checkpoint.read_config(path)

@@ -149,8 +149,9 @@ class Checkpoints:
         self.manager.close()
 
 
-def load_run(workdir: str, step=None) -> DETR:
-    """The model of a training run's latest checkpoint (or `step`), in eval mode."""
+def load_run(workdir: str, step=None, with_meta: bool = False):
+    """The model of a training run's latest checkpoint (or `step`), in eval mode (and the checkpoint's meta:
+    config, step, category names)."""
     from flax import nnx
 
     from detrax import configs
@@ -168,4 +169,4 @@ def load_run(workdir: str, step=None) -> DETR:
     ckpts.close()
     model = nnx.merge(graphdef, model_state)
     model.eval()
-    return model
+    return (model, meta) if with_meta else model

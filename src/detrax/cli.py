@@ -155,7 +155,7 @@ def cmd_demo(args) -> int:
     cfg = _config(args)
     summary = fit(cfg, Run(data, args.workdir, resume=args.resume))
     val = read_coco(data, "val")
-    detector = detrax.Detector(detrax.load(args.workdir).model, names=val.names)
+    detector = detrax.load(args.workdir)  # with the dataset's category names
     files = [r["file"] for r in val.records[:args.draw]]
     images = [read_image(f) for f in files]
     dets = detector.predict(images, threshold=args.threshold, size=cfg.data.val_size, max_size=cfg.data.max_size)

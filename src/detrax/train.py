@@ -178,7 +178,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
 
     def save(step):
         ckpts.save(step, state[0], state[1], loader.state(),
-                   {"step": step, "config": configs.to_dict(cfg)})
+                   {"step": step, "config": configs.to_dict(cfg), "names": train_ds.names})
 
     def run_eval(step):
         if val_ds is None or proc != 0:
