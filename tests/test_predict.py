@@ -157,3 +157,22 @@ def test_attention_weights_are_distributions(weights):
     np.testing.assert_allclose(np.asarray(cross.sum((-1, -2))), 1.0, atol=1e-5)
     assert float(np.asarray(cross)[0, :, :, 2:].max()) == 0.0  # padded columns get no attention
     np.testing.assert_allclose(np.asarray(out["pred_boxes"]), np.asarray(det(x, mask)["pred_boxes"]), atol=1e-5)
+
+
+def test_set_weights_keeps_compiled_shapes(weights):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from detrax.model import DETR, weight_arrays
+
+    det = detrax.load(weights)
+    x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    before = np.asarray(det(x)["pred_boxes"])
+    other = DETR(det.config, rngs=nnx.Rngs(9))
+    other.eval()
+    det.set_weights({k: np.asarray(v) for k, v in weight_arrays(other).items()})
+    compiled = det._forward._cache_size()
+    after = np.asarray(det(x)["pred_boxes"])
+    assert det._forward._cache_size() == compiled  # no new compilation for the new weights
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, np.asarray(other(jnp.asarray(x))["pred_boxes"]), atol=1e-5)

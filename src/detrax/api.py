@@ -31,6 +31,14 @@ class Detector:
 
         self._state, self._forward = state, forward
 
+    def set_weights(self, arrays: dict) -> None:
+        """New weights ({"backbone/conv1/kernel": array, ...}, all of them) of the same shapes: the compiled
+        forward passes are kept, nothing recompiles."""
+        from detrax.model import WEIGHTS, assemble
+
+        nnx.update(self.model, nnx.state(assemble(self.config, arrays), WEIGHTS))
+        self._state = nnx.state(self.model)
+
     def __call__(self, pixels, mask=None) -> dict:
         pixels = np.asarray(pixels, np.float32)
         mask = np.ones(pixels.shape[:3], bool) if mask is None else np.asarray(mask, bool)

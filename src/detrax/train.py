@@ -180,13 +180,19 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         ckpts.save(step, state[0], state[1], loader.state(),
                    {"step": step, "config": configs.to_dict(cfg), "names": train_ds.names})
 
+    evaluator = []  # one Detector for every evaluation: its compiled shapes are reused, not rebuilt
+
     def run_eval(step):
         if val_ds is None or proc != 0:
             return None
         from detrax.api import Detector
 
         local = {k: local_copy(v) for k, v in weight_arrays(nnx.merge(graphdef, state)[0]).items()}
-        metrics = evaluate(Detector(assemble(cfg.model, local)), val_ds, dc, batch_size=tc.batch_size)
+        if evaluator:
+            evaluator[0].set_weights(local)
+        else:
+            evaluator.append(Detector(assemble(cfg.model, local)))
+        metrics = evaluate(evaluator[0], val_ds, dc, batch_size=tc.batch_size)
         reporter.log(step, "eval", metrics)
         return metrics
 
