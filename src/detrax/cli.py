@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import detrax
     from detrax import configs
-    from detrax.data.coco import read_coco
+    from detrax.data.sources import read_split
     from detrax.evaluate import evaluate
     from detrax.train import resolve_split
 
@@ -133,7 +133,7 @@ def cmd_eval(args) -> int:
     data_cfg = configs.get(args.config).data if args.config else configs.DataConfig()
     data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val")
-    ds = read_coco(args.data, split)
+    ds = read_split(args.data, split)
     metrics = evaluate(detector, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out)
     print(json.dumps(metrics))
     return 0
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
     s.add_argument("--config", default="detr_r50", help="a preset of detrax.configs")
-    s.add_argument("--data", required=True, help="COCO-format folder")
+    s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics, plots")
     s.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
     s.add_argument("--init", default=None, help="start from these weights (the class head may differ)")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="COCO AP of a checkpoint or a training run's workdir")
     s.add_argument("checkpoint", help="detrax weights, an official/HF checkpoint, or a training workdir")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--split", default=None, help="default: the split named val*")
     s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use")
     s.add_argument("--out", default=None, help="write metrics.json and results.json here")

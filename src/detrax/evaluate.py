@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from detrax.data.loader import Augment, Loader, dataset
+from detrax.data.sources import ground_truth
 from detrax.data.transforms import normalize_batch
 from detrax.postprocess import postprocess
 
@@ -33,14 +34,20 @@ def predict_dataset(forward, records, data_cfg, batch_size: int) -> list[dict]:
     return results
 
 
-def coco_ap(annotation_file: str, results: list[dict], image_ids=None, quiet: bool = True) -> dict:
-    """pycocotools' COCOeval on `results`: AP, AP50, AP75, APs, APm, APl."""
+def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True) -> dict:
+    """pycocotools' COCOeval on `results` against `annotations` (a COCO file or dict): AP, AP50, AP75, APs, APm,
+    APl."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
-        gt = COCO(annotation_file)
+        if isinstance(annotations, dict):
+            gt = COCO()
+            gt.dataset = annotations
+            gt.createIndex()
+        else:
+            gt = COCO(annotations)
         if not results:
             return dict.fromkeys(KEYS, 0.0)
         dt = gt.loadRes(results)
@@ -57,7 +64,9 @@ def evaluate(forward, dataset_, data_cfg, batch_size: int = 8, out_dir: str | No
     """AP of `forward` (pixels, mask -> model outputs) on a `data.coco.Dataset`; with `out_dir`, writes
     metrics.json and results.json there."""
     results = predict_dataset(forward, dataset_.records, data_cfg, batch_size)
-    metrics = coco_ap(dataset_.annotation_file, results, [r["image_id"] for r in dataset_.records])
+    gt = ground_truth(dataset_)
+    ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]
+    metrics = coco_ap(gt, results, ids)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:

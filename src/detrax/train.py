@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from detrax import configs
-from detrax.data.coco import read_coco, splits
 from detrax.data.loader import Augment, Loader, dataset
+from detrax.data.sources import list_splits, read_split
 from detrax.data.transforms import normalize_batch
 from detrax.loss import criterion
 from detrax.model import DETR, WEIGHTS, assemble, weight_arrays
@@ -79,7 +79,7 @@ class Run:
 def resolve_split(root: str, want: str, prefix: str) -> str:
     if want != "auto":
         return want
-    found = splits(root)
+    found = list_splits(root)
     match = [s for s in found if s.startswith(prefix)]
     if not match:
         raise ValueError(f"{root}: no split named {prefix}* among {found}; set data.{prefix}_split")
@@ -129,14 +129,14 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {jax.device_count()} devices")
     if dc.max_targets > cfg.model.num_queries:
         raise ValueError(f"data.max_targets={dc.max_targets} exceeds model.num_queries={cfg.model.num_queries}")
-    train_ds = read_coco(run.data_dir, resolve_split(run.data_dir, dc.train_split, "train"))
+    train_ds = read_split(run.data_dir, resolve_split(run.data_dir, dc.train_split, "train"))
+    where = train_ds.annotation_file or train_ds.root
     if train_ds.num_classes > cfg.model.num_classes:
-        raise ValueError(f"{train_ds.annotation_file}: category ids reach {train_ds.num_classes - 1}; set "
+        raise ValueError(f"{where}: category ids reach {train_ds.num_classes - 1}; set "
                          f"model.num_classes={train_ds.num_classes} (it is {cfg.model.num_classes})")
     per_epoch = len(train_ds.records) // tc.batch_size
     if per_epoch == 0:
-        raise ValueError(f"{train_ds.annotation_file}: {len(train_ds.records)} images, fewer than one batch of "
-                         f"{tc.batch_size}")
+        raise ValueError(f"{where}: {len(train_ds.records)} images, fewer than one batch of {tc.batch_size}")
     total = tc.steps or tc.epochs * per_epoch
     drop = round(total * tc.lr_drop / tc.epochs) if tc.steps else tc.lr_drop * per_epoch
 
@@ -172,7 +172,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         reporter.line(note)
     val_ds = None
     try:
-        val_ds = read_coco(run.data_dir, resolve_split(run.data_dir, dc.val_split, "val"))
+        val_ds = read_split(run.data_dir, resolve_split(run.data_dir, dc.val_split, "val"))
     except ValueError as e:
         reporter.line(f"no evaluation: {e}")
 

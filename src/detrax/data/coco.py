@@ -11,6 +11,7 @@ id, or with `skip_bad=True` is skipped, counted and listed in `Dataset.problems`
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ class Dataset:
     split: str
     annotation_file: str
     image_dir: str
-    records: list  # per image: image_id, file, width, height, boxes [n, 4] absolute xyxy float32, labels [n]
+    records: list  # (a sequence) per image: image_id, file, width, height, boxes [n, 4] absolute xyxy, labels [n]
     names: dict  # category id -> name
     problems: list  # what skip_bad skipped: {"file", "id", "error"}
     counts: dict  # crowd, degenerate (dropped by the official rules), annotations kept
@@ -169,8 +170,9 @@ def load_image(record: dict) -> Image.Image:
     """The record's image as RGB. EXIF orientation is applied when the annotations were made on the oriented
     image (its size matches the JSON's), else the stored pixels are used; any other size is an error."""
     path, want = record["file"], (record["width"], record["height"])
+    source = io.BytesIO(record["image_bytes"]) if "image_bytes" in record else path  # TFDS: encoded bytes
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             oriented = ImageOps.exif_transpose(im)
     except FileNotFoundError:
