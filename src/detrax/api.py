@@ -79,7 +79,7 @@ class Detector:
 
 def load(path: str | os.PathLike, **config_overrides) -> Detector:
     """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
-    `detrax convert` or `Detector.save`), an official / HF / torchvision checkpoint (converted on the fly), or
+    `detrax convert` or `Detector.save`), an official / HF / torchvision / BiT checkpoint (converted on the fly), or
     `random:PRESET` for random weights."""
     path = os.fspath(path)
     if path.startswith("random:"):

@@ -122,5 +122,5 @@ class ResNet(nnx.Module):
             outs.append(x)
         return outs
 
-    def __call__(self, x):  # x [B, H, W, 3] -> C5 [B, H/32, W/32, C] (H/16 with DC5)
+    def __call__(self, x, mask=None):  # x [B, H, W, 3] -> C5 [B, H/32, W/32, C] (H/16 with DC5); mask unused
         return self.stages(x)[-1]

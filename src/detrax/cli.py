@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet weights -> detrax weights")
-    s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra) or .safetensors")
+    s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT weights -> detrax weights")
+    s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra), .safetensors, or BiT's .npz")
     s.add_argument("dst", help="output .safetensors")
     s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
     s.add_argument("--num-heads", type=int, default=8, help="attention heads (weights cannot tell; official: 8)")

@@ -10,14 +10,17 @@ import dataclasses
 import json
 from typing import Any
 
-RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "bit50": (3, 4, 6, 3), "bit101": (3, 4, 23, 3)}
+BACKBONES = (*RESNET_DEPTHS, "resnet", "bit")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes the model's parameters and its forward pass."""
 
-    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet (custom depths / width, e.g. the tiny preset)
+    # torchvision ResNet: resnet50 | resnet101 | resnet (custom depths / width, e.g. the tiny preset);
+    # BiT ResNet v2 (GroupNorm, weight standardisation): bit50 | bit101 | bit (custom); width 64 is BiT's x1
+    backbone: str = "resnet50"
     depths: tuple[int, ...] = RESNET_DEPTHS["resnet50"]  # bottleneck blocks per stage
     width: int = 64  # channels of the stem; stage i has width * 2**i planes and 4x that many outputs
     dilation: bool = False  # DC5: dilation instead of stride in the last stage
@@ -35,9 +38,12 @@ class ModelConfig:
     frozen_stages: int = 1  # 1: stem and layer1 not trained (official, for a pretrained backbone); 0: train all
 
     def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; one of {', '.join(BACKBONES)}")
         if self.backbone in RESNET_DEPTHS and tuple(self.depths) != RESNET_DEPTHS[self.backbone]:
+            family = self.backbone.rstrip("0123456789")
             raise ValueError(f"backbone {self.backbone!r} has depths {RESNET_DEPTHS[self.backbone]}, "
-                             f"not {tuple(self.depths)}; use backbone='resnet' for custom depths")
+                             f"not {tuple(self.depths)}; use backbone={family!r} for custom depths")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -138,6 +144,26 @@ def detr_r101_dc5(smoke: bool = False) -> Config:
     return dataclasses.replace(cfg, name="detr_r101_dc5", model=dataclasses.replace(cfg.model, dilation=True))
 
 
+def detr_bit_r50(smoke: bool = False) -> Config:
+    """DETR on BiT-S R50x1 (GroupNorm, weight-standardised convs), the official recipe otherwise: convert BiT's
+    .npz (`detrax convert BiT-S-R50x1.npz bit_r50.safetensors`), then `detrax train --config detr_bit_r50
+    --init bit_r50.safetensors`. `model.width=128` / `192` give x2 / x3."""
+    if smoke:
+        return dataclasses.replace(tiny(), name="detr_bit_r50", model=dataclasses.replace(tiny().model, backbone="bit"))
+    return Config("detr_bit_r50", ModelConfig(backbone="bit50", depths=RESNET_DEPTHS["bit50"]))
+
+
+def detr_bit_r50_dc5(smoke: bool = False) -> Config:
+    cfg = detr_bit_r50(smoke)
+    return dataclasses.replace(cfg, name="detr_bit_r50_dc5", model=dataclasses.replace(cfg.model, dilation=True))
+
+
+def detr_bit_r101(smoke: bool = False) -> Config:
+    if smoke:
+        return detr_bit_r50(smoke=True)
+    return Config("detr_bit_r101", ModelConfig(backbone="bit101", depths=RESNET_DEPTHS["bit101"]))
+
+
 def tiny(smoke: bool = True) -> Config:
     """A DETR small enough for unit tests: same structure, a few thousand parameters."""
     del smoke
@@ -162,7 +188,8 @@ def demo(smoke: bool = False) -> Config:
     return Config("demo", model, data=data, train=train)
 
 
-PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, tiny, demo)}
+PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, detr_bit_r50, detr_bit_r50_dc5,
+                                   detr_bit_r101, tiny, demo)}
 
 
 def get(name: str, smoke: bool = False) -> Config:

@@ -1,8 +1,8 @@
-"""Weights in: official DETR, Hugging Face DetrForObjectDetection and torchvision ResNet -> detrax.
+"""Weights in: official DETR, Hugging Face DetrForObjectDetection, torchvision ResNet and BiT (.npz) -> detrax.
 
 Each source has an explicit key table, target path -> (source key, transform), built below. Conversion fails,
 naming the keys, when a source key is left unused or a parameter is left unfilled, and names both shapes when
-they differ. The only source keys passed over are listed in IGNORED (BN counters, an ImageNet classifier).
+they differ. The only source keys passed over are listed in IGNORED (BN counters, ImageNet classifiers).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import re
+import zipfile
 
 import numpy as np
 from flax import nnx
@@ -19,7 +20,8 @@ from detrax.configs import RESNET_DEPTHS, ModelConfig
 from detrax.model import DETR, WEIGHTS, assemble
 from detrax.model import path_key as model_path_key
 
-IGNORED = re.compile(r"(.*\.num_batches_tracked$)|(^fc\.(weight|bias)$)")
+IGNORED = re.compile(r"(.*\.num_batches_tracked$)|(^fc\.(weight|bias)$)|(^resnet/head/conv2d/(kernel|bias)$)")
+BIT_ROOT = "resnet/root_block/standardized_conv2d/kernel"
 
 
 class ConversionError(ValueError):
@@ -30,6 +32,7 @@ conv = lambda w: w.transpose(2, 3, 1, 0)  # torch [O, I, kh, kw] -> [kh, kw, I, 
 linear = lambda w: w.T  # torch [O, I] -> [I, O]
 same = lambda w: w
 conv1x1 = lambda w: w[:, :, 0, 0].T  # torch [O, I, 1, 1] -> [I, O]
+flat = lambda w: w.reshape(-1)  # BiT's GroupNorm gamma / beta, [C] or [1, 1, 1, C]
 
 
 def _bn(table, dst, src):
@@ -73,6 +76,23 @@ def resnet_table(depths, prefix: str, hf: bool = False) -> dict:
                 conv_bn(f"{dst}/conv{k + 1}", f"{dst}/bn{k + 1}", c, b)
             if j == 0:  # every stage's first block projects its shortcut
                 conv_bn(f"{dst}/downsample_conv", f"{dst}/downsample_bn", *down)
+    return t
+
+
+def bit_table(depths) -> dict:
+    """BigTransfer's published .npz names (`resnet/block1/unit01/a/group_norm/gamma`, ...); kernels are HWIO."""
+    t = {"backbone/root/kernel": (BIT_ROOT, same)}
+    gn = lambda dst, src: t.update({f"{dst}/scale": (f"{src}/group_norm/gamma", flat),
+                                    f"{dst}/bias": (f"{src}/group_norm/beta", flat)})
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            dst, src = f"backbone/block{i + 1}/{j}", f"resnet/block{i + 1}/unit{j + 1:02d}"
+            for k, part in enumerate("abc"):
+                gn(f"{dst}/gn{k + 1}", f"{src}/{part}")
+                t[f"{dst}/conv{k + 1}/kernel"] = (f"{src}/{part}/standardized_conv2d/kernel", same)
+            if j == 0:  # every block's first unit projects its shortcut
+                t[f"{dst}/downsample/kernel"] = (f"{src}/a/proj/standardized_conv2d/kernel", same)
+    gn("backbone/norm", "resnet")
     return t
 
 
@@ -144,6 +164,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
+    if path.endswith(".npz"):  # BiT's release format
+        try:
+            with np.load(path) as z:
+                return {k: np.asarray(z[k], np.float32) for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ConversionError(f"{path}: not a readable .npz archive ({e})") from None
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
         return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
@@ -170,7 +196,9 @@ def detect(sd) -> str:
         return "hf"
     if "conv1.weight" in sd and any(k.startswith("layer1.0.") for k in sd):
         return "torchvision"
-    raise ConversionError("unrecognised checkpoint layout (not official DETR, HF DETR or torchvision ResNet); "
+    if BIT_ROOT in sd:
+        return "bit"
+    raise ConversionError("unrecognised checkpoint layout (not official DETR, HF DETR, torchvision ResNet or BiT); "
                           f"first keys: {sorted(sd)[:5]}")
 
 
@@ -182,6 +210,12 @@ def _count(keys, pattern) -> int:
 def infer_config(sd, fmt: str, base: ModelConfig, **overrides) -> ModelConfig:
     """What the weights fix (depths, widths, layer counts, classes, queries); the rest from `base`."""
     keys = list(sd)
+    if fmt == "bit":
+        depths = tuple(_count(keys, rf"resnet/block{i + 1}/unit(\d+)/") - 1 for i in range(4))  # units from 01
+        if min(depths) <= 0:
+            raise ConversionError(f"no BiT ResNet found in the .npz (units per block {depths})")
+        name = next((n for n, d in RESNET_DEPTHS.items() if n.startswith("bit") and d == depths), "bit")
+        return dataclasses.replace(base, backbone=name, depths=depths, width=sd[BIT_ROOT].shape[-1], **overrides)
     bb = {"official": r"backbone\.0\.body\.", "torchvision": ""}.get(fmt)
     if bb is None:
         bb = r"model\.backbone\.(?:conv_encoder\.)?model\."
@@ -216,8 +250,8 @@ def infer_config(sd, fmt: str, base: ModelConfig, **overrides) -> ModelConfig:
 
 def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overrides):
     """A state dict -> (DETR model in eval mode, report dict). `overrides` set config fields that the weights
-    cannot tell (`dilation`, `num_heads`, `dtype`, ...). A torchvision ResNet fills the backbone only; the rest
-    is freshly initialised from `seed`."""
+    cannot tell (`dilation`, `num_heads`, `dtype`, ...). A torchvision ResNet or a BiT .npz fills the backbone
+    only; the rest is freshly initialised from `seed`."""
     fmt = detect(sd)
     cfg = infer_config(sd, fmt, base or ModelConfig(), **overrides)
     if fmt == "official":
@@ -226,14 +260,18 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
         if cfg.pre_norm:
             raise ConversionError("HF DETR has no pre-norm variant")
         table = hf_table(cfg, sd)
+    elif fmt == "bit":
+        table = bit_table(cfg.depths)
     else:
         table = resnet_table(cfg.depths, "")
+    backbone_only = fmt in ("torchvision", "bit")
     shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(
         nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(seed))), WEIGHTS))}
     assert not set(table) - set(shapes), f"key table names unknown weights: {sorted(set(table) - set(shapes))[:5]}"
     missing = sorted(k for k in {src for src, _ in table.values()} if k not in sd)
     unused = sorted(k for k in set(sd) - {src for src, _ in table.values()} if not IGNORED.match(k))
-    unfilled = sorted(set(shapes) - set(table)) if fmt != "torchvision" else []
+    unfilled = sorted(set(shapes) - set(table)) if not backbone_only else sorted(
+        k for k in set(shapes) - set(table) if k.startswith("backbone/"))
     if missing or unused or unfilled:
         raise ConversionError("; ".join(f"{what} ({len(ks)}): {', '.join(ks[:8])}{' ...' if len(ks) > 8 else ''}"
                                         for what, ks in (("source keys missing", missing),
@@ -248,7 +286,7 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
                                   f"(shape {tuple(shapes[dst])}): {e}") from None
         sources[dst] = f"{src} {tuple(sd[src].shape)}"
     try:
-        model = assemble(cfg, arrays, seed=seed, init_rest=fmt == "torchvision", sources=sources)
+        model = assemble(cfg, arrays, seed=seed, init_rest=backbone_only, sources=sources)
     except ValueError as e:
         raise ConversionError(str(e)) from None
     return model, {"format": fmt, "config": cfg, "filled": len(table), "fresh": sorted(set(shapes) - set(table))}

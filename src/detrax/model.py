@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from detrax.backbone import Frozen, ResNet
+from detrax.bit import BiTResNet
 from detrax.configs import ModelConfig
 from detrax.position_encoding import resize_mask, sine_position_embedding
 from detrax.transformer import Transformer
@@ -43,7 +44,8 @@ class DETR(nnx.Module):
         dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
         self.config = c
         self.dtype = dtype
-        self.backbone = ResNet(c.depths, c.width, c.dilation, c.frozen_stages, rngs=rngs)
+        backbone = BiTResNet if c.backbone.startswith("bit") else ResNet
+        self.backbone = backbone(c.depths, c.width, c.dilation, c.frozen_stages, rngs=rngs)
         self.input_proj = nnx.Linear(self.backbone.out_channels, c.hidden_dim, dtype=dtype, rngs=rngs)  # 1x1 conv
         self.query_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_queries, c.hidden_dim)))
         self.transformer = Transformer(c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers, c.ffn_dim,
@@ -54,7 +56,7 @@ class DETR(nnx.Module):
     def __call__(self, pixels, mask=None):
         pixels = jnp.asarray(pixels, self.dtype)  # [B, H, W, 3]
         mask = jnp.ones(pixels.shape[:3], bool) if mask is None else jnp.asarray(mask, bool)  # [B, H, W]
-        features = self.backbone(pixels)  # [B, h, w, C]
+        features = self.backbone(pixels, mask)  # [B, h, w, C]
         b, h, w, _ = features.shape
         mask = resize_mask(mask, (h, w))  # [B, h, w]
         pos = sine_position_embedding(mask, self.config.hidden_dim // 2).astype(self.dtype)  # [B, h, w, D]

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from detrax import configs
+from detrax.backbone import ResNet
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import list_splits, read_split
 from detrax.data.transforms import normalize_batch
@@ -147,7 +148,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     if run.init and not run.resume:
         fresh = init_from(model, run.init)
         notes.append(f"initialised from {run.init}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
-    if tc.calibrate_bn and not run.init and not run.resume:
+    if tc.calibrate_bn and isinstance(model.backbone, ResNet) and not run.init and not run.resume:
         calibrate(model, train_ds.records[: 4 * tc.batch_size], dc)
         notes.append(f"frozen batch norm calibrated on {min(len(train_ds.records), 4 * tc.batch_size)} images")
     opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
