@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from detrax.configs import ModelConfig, model_config_from_dict, model_config_to_json
+from detrax.errors import CheckpointWriteError
 from detrax.model import DETR, assemble, weight_arrays
 
 FORMAT = "detrax/1"
@@ -86,25 +87,40 @@ class Checkpoints:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.data_dir = os.path.join(os.path.abspath(workdir), "data_state")
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
 
     def latest_step(self):
         return self.manager.latest_step()
 
     def save(self, step: int, model_state, opt_state, data_state, meta: dict) -> None:
+        """Write checkpoint `step`; on any failure (full disk, unwritable folder) raise CheckpointWriteError
+        naming the step and the cause, with the previous checkpoint left as it was."""
         from flax import nnx
 
         a = self._ocp.args
         pure = lambda s: _to_saveable(nnx.to_pure_dict(s))
-        os.makedirs(self.data_dir, exist_ok=True)
         path = self._data_path(step)
-        with open(path + ".tmp", "w") as f:
-            json.dump(data_state, f)
-        os.replace(path + ".tmp", path)
-        self.manager.save(step, args=a.Composite(
-            model=a.StandardSave(pure(model_state)), optimizer=a.StandardSave(pure(opt_state)),
-            meta=a.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(data_state, f)
+            os.replace(path + ".tmp", path)
+            self.manager.save(step, args=a.Composite(
+                model=a.StandardSave(pure(model_state)), optimizer=a.StandardSave(pure(opt_state)),
+                meta=a.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for one I/O fault
+            self.manager.reload()  # forget a step that was not committed
+            for leftover in (path, path + ".tmp"):
+                if os.path.exists(leftover) and self.latest_step() != step:
+                    try:
+                        os.remove(leftover)
+                    except OSError:
+                        pass
+            raise CheckpointWriteError(
+                f"checkpoint of step {step} could not be written to {self.directory} ({type(e).__name__}: {e}). "
+                f"The previous checkpoint (step {self.latest_step()}) is intact; free space or fix the folder, "
+                "then --resume") from e
         kept = {str(s) for s in self.manager.all_steps()}
         for name in os.listdir(self.data_dir):  # loader states of checkpoints that orbax has let go
             if name.split(".")[0] not in kept and not name.endswith(".tmp"):

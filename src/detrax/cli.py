@@ -118,8 +118,16 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     _distributed(args)
     summary = fit(cfg, Run(args.data, args.workdir, resume=args.resume, init=args.init))
-    print(json.dumps({"workdir": args.workdir, "step": summary["step"], "eval": summary["eval"]}))
-    return 0
+    print(json.dumps({"workdir": args.workdir, "step": summary["step"], "eval": summary["eval"],
+                      "stopped": summary["stopped"]}))
+    return _exit_status(summary)
+
+
+def _exit_status(summary) -> int:
+    """0, or 128 + the signal that stopped training (after its checkpoint was saved), as shells expect."""
+    import signal
+
+    return 128 + signal.Signals[summary["stopped"]].value if summary["stopped"] else 0
 
 
 def cmd_eval(args) -> int:
@@ -154,6 +162,8 @@ def cmd_demo(args) -> int:
         print(f"synthetic dataset: {counts['train']} train and {counts['val']} val images in {data}")
     cfg = _config(args)
     summary = fit(cfg, Run(data, args.workdir, resume=args.resume))
+    if summary["stopped"]:
+        return _exit_status(summary)
     val = read_coco(data, "val")
     detector = detrax.load(args.workdir)  # with the dataset's category names
     files = [r["file"] for r in val.records[:args.draw]]
@@ -247,11 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from detrax.errors import TrainingError
+
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"detrax: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"detrax: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

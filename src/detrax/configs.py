@@ -111,6 +111,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0: only at the end
     log_every: int = 20  # steps
     calibrate_bn: bool = False  # from scratch: set the frozen batch-norm statistics from a first batch
+    max_bad_steps: int = 5  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -21,6 +24,7 @@ from detrax.backbone import ResNet
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import list_splits, read_split
 from detrax.data.transforms import normalize_batch
+from detrax.errors import BadSteps, TrainingError
 from detrax.loss import criterion
 from detrax.model import DETR, WEIGHTS, assemble, weight_arrays
 
@@ -45,10 +49,12 @@ def optimizer(cfg: configs.TrainConfig, total_steps: int, drop_step: int) -> opt
 
 
 def make_train_step(graphdef, loss_fn):
-    """A jitted (state, batch) -> (state, metrics): forward, set loss, backward, clip, AdamW."""
+    """A jitted (state, batch) -> (state, metrics): forward, set loss, backward, clip, AdamW. A step whose loss
+    or gradient is not finite changes nothing (the state passes through) and reports `skipped` = 1."""
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(state, batch):
+        old = jax.tree.leaves(state)  # the arrays themselves: merge's variables are updated in place below
         model, opt = nnx.merge(graphdef, state)
         pixels = normalize_batch(batch["pixels"], batch["mask"])
         targets = {k: batch[k] for k in ("labels", "boxes", "valid")}
@@ -57,12 +63,40 @@ def make_train_step(graphdef, loss_fn):
             terms = loss_fn(model(pixels, batch["mask"]), targets)
             return terms["loss"], terms
 
-        (_, terms), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        (loss, terms), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         terms["grad_norm"] = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(terms["grad_norm"])
         opt.update(model, grads)
-        return nnx.state((model, opt)), terms
+        leaves, treedef = jax.tree.flatten(nnx.state((model, opt)))
+        terms["skipped"] = (~ok).astype(jnp.int32)
+        return jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(leaves, old, strict=True)]), terms
 
     return step
+
+
+class Stop:
+    """SIGTERM and SIGINT (Ctrl-C) ask the training loop to save a checkpoint and return; a second Ctrl-C
+    interrupts at once. Installed only in the main thread, restored on exit."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is not ignored
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclasses.dataclass
@@ -126,6 +160,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
 
     n_proc, proc = jax.process_count(), jax.process_index()
     tc, dc = cfg.train, cfg.data
+    _probe(run.workdir)
     if tc.batch_size % jax.device_count():
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {jax.device_count()} devices")
     if dc.max_targets > cfg.model.num_queries:
@@ -197,33 +232,70 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         reporter.log(step, "eval", metrics)
         return metrics
 
-    metrics, last_eval = {}, None
+    metrics, last_eval, stopped = {}, None, None
     reporter.start(start)
     end = total if run.stop_after is None else min(total, start + run.stop_after)
-    for step in range(start, end):
-        local = next(loader)
-        batch = {k: jax.make_array_from_process_local_data(sharded, local[k]) for k in BATCH_KEYS}
-        state, terms = step_fn(state, batch)
-        done = step + 1
-        if done % tc.log_every == 0 or done == total:
-            metrics = jax.device_get(terms)
-            reporter.log(done, "train", metrics)
-        reporter.progress(done)
-        if done % tc.ckpt_every == 0 and done < total:
-            save(done)
-        if tc.eval_every and done % (tc.eval_every * per_epoch) == 0 and done < total:
-            last_eval = run_eval(done)
-    if ckpts.latest_step() != end:
-        save(end)
-    if end == total:
-        last_eval = run_eval(total) or last_eval
-    loader.close()
-    ckpts.close()
+    try:
+        with Stop() as stop:
+            bad = 0
+            for step in range(start, end):
+                local = next(loader)
+                batch = {k: jax.make_array_from_process_local_data(sharded, local[k]) for k in BATCH_KEYS}
+                state, terms = step_fn(state, batch)
+                done = step + 1
+                if int(local_copy(terms["skipped"])):  # the state passed through unchanged
+                    bad += 1
+                    reporter.line(f"step {done}: loss or gradient not finite; step skipped ({bad} in a row)")
+                    if bad >= tc.max_bad_steps:
+                        raise BadSteps(
+                            f"steps {done - bad + 1}..{done}: the loss or gradient was not finite {bad} times in a "
+                            f"row (train.max_bad_steps={tc.max_bad_steps}); training stopped. The last good "
+                            f"checkpoint, step {ckpts.latest_step()}, is kept in {ckpts.directory}: check the data "
+                            "or lower train.lr, then --resume")
+                else:
+                    bad = 0
+                if done % tc.log_every == 0 or done == total:
+                    metrics = jax.device_get(terms)
+                    reporter.log(done, "train", metrics)
+                reporter.progress(done)
+                if done % tc.ckpt_every == 0 and done < total:
+                    save(done)
+                if tc.eval_every and done % (tc.eval_every * per_epoch) == 0 and done < total:
+                    last_eval = run_eval(done)
+                if stop.signal:
+                    stopped, end = stop.signal, done
+                    break
+            if ckpts.latest_step() != end:
+                save(end)
+            if stopped:
+                reporter.line(f"{stopped}: stopped at step {end}, checkpoint saved; --resume continues")
+            elif end == total:
+                last_eval = run_eval(total) or last_eval
+    except OSError as e:
+        if isinstance(e, TrainingError):
+            raise
+        raise TrainingError(f"writing to {run.workdir} failed ({e}); the last checkpoint, step "
+                            f"{ckpts.latest_step()}, is intact") from e
+    finally:
+        loader.close()
+        ckpts.close()
+        reporter.close()
     if proc == 0 and not run.quiet:
         plot(run.workdir)
-    reporter.close()
-    return {"step": end, "train": {k: float(v) for k, v in metrics.items()}, "eval": last_eval,
+    return {"step": end, "stopped": stopped, "train": {k: float(v) for k, v in metrics.items()}, "eval": last_eval,
             "params": jax.tree.map(local_copy, nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))}
+
+
+def _probe(workdir: str) -> None:
+    """Fail before any work when the workdir cannot be written."""
+    probe = os.path.join(workdir, f".write-test.{jax.process_index()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"{workdir}: the workdir cannot be written ({e}); nothing was started") from None
 
 
 def local_copy(x):

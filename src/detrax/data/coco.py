@@ -105,19 +105,22 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
         if not (isinstance(c, dict) and _is_int(c.get("id")) and c["id"] >= 0 and isinstance(c.get("name"), str)):
             raise DataError(f"{ann_file}: category {c!r} needs an integer id >= 0 and a string name")
         names[c["id"]] = c["name"]
-    images = {}
+    images, skipped_images = {}, set()
     for im in data["images"]:
         ok = isinstance(im, dict) and _is_int(im.get("id")) and isinstance(im.get("file_name"), str)
         ok = ok and _is_int(im.get("width")) and _is_int(im.get("height")) and im["width"] > 0 and im["height"] > 0
         if not ok:
             bad(f"image entry {str(im)[:120]} needs integer id, string file_name and positive width and height",
                 im.get("id") if isinstance(im, dict) else None)
+            if isinstance(im, dict) and _is_int(im.get("id")):
+                skipped_images.add(im["id"])
             continue
         if im["id"] in images:
             raise DataError(f"{ann_file}: image id {im['id']} appears twice")
         path = os.path.join(image_dir, im["file_name"])
         if check_files and not os.path.isfile(path):
             bad(f"image {im['id']}: file {path} is missing", im["id"], path)
+            skipped_images.add(im["id"])
             continue
         images[im["id"]] = {"image_id": im["id"], "file": path, "width": im["width"], "height": im["height"],
                             "boxes": [], "labels": []}
@@ -127,7 +130,7 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
             bad(f"annotation {aid}: needs integer image_id and category_id", aid)
             continue
         if a["image_id"] not in images:
-            if not any(p["id"] == a["image_id"] for p in problems):  # not merely an image skipped above
+            if a["image_id"] not in skipped_images:  # not merely an image skipped above
                 bad(f"annotation {aid}: unknown image id {a['image_id']}", aid)
             continue
         if a["category_id"] not in names:

@@ -1,0 +1,213 @@
+"""Reliability: SIGKILL at random moments, SIGTERM / Ctrl-C, non-finite steps, checkpoint write failures, an
+unwritable workdir. Every interrupted run, resumed, ends bitwise equal to a run straight through."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from detrax import cli, configs
+from detrax import train as train_mod
+from detrax.checkpoint import Checkpoints, load_run
+from detrax.data.loader import Loader
+from detrax.data.synthetic import write_dataset
+from detrax.errors import BadSteps, CheckpointWriteError
+from detrax.model import weight_arrays
+from detrax.train import Run, fit, params_digest
+
+KILLABLE = Path(__file__).parent / "scripts" / "killable.py"
+FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.1", "data.workers=0"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(str(root), num_images=24, seed=3)
+    return str(root)
+
+
+def _env(cache):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def _child(synth, workdir, steps, cache):
+    return subprocess.Popen([sys.executable, str(KILLABLE), synth, str(workdir), str(steps)], env=_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _committed(workdir) -> list[int]:
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _weights(workdir):
+    return {k: np.asarray(v) for k, v in weight_arrays(load_run(str(workdir))).items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _last_logged(workdir) -> int:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def straight(synth, tmp_path_factory):
+    """The reference: the same child run straight through."""
+    root = tmp_path_factory.mktemp("straight")
+    p = _child(synth, root / "run", 40, root / "cache")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    return {"weights": _weights(root / "run"), "cache": root / "cache"}
+
+
+def test_sigkill_ten_times_then_resume_equals_a_straight_run(synth, straight, tmp_path):
+    rng = np.random.default_rng(0)
+    workdir, kills = tmp_path / "run", 0
+    while True:
+        start = _last_logged(workdir)
+        p = _child(synth, workdir, 40, straight["cache"])
+        if kills < 10:
+            deadline = time.time() + 300
+            while p.poll() is None and _last_logged(workdir) <= start and time.time() < deadline:
+                time.sleep(0.01)  # wait for progress, then kill at a random moment (often mid-checkpoint)
+            time.sleep(rng.uniform(0, 0.4))
+        if kills < 10 and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            steps = _committed(workdir)
+            assert not [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit()
+                        and "tmp" not in n], os.listdir(workdir / "checkpoints")
+            for step in steps:  # no committed checkpoint is corrupt: each one restores
+                ckpt = Checkpoints(str(workdir))
+                meta = ckpt.manager.restore(step, args=ckpt._ocp.args.Composite(
+                    meta=ckpt._ocp.args.JsonRestore()))["meta"]
+                ckpt.close()
+                assert meta["step"] == step
+                assert (workdir / "data_state" / f"{step}.0.json").is_file()
+            continue
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        break
+    assert kills == 10
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 40
+    _assert_same(_weights(workdir), straight["weights"])
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig, status):
+    workdir = tmp_path / "run"
+    p = _child(synth, workdir, 40, straight["cache"])
+    deadline = time.time() + 300
+    while _last_logged(workdir) < 3 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == status, err[-2000:]
+    assert "Traceback" not in err
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["stopped"] == sig.name and 3 <= stopped["step"] < 40
+    assert f"{sig.name}: stopped at step {stopped['step']}, checkpoint saved" in err
+    assert _committed(workdir)[-1] == stopped["step"]
+    p = _child(synth, workdir, 40, straight["cache"])  # resume to the end
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    _assert_same(_weights(workdir), straight["weights"])
+
+
+def _cfg(*overrides):
+    return configs.override(configs.get("tiny"), FAST + ["train.batch_size=2", "data.max_targets=8",
+                                                         "data.scales=64,80", "data.max_size=96",
+                                                         "data.crop_scales=48,64", "data.crop_size=32,48",
+                                                         "data.bucket_step=32"] + list(overrides))
+
+
+class _PoisonLoader(Loader):
+    """Batches from `first` (1-based step) to `last` carry NaN boxes: their loss is not finite."""
+
+    first, last = 0, 0
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.count = 0
+
+    def __next__(self):
+        batch = dict(super().__next__())
+        self.count += 1
+        if self.first <= self.count <= self.last:
+            batch["boxes"] = np.full_like(batch["boxes"], np.nan)
+        return batch
+
+
+def test_a_non_finite_step_is_skipped_and_counted(synth, tmp_path, monkeypatch):
+    monkeypatch.setattr(_PoisonLoader, "first", 3)
+    monkeypatch.setattr(_PoisonLoader, "last", 3)
+    monkeypatch.setattr(train_mod, "Loader", _PoisonLoader)
+    summary = fit(_cfg("train.steps=5"), Run(synth, str(tmp_path / "a"), quiet=False))
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["skipped"] for r in rows if r["kind"] == "train"] == [0, 0, 1, 0, 0]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(summary["params"]))
+
+
+def test_k_bad_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(synth, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_PoisonLoader, "first", 5)
+    monkeypatch.setattr(_PoisonLoader, "last", 100)
+    monkeypatch.setattr(train_mod, "Loader", _PoisonLoader)
+    cfg = _cfg("train.steps=20", "train.ckpt_every=2", "train.max_bad_steps=3")
+    with pytest.raises(BadSteps, match=r"steps 5\.\.7: the loss or gradient was not finite 3 times in a row .*"
+                                       r"The last good checkpoint, step 6, is kept"):
+        fit(cfg, Run(synth, str(tmp_path / "bad"), quiet=False))
+    assert _committed(tmp_path / "bad") == [2, 4, 6]  # step 6 holds step 4's weights: 5 and 6 were skipped
+    monkeypatch.setattr(train_mod, "Loader", Loader)  # the real loader again
+    fit(_cfg("train.steps=20", "train.ckpt_every=2"), Run(synth, str(tmp_path / "good"), quiet=True, stop_after=4))
+    _assert_same(_weights(tmp_path / "bad"), _weights(tmp_path / "good"))
+
+
+def test_a_failed_checkpoint_write_is_a_clear_error_and_the_previous_one_is_intact(synth, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    real = ocp.CheckpointManager.save
+
+    def full_disk(self, step, *a, **k):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, step, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    cfg = _cfg("train.steps=6", "train.ckpt_every=2")
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint of step 4 could not be written .*No space left on "
+                                                   r"device.*The previous checkpoint \(step 2\) is intact"):
+        fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
+    assert _committed(tmp_path / "a") == [2]
+    assert sorted(os.listdir(tmp_path / "a" / "data_state")) == ["2.0.json"]
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real)
+    resumed = fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True, resume=True))
+    straight = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True))
+    assert resumed["step"] == 6 and params_digest(resumed["params"]) == params_digest(straight["params"])
+
+
+def test_unwritable_workdir_fails_before_any_work(synth, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    status = cli.main(["train", "--config", "tiny", "--data", synth, "--workdir", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert status == 1 and "the workdir cannot be written" in err and "nothing was started" in err
