@@ -176,3 +176,19 @@ def test_set_weights_keeps_compiled_shapes(weights):
     assert det._forward._cache_size() == compiled  # no new compilation for the new weights
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, np.asarray(other(jnp.asarray(x))["pred_boxes"]), atol=1e-5)
+
+
+def test_per_image_and_batched_forward_agree(weights):
+    """`per_image` (image by image inside one compiled call, the CPU default) changes speed, not results."""
+    model = detrax.load(weights).model
+    a, b = detrax.Detector(model, per_image=True), detrax.Detector(model, per_image=False)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(3, 64, 96, 3)).astype(np.float32)
+    mask = np.ones((3, 64, 96), bool)
+    mask[1, 40:], mask[2, :, 50:] = False, False
+    out_a, out_b = a(pixels, mask), b(pixels, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert out_a[key].shape == out_b[key].shape == (3, model.config.num_queries) + out_b[key].shape[2:]
+        np.testing.assert_allclose(np.asarray(out_a[key]), np.asarray(out_b[key]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_a["aux_outputs"][0]["pred_boxes"]),
+                               np.asarray(out_b["aux_outputs"][0]["pred_boxes"]), atol=1e-5)

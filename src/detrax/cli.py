@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
     t0 = time.time()
     data = os.path.join(args.workdir, "data")
     if not os.path.isdir(os.path.join(data, "annotations")):
-        counts = write_dataset(data, args.num_images, args.seed)
+        total = args.num_images + args.num_val
+        counts = write_dataset(data, total, args.seed, val_fraction=args.num_val / total)
         print(f"synthetic dataset: {counts['train']} train and {counts['val']} val images in {data}")
     cfg = _config(args)
     summary = fit(cfg, Run(data, args.workdir, resume=args.resume))
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "evaluate, draw predictions")
     s.add_argument("--workdir", default="runs/demo")
     s.add_argument("--config", default="demo")
-    s.add_argument("--num-images", type=int, default=576)
+    s.add_argument("--num-images", type=int, default=3000, help="synthetic training images")
+    s.add_argument("--num-val", type=int, default=250, help="synthetic val images")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draw", type=int, default=8, help="val images to draw predictions on")
     s.add_argument("--threshold", type=float, default=0.5)

@@ -176,17 +176,20 @@ def tiny(smoke: bool = True) -> Config:
 def demo(smoke: bool = False) -> Config:
     """A small DETR-DC5 trained from scratch on the synthetic shapes (`detrax data synth`), on a CPU in minutes.
     From scratch, its frozen batch norm is calibrated on the data, every stage trains, the backbone at a fifth of
-    the transformer's learning rate, without dropout or augmentation (the toy task has no pretrained features)."""
+    the transformer's learning rate, without dropout or augmentation (the toy task has no pretrained features).
+    Made for `detrax demo`'s 3000 training images: 12 epochs (4500 steps of 8), the learning rate x0.1 after 10.
+    Fresh images matter more than repeats: 432 images for 60 epochs reached AP50 0.14; 3000 for 9, 0.42-0.55."""
     model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_classes=4,
                         num_queries=16, hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128,
                         dropout=0.0, frozen_stages=0)
     data = DataConfig(scales=(112, 128, 144, 160), max_size=192, crop_scales=(128, 144), crop_size=(96, 128),
                       val_size=128, max_targets=16, bucket_step=64, augment=False)
-    train = TrainConfig(batch_size=8, lr=5e-4, lr_backbone=1e-4, epochs=60, lr_drop=45, ckpt_every=500,
-                        eval_every=10, log_every=10, calibrate_bn=True)
+    train = TrainConfig(batch_size=8, lr=5e-4, lr_backbone=1e-4, epochs=12, lr_drop=10, ckpt_every=500,
+                        eval_every=3, log_every=10, calibrate_bn=True)
     if smoke:
         train = dataclasses.replace(train, epochs=1, eval_every=1)
-    return Config("demo", model, data=data, train=train)
+    # the on-device exact matcher: for a model this small, scipy's host round trip is 13% of the step
+    return Config("demo", model, loss=LossConfig(matcher="hungarian_jax"), data=data, train=train)
 
 
 PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, detr_bit_r50, detr_bit_r50_dc5,
