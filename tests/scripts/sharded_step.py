@@ -30,7 +30,7 @@ def main(data_dir):
     loss_fn = criterion(cfg.loss)
 
     def run(devices):
-        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
 
         @jax.jit
         def f(state, b):
