@@ -79,6 +79,8 @@ def test_ground_truth_gives_the_same_ap(fake_tfds, coco_tiny):  # noqa: F811
     ds = read_split(fake_tfds, "train")
     gt = ground_truth(ds)
     assert ds.counts == {"crowd": 1, "degenerate": 0, "annotations": 196}
+    ds.records.source.examples.clear()  # a second evaluation reads no example again
+    assert ground_truth(ds) is gt
     ids = [im["id"] for im in gt["images"]]
     want, got = coco_ap(ann, results, ids), coco_ap(gt, results, ids)
     assert want["AP"] > 0.1

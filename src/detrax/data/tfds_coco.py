@@ -80,6 +80,7 @@ class Records(collections.abc.Sequence):
 
     def __init__(self, source, ids: tuple, where: str):
         self.source, self.ids, self.where = source, ids, where
+        self.ground_truth = None  # gathered once, by `ground_truth`
 
     def __len__(self) -> int:
         return len(self.source)
@@ -117,7 +118,9 @@ def read_tfds(data: str, split: str) -> Dataset:
 def ground_truth(ds: Dataset) -> dict:
     """The split's annotations as a COCO dict for pycocotools (crowd regions kept as iscrowd, TFDS's segment
     areas kept for APs/APm/APl), in one pass over the examples; `ds.counts` gains the crowd and degenerate
-    counts of the training rules."""
+    counts of the training rules. Gathered once per dataset: evaluations during training reuse it."""
+    if ds.records.ground_truth is not None:
+        return ds.records.ground_truth
     counts = {"crowd": 0, "degenerate": 0, "annotations": 0}
     images, annotations = [], []
     source, ids, where = ds.records.source, ds.records.ids, ds.records.where
@@ -135,5 +138,6 @@ def ground_truth(ds: Dataset) -> dict:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(a), "iscrowd": int(is_crowd)})
     ds.counts.update(counts)
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": k, "name": v} for k, v in ds.names.items()]}
+    ds.records.ground_truth = {"images": images, "annotations": annotations,
+                               "categories": [{"id": k, "name": v} for k, v in ds.names.items()]}
+    return ds.records.ground_truth
