@@ -58,7 +58,8 @@ def worker_detrax(size, iters):
         state, terms = step(state, b)
         jax.block_until_ready(terms)
         times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "times": times, "loss": float(terms["loss"])}
+    trainable = sum(v.size for v in jax.tree.leaves(nnx.state(model.backbone, nnx.Param)))
+    return {"compile_s": compile_s, "times": times, "loss": float(terms["loss"]), "backbone_trainable": int(trainable)}
 
 
 def worker_torch(size, iters):
@@ -69,7 +70,13 @@ def worker_torch(size, iters):
     cfg = transformers.DetrConfig(use_timm_backbone=False, num_labels=91, auxiliary_loss=True,
                                   backbone_config=transformers.ResNetConfig(depths=[3, 4, 6, 3],
                                                                             out_features=["stage4"]))
-    model = transformers.DetrForObjectDetection(cfg).train()  # HF freezes all but stages 2-4, as the official
+    model = transformers.DetrForObjectDetection(cfg).train()
+    # HF's freezing rule looks for timm's names (layer2..4) and so freezes this ResNet's whole backbone; train
+    # stages 2-4 (torchvision's layer2..4) as the official DETR does, and as detrax does
+    for name, param in model.named_parameters():
+        if "backbone" in name and any(f"encoder.stages.{i}." in name for i in (1, 2, 3)):
+            param.requires_grad_(True)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "backbone" in n and p.requires_grad)
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
     opt = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5}], lr=1e-4, weight_decay=1e-4)
@@ -91,7 +98,7 @@ def worker_torch(size, iters):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"times": times}
+    return {"times": times, "backbone_trainable": int(trainable)}
 
 
 def main():
@@ -113,11 +120,15 @@ def main():
         if out.returncode:
             raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        figures[kind] = {"median_s": round(statistics.median(r["times"]), 3), "peak_rss_mib": round(r["peak_rss_mib"])}
+        figures[kind] = {"median_s": round(statistics.median(r["times"]), 3), "peak_rss_mib": round(r["peak_rss_mib"]),
+                         "backbone_trainable": r["backbone_trainable"]}
         if "compile_s" in r:
             figures[kind]["compile_s"] = round(r["compile_s"], 1)
         print(f"{kind:7s} step median {figures[kind]['median_s']:.3f} s  peak RSS {figures[kind]['peak_rss_mib']} MiB"
               + (f"  compile {figures[kind]['compile_s']} s" if "compile_s" in r else ""), flush=True)
+    if figures["detrax"]["backbone_trainable"] != figures["torch"]["backbone_trainable"]:
+        raise SystemExit(f"unequal work: trainable backbone weights {figures['detrax']['backbone_trainable']} (detrax) "
+                         f"vs {figures['torch']['backbone_trainable']} (torch)")
     figures["ratio_detrax_vs_torch"] = round(figures["detrax"]["median_s"] / figures["torch"]["median_s"], 3)
     print(f"ratio detrax / torch: {figures['ratio_detrax_vs_torch']}")
     print(json.dumps(figures))

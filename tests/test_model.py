@@ -1,5 +1,7 @@
 """Model pieces: mask resizing, position embedding, attention kernels, frozen parts, dtypes, output dict."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,3 +174,39 @@ def test_batch_norm_calibration_normalises_a_from_scratch_backbone():
     np.testing.assert_allclose(np.asarray(z.std((0, 1, 2))), 1, atol=1e-3)
     after = model.backbone.stages(x)[-1]
     assert not np.allclose(np.asarray(before), np.asarray(after))
+
+
+@pytest.mark.parametrize("k,stride,dilation", [(1, 1, 1), (1, 2, 1), (3, 1, 1), (3, 2, 1), (3, 1, 2), (7, 2, 1)])
+def test_fast_conv_and_folded_batch_norm_equal_the_plain_formulation(k, stride, dilation):
+    """The backbone's speed-ups (1x1 convolutions as matrix products, frozen batch norm folded into the kernel)
+    leave outputs and gradients as lax.conv followed by the normalisation, within 1e-4."""
+    from detrax.backbone import Conv, FrozenBatchNorm, _conv_bn
+
+    rs = np.random.default_rng(k * 10 + stride + dilation)
+    conv = Conv(16, 24, k, stride=stride, dilation=dilation, padding=dilation * (k // 2), rngs=nnx.Rngs(0))
+    bn = FrozenBatchNorm(24)
+    for name in ("scale", "bias", "mean"):
+        getattr(bn, name)[...] = jnp.asarray(rs.normal(size=24), jnp.float32)
+    bn.var[...] = jnp.asarray(rs.uniform(0.5, 2.0, 24), jnp.float32)
+    x = jnp.asarray(rs.normal(size=(2, 19, 23, 16)), jnp.float32)
+
+    def plain(kernel, x):
+        p = conv.padding
+        y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)],
+                                         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        scale = bn.scale[...] / jnp.sqrt(bn.var[...] + 1e-5)
+        return (y - bn.mean[...]) * scale + bn.bias[...]
+
+    def fast(kernel, x):  # the module's arithmetic on a traced kernel
+        view = types.SimpleNamespace(kernel=kernel, stride=conv.stride, dilation=conv.dilation, padding=conv.padding)
+        return _conv_bn(view, bn, x, calibrate=False)
+
+    kernel = conv.kernel[...]
+    want, got = plain(kernel, x), fast(kernel, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    dy = jnp.asarray(rs.normal(size=want.shape), jnp.float32)
+    gw = jax.vjp(plain, kernel, x)[1](dy)
+    gg = jax.vjp(fast, kernel, x)[1](dy)
+    for a, b in zip(gg, gw):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
