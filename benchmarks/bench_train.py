@@ -49,9 +49,10 @@ def worker_detrax(size, iters):
          "boxes": np.tile(np.array([0.5, 0.5, 1, 1], np.float32), (B, m, 1)), "valid": np.zeros((B, m), bool)}
     b["labels"][:, :NBOX], b["boxes"][:, :NBOX], b["valid"][:, :NBOX] = labels, boxes, True
     t0 = time.perf_counter()
+    step = step.trace(state, b).lower().compile()  # trace, lower and compile: the compile time a user waits
+    compile_s = time.perf_counter() - t0
     state, terms = step(state, b)
     jax.block_until_ready(terms)
-    compile_s = time.perf_counter() - t0
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()

@@ -14,13 +14,14 @@ KERNELS = ("xla", "dot_product", "auto")
 
 
 def attention(q, k, v, key_mask=None, *, kernel: str = "xla", dropout_rate: float = 0.0, dropout_rng=None,
-              return_weights: bool = False):
+              dropout_keep=None, return_weights: bool = False):
     """q [B, T, N, D], k and v [B, S, N, D], key_mask [B, S] bool (True: attend) -> out [B, T, N, D].
 
-    Dropout applies when `dropout_rng` is given and `dropout_rate > 0`. With `return_weights`, returns
+    Dropout applies when `dropout_rate > 0` and either `dropout_rng` (a key) or `dropout_keep` (a bool mask
+    [B, N, T, S] of the weights kept, drawn by the caller) is given. With `return_weights`, returns
     (out, weights [B, N, T, S]); only the xla kernel computes the weights.
     """
-    needs_dropout = dropout_rng is not None and dropout_rate > 0.0
+    needs_dropout = (dropout_rng is not None or dropout_keep is not None) and dropout_rate > 0.0
     if kernel == "auto":
         kernel = "dot_product" if (jax.default_backend() == "gpu" and not needs_dropout
                                    and not return_weights) else "xla"
@@ -42,7 +43,8 @@ def attention(q, k, v, key_mask=None, *, kernel: str = "xla", dropout_rate: floa
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)  # [B, N, T, S]
     probs = weights
     if needs_dropout:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        keep = dropout_keep if dropout_keep is not None else jax.random.bernoulli(
+            dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(probs.dtype)
     out = jnp.einsum("bnts,bsnd->btnd", probs, v)  # [B, T, N, D]
     return (out, weights) if return_weights else out

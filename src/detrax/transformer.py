@@ -5,8 +5,11 @@ decoder starts from zeros, and its final LayerNorm is applied to the output of e
 outputs), as the official `return_intermediate=True`.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from detrax.attention import attention
@@ -22,6 +25,24 @@ def _norm(d, dtype, rngs):
     return nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
+def _dropout_masks(drop: nnx.Dropout, shapes):
+    """The keep-masks of one layer call's dropout sites (`shapes`), or Nones in eval mode. One draw from the
+    layer's stream and one random-bits generator for all its sites: XLA compiles a generator per draw, and a
+    per-site draw made the DETR-R50 step compile 2 s longer (and cost tracing time for each stream update)."""
+    if drop.deterministic or drop.rate == 0.0:
+        return [None] * len(shapes)
+    sizes = [math.prod(s) for s in shapes]
+    bits = jax.random.bits(drop.rngs(), (sum(sizes),), jnp.uint32)  # [sum of sizes]
+    keep = bits < jnp.uint32(round((1.0 - drop.rate) * 2**32))  # P(keep) = 1 - rate, to 2^-32
+    offsets = np.cumsum([0] + sizes)
+    return [keep[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes)]
+
+
+def _drop(x, keep, rate):
+    """nnx.Dropout's arithmetic with a given keep-mask (None: no dropout)."""
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class MultiHeadAttention(nnx.Module):
     """nn.MultiheadAttention with separate q/k/v projections and dropout on the attention weights."""
 
@@ -31,13 +52,17 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads, self.kernel = num_heads, kernel
         self.record_weights = False  # when on, sows the weights [B, N, T, S] as nnx.Intermediate 'weights'
 
-    def __call__(self, q, k, v, key_mask=None):  # q [B, T, D], k and v [B, S, D], key_mask [B, S]
+    def __call__(self, q, k, v, key_mask=None, dropout_keep=None):
+        """q [B, T, D], k and v [B, S, D], key_mask [B, S]; `dropout_keep` [B, N, T, S] as drawn by the layer (else
+        this module draws its own)."""
         b, t, d = q.shape
         heads = lambda x: x.reshape(x.shape[0], x.shape[1], self.num_heads, d // self.num_heads)
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))  # [B, *, N, D/N]
         drop = self.attn_dropout
-        rng = None if (drop.deterministic or drop.rate == 0.0) else drop.rngs()
-        out = attention(q, k, v, key_mask, kernel=self.kernel, dropout_rate=drop.rate, dropout_rng=rng,
+        off = drop.deterministic or drop.rate == 0.0
+        rng = None if (off or dropout_keep is not None) else drop.rngs()
+        out = attention(q, k, v, key_mask, kernel=self.kernel, dropout_rate=0.0 if off else drop.rate,
+                        dropout_rng=rng, dropout_keep=None if off else dropout_keep,
                         return_weights=self.record_weights)
         if self.record_weights:
             out, weights = out
@@ -54,13 +79,17 @@ class EncoderLayer(nnx.Module):
         self.pre_norm = pre_norm
 
     def __call__(self, src, key_mask, pos):  # src, pos [B, S, D]; key_mask [B, S]
-        ffn = lambda x: self.linear2(self.dropout(jax.nn.relu(self.linear1(x))))
+        b, s, d = src.shape
+        n, f = self.self_attn.num_heads, self.linear1.out_features
+        m = _dropout_masks(self.dropout, [(b, s, f), (b, n, s, s), (b, s, d), (b, s, d)])
+        drop = lambda x, site: _drop(x, m[site], self.dropout.rate)
+        ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), 0))
         if self.pre_norm:
             x = self.norm1(src)
-            src = src + self.dropout(self.self_attn(x + pos, x + pos, x, key_mask))
-            return src + self.dropout(ffn(self.norm2(src)))
-        src = self.norm1(src + self.dropout(self.self_attn(src + pos, src + pos, src, key_mask)))
-        return self.norm2(src + self.dropout(ffn(src)))
+            src = src + drop(self.self_attn(x + pos, x + pos, x, key_mask, m[1]), 2)
+            return src + drop(ffn(self.norm2(src)), 3)
+        src = self.norm1(src + drop(self.self_attn(src + pos, src + pos, src, key_mask, m[1]), 2))
+        return self.norm2(src + drop(ffn(src), 3))
 
 
 class DecoderLayer(nnx.Module):
@@ -73,16 +102,20 @@ class DecoderLayer(nnx.Module):
         self.pre_norm = pre_norm
 
     def __call__(self, tgt, memory, key_mask, pos, query_pos):  # tgt [B, Q, D]; memory, pos [B, S, D]
-        ffn = lambda x: self.linear2(self.dropout(jax.nn.relu(self.linear1(x))))
+        (b, q, d), s = tgt.shape, memory.shape[1]
+        n, f = self.self_attn.num_heads, self.linear1.out_features
+        m = _dropout_masks(self.dropout, [(b, q, f), (b, n, q, q), (b, q, d), (b, n, q, s), (b, q, d), (b, q, d)])
+        drop = lambda x, site: _drop(x, m[site], self.dropout.rate)
+        ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), 0))
         if self.pre_norm:
             x = self.norm1(tgt)
-            tgt = tgt + self.dropout(self.self_attn(x + query_pos, x + query_pos, x))
+            tgt = tgt + drop(self.self_attn(x + query_pos, x + query_pos, x, None, m[1]), 2)
             x = self.norm2(tgt)
-            tgt = tgt + self.dropout(self.cross_attn(x + query_pos, memory + pos, memory, key_mask))
-            return tgt + self.dropout(ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(tgt + query_pos, tgt + query_pos, tgt)))
-        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + query_pos, memory + pos, memory, key_mask)))
-        return self.norm3(tgt + self.dropout(ffn(tgt)))
+            tgt = tgt + drop(self.cross_attn(x + query_pos, memory + pos, memory, key_mask, m[3]), 4)
+            return tgt + drop(ffn(self.norm3(tgt)), 5)
+        tgt = self.norm1(tgt + drop(self.self_attn(tgt + query_pos, tgt + query_pos, tgt, None, m[1]), 2))
+        tgt = self.norm2(tgt + drop(self.cross_attn(tgt + query_pos, memory + pos, memory, key_mask, m[3]), 4))
+        return self.norm3(tgt + drop(ffn(tgt), 5))
 
 
 class Transformer(nnx.Module):
