@@ -21,11 +21,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--step", type=int, default=128)
+    p.add_argument("--step", type=int, default=64)
+    p.add_argument("--group", type=int, default=64, help="batches per shape-grouping window (1: none)")
     p.add_argument("--data", default=ROOT)
     args = p.parse_args()
     records = read_coco(args.data, "train2017").records
-    ds = dataset(records, Augment(train=True), args.batch_size, max_targets=100, step=args.step, seed=0)
+    ds = dataset(records, Augment(train=True), args.batch_size, max_targets=100, step=args.step, seed=0,
+                 group=args.group)
     figures = {}
     for workers in (0, 1, 2):
         with Loader(ds, workers=workers) as loader:

@@ -3,7 +3,7 @@
 Each (framework, shape) runs in its own subprocess so that its peak RSS is its own; both use every core.
 Prints one line per measurement, the ratios detrax / PyTorch, and last a JSON object of every figure.
 
-    .venv/bin/python benchmarks/bench_inference.py [--iters 5] [--sizes 800x1216,640x640]
+    .venv/bin/python benchmarks/bench_inference.py [--iters 5] [--sizes 800x1216,640x640] [--bf16]
 """
 
 import argparse
@@ -17,7 +17,9 @@ import time
 import numpy as np
 
 
-def worker_detrax(h, w, iters):
+def worker_detrax(h, w, iters, bf16=False):
+    import dataclasses
+
     import jax
     from flax import nnx
 
@@ -25,21 +27,26 @@ def worker_detrax(h, w, iters):
     from detrax import configs
     from detrax.model import DETR
 
-    det = detrax.Detector(DETR(configs.detr_r50().model, rngs=nnx.Rngs(0)))
+    cfg = configs.detr_r50().model
+    det = detrax.Detector(DETR(dataclasses.replace(cfg, dtype="bfloat16") if bf16 else cfg, rngs=nnx.Rngs(0)))
     x = np.random.default_rng(0).standard_normal((1, h, w, 3)).astype(np.float32)
     m = np.ones((1, h, w), bool)
     t0 = time.perf_counter()
-    jax.block_until_ready(det(x, m))
+    out = jax.block_until_ready(det(x, m))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(det(x, m))
         times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "times": times}
+    res = {"compile_s": compile_s, "times": times}
+    if bf16:  # accuracy against the same weights in float32
+        ref = detrax.Detector(DETR(cfg, rngs=nnx.Rngs(0)))(x, m)
+        res["max_box_error"] = float(np.abs(np.asarray(out["pred_boxes"]) - np.asarray(ref["pred_boxes"])).max())
+    return res
 
 
-def worker_torch(h, w, iters, channels_last):
+def worker_torch(h, w, iters, channels_last, bf16=False):
     import torch
     import transformers
 
@@ -52,14 +59,22 @@ def worker_torch(h, w, iters, channels_last):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(pixel_values=x, pixel_mask=m)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        out = model(pixel_values=x, pixel_mask=m)
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
             model(pixel_values=x, pixel_mask=m)
             times.append(time.perf_counter() - t0)
-    return {"times": times}
+    res = {"times": times}
+    if bf16:  # accuracy against the same weights in float32
+        with torch.inference_mode():
+            ref = model(pixel_values=x, pixel_mask=m)
+        res["max_box_error"] = float((out.pred_boxes.float() - ref.pred_boxes).abs().max())
+    return res
+
+
+KINDS = ("detrax", "torch", "torch_cl", "detrax_bf16", "torch_bf16")  # torch_bf16: channels_last + autocast
 
 
 def run_worker(kind, h, w, iters):
@@ -74,25 +89,28 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--sizes", default="800x1216,640x640")
-    p.add_argument("--worker", choices=["detrax", "torch", "torch_cl"])
+    p.add_argument("--worker", choices=KINDS)
+    p.add_argument("--bf16", action="store_true", help="also bfloat16: detrax's dtype option, PyTorch's autocast")
     args = p.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     if args.worker:
         h, w = sizes[0]
-        res = worker_detrax(h, w, args.iters) if args.worker == "detrax" else \
-            worker_torch(h, w, args.iters, args.worker == "torch_cl")
+        res = worker_detrax(h, w, args.iters, args.worker == "detrax_bf16") if args.worker.startswith("detrax") \
+            else worker_torch(h, w, args.iters, args.worker != "torch", args.worker == "torch_bf16")
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
     figures = {}
     for h, w in sizes:
         row = {}
-        for kind in ("detrax", "torch", "torch_cl"):
+        for kind in KINDS if args.bf16 else KINDS[:3]:
             r = run_worker(kind, h, w, args.iters)
             row[kind] = {"median_s": round(statistics.median(r["times"]), 4), "min_s": round(min(r["times"]), 4),
                          "peak_rss_mib": round(r["peak_rss_mib"], 1)}
             if "compile_s" in r:
                 row[kind]["compile_s"] = round(r["compile_s"], 2)
+            if "max_box_error" in r:
+                row[kind]["max_box_error_vs_fp32"] = round(r["max_box_error"], 5)
             print(f"{h}x{w} {kind:9s} median {row[kind]['median_s']:.3f} s  min {row[kind]['min_s']:.3f} s  "
                   f"peak RSS {row[kind]['peak_rss_mib']:.0f} MiB" +
                   (f"  compile {row[kind]['compile_s']:.1f} s" if "compile_s" in row[kind] else ""), flush=True)
@@ -102,6 +120,12 @@ def main():
         row["memory_ratio_vs_torch"] = round(row["detrax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"], 3)
         print(f"{h}x{w} ratio detrax/torch: {row['ratio_vs_torch_fp32']} (NCHW fp32), "
               f"{row['ratio_vs_torch_best']} (best of NCHW, channels_last); memory {row['memory_ratio_vs_torch']}")
+        if args.bf16:
+            row["ratio_bf16_vs_torch_bf16"] = round(row["detrax_bf16"]["median_s"] / row["torch_bf16"]["median_s"], 3)
+            row["ratio_vs_torch_any"] = round(min(row["detrax"]["median_s"], row["detrax_bf16"]["median_s"]) / min(
+                best, row["torch_bf16"]["median_s"]), 3)
+            print(f"{h}x{w} bf16: detrax/torch {row['ratio_bf16_vs_torch_bf16']}; best of each, any precision: "
+                  f"{row['ratio_vs_torch_any']}")
         figures[f"{h}x{w}"] = row
     print(json.dumps(figures))
 

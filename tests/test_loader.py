@@ -88,3 +88,43 @@ def test_epochs_reshuffle_and_shards_split(records):
         records, Augment(train=True, **SMALL), 1, max_targets=8, seed=1, shard=(i, 2))), 5)]).tolist())
         for i in range(2)]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == len(records)
+
+
+def test_shape_grouped_batches_see_each_image_once_per_epoch_and_waste_less(records):
+    """Grouping by planned shape: every epoch is a permutation (remainder dropped), each image has the shape its
+    plan said, and the padding is less than batching in the shuffled order."""
+    from detrax.data.batching import padding_waste
+
+    aug = Augment(train=True, scales=(64, 96, 128, 160, 192), max_size=256, crop_scales=(100, 120),
+                  crop_size=(64, 96))
+    grouped = dataset(records, aug, 3, max_targets=8, step=16, seed=4, group=3)
+    plain = dataset(records, aug, 3, max_targets=8, step=16, seed=4, group=1)
+    assert grouped.per_epoch == 3  # 10 images in batches of 3: one left out each epoch
+    waste = {}
+    for name, ds in (("grouped", grouped), ("plain", plain)):
+        batches = [ds[i] for i in range(3 * 8)]  # 8 epochs
+        for e in range(8):
+            ids = np.concatenate([b["image_id"] for b in batches[3 * e:3 * e + 3]])
+            assert len(set(ids.tolist())) == 9  # no image twice in an epoch
+        waste[name] = np.mean([padding_waste(b) for b in batches])
+    assert waste["grouped"] < 0.8 * waste["plain"], waste
+    for i in range(6):  # planned shapes are the shapes made
+        batch = grouped[i]
+        for k, (_, planned) in enumerate(grouped.planned(i)):
+            assert tuple(batch["size"][k]) == planned
+
+
+def test_hosts_pad_each_step_to_one_shape(records):
+    """On several hosts, the batches of one step have one shape (the collective needs it): each host plans
+    every host's batch from the annotations; each still reads only its own shard."""
+    aug = Augment(train=True, scales=(64, 96, 128, 160, 192), max_size=256, crop_scales=(100, 120),
+                  crop_size=(64, 96))
+    hosts = [dataset(records, aug, 2, max_targets=8, step=16, seed=4, shard=(i, 3)) for i in range(3)]
+    mixed = 0
+    for i in range(12):
+        batches = [ds[i] for ds in hosts]
+        assert len({b["pixels"].shape for b in batches}) == 1
+        mixed += len({tuple(b["size"].max(0)) for b in batches}) > 1  # the hosts' own largest images differ
+        ids = [set(b["image_id"].tolist()) for b in batches]
+        assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert mixed > 0

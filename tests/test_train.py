@@ -101,3 +101,41 @@ def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys
     ev.accumulate()
     ev.summarize()
     assert [metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == [float(x) for x in ev.stats[:6]]
+
+
+def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
+    """The train step's CPU compile options (LLVM level 1, for compile time) give the numbers of the default."""
+    import jax
+    from flax import nnx
+
+    from detrax import train
+    from detrax.loss import criterion
+    from detrax.model import DETR
+
+    cfg = configs.tiny()
+    rs = np.random.default_rng(0)
+    b, m = 2, cfg.data.max_targets
+    batch = {"pixels": rs.integers(0, 256, (b, 64, 96, 3)).astype(np.uint8), "mask": np.ones((b, 64, 96), bool),
+             "labels": rs.integers(0, cfg.model.num_classes, (b, m)).astype(np.int32),
+             "boxes": np.tile(np.array([0.4, 0.5, 0.3, 0.2], np.float32), (b, m, 1)),
+             "valid": np.arange(m)[None].repeat(b, 0) < 3}
+
+    def run(options):
+        monkeypatch.setattr(train, "_compiler_options", lambda: options)
+        model = DETR(cfg.model, rngs=nnx.Rngs(0))
+        model.train()
+        opt = nnx.Optimizer(model, train.optimizer(cfg.train, 100, 100), wrt=nnx.Param)
+        graphdef, state = nnx.split((model, opt))
+        step = train.make_train_step(graphdef, criterion(cfg.loss))
+        losses = []
+        for _ in range(3):
+            state, terms = step(state, batch)
+            losses.append(float(terms["loss"]))
+        return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
+
+    assert train._compiler_options() == ({"xla_backend_optimization_level": 1}
+                                         if jax.default_backend() == "cpu" else None)
+    (fast, fast_params), (plain, plain_params) = run({"xla_backend_optimization_level": 1}), run(None)
+    np.testing.assert_allclose(fast, plain, rtol=1e-4)
+    for a, p in zip(fast_params, plain_params):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(p), rtol=1e-4, atol=1e-5)

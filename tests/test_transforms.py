@@ -53,11 +53,21 @@ def test_to_model_input_normalises():
     assert (x[0, 50:] == 0).all() and (x[0, :, 100:] == 0).all()  # padding is zero after normalisation
 
 
-def test_random_size_crop_bounds():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        image, _ = T.random_size_crop(_image(700, 500), _target([[0, 0, 10, 10]]), rng, 384, 600)
-        assert 384 <= image.width <= 600 and 384 <= image.height <= 500
+def test_train_plan_crop_bounds_and_planned_size_is_the_result():
+    scales, crops = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), 0
+    for seed in range(60):
+        for w, h in ((700, 500), (500, 700), (1000, 250), (300, 200)):
+            steps, size = T.train_plan(h, w, np.random.default_rng(seed), scales)
+            for op, *args in steps:
+                if op == "crop":
+                    crops += 1
+                    top, left, ch, cw = args
+                    assert top >= 0 and left >= 0 and ch <= 600 and cw <= 600
+            # the shape the batcher plans is the shape the transform makes, from the same seed
+            pixels, _ = T.train_transform(_image(w, h), _target([[0, 0, 10, 10]]), np.random.default_rng(seed),
+                                          scales)
+            assert pixels.shape[:2] == size
+    assert crops > 30
 
 
 def test_train_transform_is_deterministic_and_in_range():

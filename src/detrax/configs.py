@@ -86,7 +86,8 @@ class DataConfig:
     crop_size: tuple[int, ...] = (384, 600)
     val_size: int = 800
     max_targets: int = 100  # target slots per image (at most num_queries)
-    bucket_step: int = 128  # padded sides are multiples of this
+    bucket_step: int = 64  # padded sides are multiples of this
+    group_batches: int = 64  # training batches are formed from images of like shapes, over windows of this many
     workers: int = 0  # 0: decode in threads of this process; N: N worker processes
     augment: bool = True  # False: training images get the val transform (for overfitting checks)
     train_split: str = "auto"  # auto: the split named train*, else the first

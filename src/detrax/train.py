@@ -201,7 +201,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
 
     augment = Augment(True, dc.augment, dc.scales, dc.max_size, dc.crop_scales, dc.crop_size, dc.val_size)
     train_data = dataset(train_ds.records, augment, tc.batch_size // n_proc, max_targets=dc.max_targets,
-                         step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc))
+                         step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)
     loader = Loader(train_data, workers=dc.workers)
     ckpts = Checkpoints(run.workdir, tc.keep)
     start = 0

@@ -29,9 +29,13 @@ class Collate:
     def __init__(self, max_targets: int, step: int, batch_size: int | None = None):
         self.max_targets, self.step, self.batch_size = max_targets, step, batch_size
 
-    def __call__(self, examples):
+    def __call__(self, examples, shape: tuple[int, int] | None = None):
+        """`shape`: the least (height, width) to pad to (the bucket of the largest image, by default)."""
         n = self.batch_size or len(examples)
-        h, w = bucket_shape(max(x.shape[0] for x, _ in examples), max(x.shape[1] for x, _ in examples), self.step)
+        h, w = max(x.shape[0] for x, _ in examples), max(x.shape[1] for x, _ in examples)
+        if shape is not None:
+            h, w = max(h, shape[0]), max(w, shape[1])
+        h, w = bucket_shape(h, w, self.step)
         m = self.max_targets
         out = {"pixels": np.zeros((n, h, w, 3), np.uint8), "mask": np.zeros((n, h, w), bool),
                "labels": np.zeros((n, m), np.int32), "boxes": np.tile(DUMMY_BOX, (n, m, 1)),

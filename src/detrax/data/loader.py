@@ -4,13 +4,14 @@ worker processes, and an iterator state that checkpoints and restores exactly.""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import grain
 import numpy as np
 
 from detrax.data import transforms as T
 from detrax.data.batching import Collate
-from detrax.data.coco import load_image
+from detrax.data.coco import DataError, load_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,14 @@ class Augment:
     crop_size: tuple = (384, 600)
     val_size: int = 800
 
+    def planned_size(self, record, rng: np.random.Generator | None = None) -> tuple[int, int]:
+        """The (height, width) this transform gives `record` with `rng` (the same draws), from the record's
+        size alone."""
+        h, w = record["height"], record["width"]
+        if self.train and self.augment:
+            return T.train_plan(h, w, rng, self.scales, self.max_size, self.crop_scales, self.crop_size)[1]
+        return T.resized_size(w, h, self.val_size, self.max_size)
+
     def __call__(self, record, rng: np.random.Generator | None = None):
         image = load_image(record)
         target = {"boxes": record["boxes"], "labels": record["labels"], "image_id": record["image_id"],
@@ -36,15 +45,109 @@ class Augment:
 
 
 def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, step: int = 128, seed: int = 0,
-            shard: tuple[int, int] = (0, 1), epochs: int | None = None) -> grain.MapDataset:
+            shard: tuple[int, int] = (0, 1), epochs: int | None = None, group: int = 64) -> grain.MapDataset:
     """Training (`augment.train`): this process's shard, reshuffled every epoch, repeated `epochs` times (None:
-    forever), full batches. Evaluation: in order, once, the last batch filled with blanks."""
+    forever), full batches of images of like shapes (`ShapeGroupedBatches` over windows of `group` batches; 1:
+    batches in the shuffled order), an epoch's remainder dropped. Evaluation: in order, once, the last batch
+    filled with blanks."""
     index, count = shard
     ds = grain.MapDataset.source(records)[index::count]
     if augment.train:
-        ds = ds.seed(seed).shuffle().repeat(epochs).random_map(augment)
-        return ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(max_targets, step))
+        shards = [ShapeGroupedBatches(grain.MapDataset.source(records)[i::count].seed(seed).shuffle().repeat(epochs),
+                                      len(records[i::count]), augment, batch_size, Collate(max_targets, step), group,
+                                      seed, i) for i in range(count)]
+        if count > 1:
+            shards[index].shards = shards
+        return shards[index]
     return ds.map(augment).batch(batch_size, batch_fn=Collate(max_targets, step, batch_size))
+
+
+class ShapeGroupedBatches(grain.MapDataset):
+    """Training batches of images whose augmented shapes are alike, so that little of each padded batch is
+    padding. Every image keeps its own random draws (the official per-image scales and crops): the shape each
+    will have is planned from its size alone (`Augment.planned_size`, the same draws as the transform). Each
+    epoch (`epoch_size` images of the shuffled, repeated `parent`) is cut into windows of `window` x
+    `batch_size` images; a window is sorted by orientation and height, cut in strips of 4 batches sorted by
+    width, and cut into batches, whose order within the window is shuffled again. Each image is seen once per
+    epoch (the remainder of an epoch, fewer than `batch_size` images, is dropped, as the official loader does);
+    batch `i` is a pure function of `i`, so the loader's state stays an index and resumes exactly. Measured by
+    benchmarks/bench_data.py.
+
+    On several hosts, each reads its own shard (`shard`), and the batches that form one global step must have
+    one shape: `shards` (every host's dataset, which each host can plan, as the records are known to all) gives
+    the padded shape of step `i` as the largest planned over the hosts. The window's batches are shuffled with
+    a key common to the hosts, after sorting, so that step `i` draws alike shapes on every host."""
+
+    STRIP = 4  # batches per strip of the second sort
+
+    def __init__(self, parent: grain.MapDataset, epoch_size: int, augment: Augment, batch_size: int,
+                 collate: Collate, window: int, seed: int, shard: int = 0):
+        super().__init__(parent)
+        self.epoch_size, self.augment, self.batch_size, self.collate = epoch_size, augment, batch_size, collate
+        self.per_epoch = epoch_size // batch_size
+        self.window, self.seed, self.shard = max(1, window), seed, shard
+        self.shards = None  # on several hosts: every host's ShapeGroupedBatches
+        self._cache, self._lock = {}, threading.Lock()  # the last windows' plans; prefetch threads share them
+
+    def __getstate__(self):  # for worker processes: no lock, no cache
+        return {**self.__dict__, "_cache": {}, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.epoch_size * self.per_epoch
+
+    def __str__(self) -> str:
+        return f"ShapeGroupedBatches(batch_size={self.batch_size}, window={self.window})"
+
+    def _rng(self, position: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.shard, position))
+
+    def _batches(self, epoch: int, w: int) -> list[list[tuple]]:
+        """(position, planned shape) of the images of each batch of window `w` of `epoch`."""
+        with self._lock:
+            if (epoch, w) not in self._cache:
+                self._cache[epoch, w] = self._plan(epoch, w)
+                while len(self._cache) > 4:
+                    del self._cache[next(iter(self._cache))]  # the oldest
+            return self._cache[epoch, w]
+
+    def _plan(self, epoch: int, w: int) -> list[list[int]]:
+        b, n = self.batch_size, self.window * self.batch_size
+        start = epoch * self.epoch_size
+        positions = range(start + w * n, start + min((w + 1) * n, self.per_epoch * b))
+        shapes = {p: self.augment.planned_size(self._parent[p], self._rng(p)) for p in positions}
+        order = sorted(shapes, key=lambda p: (shapes[p][0] >= shapes[p][1], shapes[p][0]))
+        strips = [sorted(order[i:i + self.STRIP * b], key=lambda p: shapes[p][1])
+                  for i in range(0, len(order), self.STRIP * b)]
+        flat = [p for strip in strips for p in strip]
+        batches = [flat[i:i + b] for i in range(0, len(flat), b)]
+        perm = np.random.default_rng((self.seed, epoch, w, 1)).permutation(len(batches))  # common to the hosts
+        return [[(p, shapes[p]) for p in batches[i]] for i in perm]
+
+    def planned(self, index: int) -> list[tuple]:
+        """(position, planned (height, width)) of the images of batch `index`."""
+        epoch, j = divmod(index, self.per_epoch)
+        w, slot = divmod(j, self.window)
+        return self._batches(epoch, w)[slot]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        members = self.planned(index)
+        examples = [self.augment(self._parent[p], self._rng(p)) for p, _ in members]
+        if self.shards is None:
+            return self.collate(examples)
+        shape = np.max([hw for ds in self.shards for _, hw in ds.planned(index)], 0)  # [2]: every host's largest
+        for (p, planned), (x, t) in zip(members, examples):
+            if tuple(x.shape[:2]) != tuple(planned):
+                record = self._parent[p]
+                raise DataError(f"image {t['image_id']} ({record.get('file_name', '?')}): its annotation says "
+                                f"{record['width']}x{record['height']} but the image decodes to another size; "
+                                "on several hosts batch shapes are planned from the annotations: fix its size")
+        return self.collate(examples, shape=tuple(int(v) for v in shape))
 
 
 class Loader:

@@ -59,22 +59,35 @@ def crop(image: Image.Image, target: dict, top: int, left: int, height: int, wid
             {**target, "boxes": boxes[keep], "labels": target["labels"][keep]})
 
 
-def random_horizontal_flip(image, target, rng, p=0.5):
-    return hflip(image, target) if rng.random() < p else (image, target)
+def train_plan(height: int, width: int, rng, scales, max_size=1333, crop_scales=(400, 500, 600),
+               crop_size=(384, 600)):
+    """Every random draw of the official training transform, in the official order, made from the image's size
+    alone: RandomHorizontalFlip, then RandomSelect(RandomResize(scales, max_size), Compose(RandomResize(
+    crop_scales), RandomSizeCrop(*crop_size), RandomResize(scales, max_size))). Returns (steps, (height, width)
+    of the result); steps are ("flip",), ("resize", size, max_size), ("crop", top, left, height, width). The
+    batcher plans shapes with it before any pixel is read."""
+    steps, h, w = [], height, width
+    if rng.random() < 0.5:
+        steps.append(("flip",))
 
+    def resize(sizes, most):
+        nonlocal h, w
+        size = int(sizes[rng.integers(len(sizes))])
+        steps.append(("resize", size, most))
+        h, w = resized_size(w, h, size, most)
 
-def random_resize(image, target, rng, sizes, max_size=None):
-    return resize_with_target(image, target, int(sizes[rng.integers(len(sizes))]), max_size)
-
-
-def random_size_crop(image, target, rng, min_size: int, max_size: int):
-    """The official RandomSizeCrop: a crop of random size in [min_size, max_size] (capped by the image) at a
-    random place."""
-    w = int(rng.integers(min_size, min(image.width, max_size) + 1)) if image.width >= min_size else image.width
-    h = int(rng.integers(min_size, min(image.height, max_size) + 1)) if image.height >= min_size else image.height
-    top = int(rng.integers(0, image.height - h + 1))
-    left = int(rng.integers(0, image.width - w + 1))
-    return crop(image, target, top, left, h, w)
+    if rng.random() < 0.5:
+        resize(scales, max_size)
+    else:
+        resize(crop_scales, None)
+        lo, hi = crop_size  # RandomSizeCrop: a random size in [lo, hi] (capped by the image), a random place
+        cw = int(rng.integers(lo, min(w, hi) + 1)) if w >= lo else w
+        ch = int(rng.integers(lo, min(h, hi) + 1)) if h >= lo else h
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        steps.append(("crop", top, left, ch, cw))
+        h, w = ch, cw
+        resize(scales, max_size)
+    return steps, (h, w)
 
 
 def normalize_batch(pixels, mask):
@@ -97,15 +110,15 @@ def to_model_input(image, target):
 
 
 def train_transform(image, target, rng, scales, max_size=1333, crop_scales=(400, 500, 600), crop_size=(384, 600)):
-    """RandomHorizontalFlip, then RandomSelect(RandomResize(scales, max_size), Compose(RandomResize(crop_scales),
-    RandomSizeCrop(*crop_size), RandomResize(scales, max_size))), then Normalize."""
-    image, target = random_horizontal_flip(image, target, rng)
-    if rng.random() < 0.5:
-        image, target = random_resize(image, target, rng, scales, max_size)
-    else:
-        image, target = random_resize(image, target, rng, crop_scales)
-        image, target = random_size_crop(image, target, rng, *crop_size)
-        image, target = random_resize(image, target, rng, scales, max_size)
+    """The official training transform (see `train_plan`), then Normalize."""
+    steps, _ = train_plan(image.height, image.width, rng, scales, max_size, crop_scales, crop_size)
+    for op, *args in steps:
+        if op == "flip":
+            image, target = hflip(image, target)
+        elif op == "resize":
+            image, target = resize_with_target(image, target, *args)
+        else:
+            image, target = crop(image, target, *args)
     return to_model_input(image, target)
 
 
