@@ -21,8 +21,8 @@ class Detector:
     def __init__(self, model: DETR, names: dict | None = None, per_image: bool | None = None):
         """`per_image`: run a batch image by image inside one compiled call (`lax.map`), which keeps the working
         set of one image. Default (None): on the CPU for images of at least 320x320, where a batched forward is
-        slower per image than single calls (DETR-R50 at 800x1216 on 2 cores: 1.88 s per image in a batch of 4,
-        1.62 s alone, 1.45 s per image with `per_image`); never on accelerators, where a batch fills the chip.
+        hardly cheaper per image than single calls (DETR-R50 at 800x1216 on 2 cores: 1.29 s per image in a batch
+        of 4, 1.31 s alone, 1.17 s per image with `per_image`); never on accelerators, where a batch fills the chip.
         Results are the same either way (a test)."""
         model.eval()
         self.model = model
