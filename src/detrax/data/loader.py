@@ -51,15 +51,15 @@ def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, ste
     batches in the shuffled order), an epoch's remainder dropped. Evaluation: in order, once, the last batch
     filled with blanks."""
     index, count = shard
-    ds = grain.MapDataset.source(records)[index::count]
-    if augment.train:
-        shards = [ShapeGroupedBatches(grain.MapDataset.source(records)[i::count].seed(seed).shuffle().repeat(epochs),
-                                      len(records[i::count]), augment, batch_size, Collate(max_targets, step), group,
-                                      seed, i) for i in range(count)]
+    source = lambda i: grain.MapDataset.source(records)[i::count]  # host i's shard
+    if augment.train:  # every host's batches are planned, for one padded shape per step (see ShapeGroupedBatches)
+        shards = [ShapeGroupedBatches(source(i).seed(seed).shuffle().repeat(epochs), len(range(i, len(records), count)),
+                                      augment, batch_size, Collate(max_targets, step), group, seed, i)
+                  for i in range(count)]
         if count > 1:
             shards[index].shards = shards
         return shards[index]
-    return ds.map(augment).batch(batch_size, batch_fn=Collate(max_targets, step, batch_size))
+    return source(index).map(augment).batch(batch_size, batch_fn=Collate(max_targets, step, batch_size))
 
 
 class ShapeGroupedBatches(grain.MapDataset):
@@ -114,7 +114,7 @@ class ShapeGroupedBatches(grain.MapDataset):
                     del self._cache[next(iter(self._cache))]  # the oldest
             return self._cache[epoch, w]
 
-    def _plan(self, epoch: int, w: int) -> list[list[int]]:
+    def _plan(self, epoch: int, w: int) -> list[list[tuple]]:
         b, n = self.batch_size, self.window * self.batch_size
         start = epoch * self.epoch_size
         positions = range(start + w * n, start + min((w + 1) * n, self.per_epoch * b))
