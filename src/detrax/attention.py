@@ -45,6 +45,11 @@ def attention(q, k, v, key_mask=None, *, kernel: str = "xla", dropout_rate: floa
     if needs_dropout:
         keep = dropout_keep if dropout_keep is not None else jax.random.bernoulli(
             dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(probs.dtype)
+        probs = apply_dropout(probs, keep, dropout_rate)
     out = jnp.einsum("bnts,bsnd->btnd", probs, v)  # [B, T, N, D]
     return (out, weights) if return_weights else out
+
+
+def apply_dropout(x, keep, rate: float):
+    """Dropout with a given keep-mask (None: none), scaled by 1 / (1 - rate) as nnx.Dropout."""
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

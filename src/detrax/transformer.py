@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax.attention import attention
+from detrax.attention import apply_dropout, attention
 
 _xavier = jax.nn.initializers.xavier_uniform()
 
@@ -38,11 +38,6 @@ def _dropout_masks(drop: nnx.Dropout, shapes):
     return [keep[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes)]
 
 
-def _drop(x, keep, rate):
-    """nnx.Dropout's arithmetic with a given keep-mask (None: no dropout)."""
-    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 class MultiHeadAttention(nnx.Module):
     """nn.MultiheadAttention with separate q/k/v projections and dropout on the attention weights."""
 
@@ -54,15 +49,16 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, q, k, v, key_mask=None, dropout_keep=None):
         """q [B, T, D], k and v [B, S, D], key_mask [B, S]; `dropout_keep` [B, N, T, S] as drawn by the layer (else
-        this module draws its own)."""
+        this module draws its own, in training)."""
         b, t, d = q.shape
         heads = lambda x: x.reshape(x.shape[0], x.shape[1], self.num_heads, d // self.num_heads)
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v))  # [B, *, N, D/N]
         drop = self.attn_dropout
-        off = drop.deterministic or drop.rate == 0.0
-        rng = None if (off or dropout_keep is not None) else drop.rngs()
-        out = attention(q, k, v, key_mask, kernel=self.kernel, dropout_rate=0.0 if off else drop.rate,
-                        dropout_rng=rng, dropout_keep=None if off else dropout_keep,
+        if drop.deterministic or drop.rate == 0.0:
+            dropout_keep = None
+        elif dropout_keep is None:
+            dropout_keep = _dropout_masks(drop, [(b, self.num_heads, t, k.shape[1])])[0]  # [B, N, T, S]
+        out = attention(q, k, v, key_mask, kernel=self.kernel, dropout_rate=drop.rate, dropout_keep=dropout_keep,
                         return_weights=self.record_weights)
         if self.record_weights:
             out, weights = out
@@ -82,7 +78,7 @@ class EncoderLayer(nnx.Module):
         b, s, d = src.shape
         n, f = self.self_attn.num_heads, self.linear1.out_features
         m = _dropout_masks(self.dropout, [(b, s, f), (b, n, s, s), (b, s, d), (b, s, d)])
-        drop = lambda x, site: _drop(x, m[site], self.dropout.rate)
+        drop = lambda x, site: apply_dropout(x, m[site], self.dropout.rate)
         ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), 0))
         if self.pre_norm:
             x = self.norm1(src)
@@ -105,7 +101,7 @@ class DecoderLayer(nnx.Module):
         (b, q, d), s = tgt.shape, memory.shape[1]
         n, f = self.self_attn.num_heads, self.linear1.out_features
         m = _dropout_masks(self.dropout, [(b, q, f), (b, n, q, q), (b, q, d), (b, n, q, s), (b, q, d), (b, q, d)])
-        drop = lambda x, site: _drop(x, m[site], self.dropout.rate)
+        drop = lambda x, site: apply_dropout(x, m[site], self.dropout.rate)
         ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), 0))
         if self.pre_norm:
             x = self.norm1(tgt)
