@@ -33,7 +33,8 @@ def worker_detrax(size, iters):
     from detrax import configs
     from detrax.loss import criterion
     from detrax.model import DETR
-    from detrax.train import make_train_step, optimizer
+    from detrax.optim import optimizer
+    from detrax.train import make_train_step
 
     cfg = configs.get("detr_r50")
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
@@ -49,14 +50,14 @@ def worker_detrax(size, iters):
          "boxes": np.tile(np.array([0.5, 0.5, 1, 1], np.float32), (B, m, 1)), "valid": np.zeros((B, m), bool)}
     b["labels"][:, :NBOX], b["boxes"][:, :NBOX], b["valid"][:, :NBOX] = labels, boxes, True
     t0 = time.perf_counter()
-    step = step.trace(state, b).lower().compile()  # trace, lower and compile: the compile time a user waits
+    step = step.trace(state, b, 0).lower().compile()  # trace, lower and compile: the compile time a user waits
     compile_s = time.perf_counter() - t0
-    state, terms = step(state, b)
+    state, terms = step(state, b, 0)
     jax.block_until_ready(terms)
     times = []
-    for _ in range(iters):
+    for i in range(iters):
         t0 = time.perf_counter()
-        state, terms = step(state, b)
+        state, terms = step(state, b, i + 1)
         jax.block_until_ready(terms)
         times.append(time.perf_counter() - t0)
     trainable = sum(v.size for v in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0].backbone, nnx.Param)))

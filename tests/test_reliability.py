@@ -52,9 +52,9 @@ def _env(cache):
     return env
 
 
-def _child(synth, workdir, steps, cache):
-    return subprocess.Popen([sys.executable, str(KILLABLE), synth, str(workdir), str(steps)], env=_env(cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _child(synth, workdir, steps, cache, *extra):
+    return subprocess.Popen([sys.executable, str(KILLABLE), synth, str(workdir), str(steps), *extra],
+                            env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _committed(workdir) -> list[int]:
@@ -80,6 +80,50 @@ def _last_logged(workdir) -> int:
     return max(steps, default=0)
 
 
+def _check_after_kill(workdir):
+    """No half-written checkpoint is visible, and every committed one restores with its loader state."""
+    if not (workdir / "checkpoints").is_dir():
+        return
+    assert not [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit() and "tmp" not in n], \
+        os.listdir(workdir / "checkpoints")
+    for step in _committed(workdir):
+        ckpt = Checkpoints(str(workdir))
+        meta = ckpt.meta(step)
+        ckpt.close()
+        assert meta["step"] == step
+        assert (workdir / "data_state" / f"{step}.0.json").is_file()
+
+
+def _through_kills(synth, workdir, steps, cache, kills, first=(), extra=(), seed=0):
+    """Run the killable child to the end through `kills`: `random` (SIGKILL from outside at a random moment,
+    after some progress, often mid-checkpoint) or a kill point of the child's own (`step:K`, `commit:N`, `end`).
+    `first` are arguments of the first launch only (the relaunches resume with the plain command). Returns the
+    last launch's stdout and every launch's stderr."""
+    rng, errs = np.random.default_rng(seed), []
+    for i, when in enumerate(kills):
+        args = (*(first if i == 0 else ()), *extra)
+        if when == "random":
+            start = _last_logged(workdir)
+            p = _child(synth, workdir, steps, cache, *args)
+            deadline = time.time() + 300
+            while p.poll() is None and _last_logged(workdir) <= start and time.time() < deadline:
+                time.sleep(0.01)  # wait for progress, then kill at a random moment
+            time.sleep(rng.uniform(0, 0.5))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            errs.append(p.communicate(timeout=60)[1])
+        else:
+            p = _child(synth, workdir, steps, cache, *args, f"kill={when}")
+            errs.append(p.communicate(timeout=600)[1])
+            assert p.returncode == -signal.SIGKILL, f"kill point {when} not reached (status {p.returncode}): " \
+                                                    f"{errs[-1][-2000:]}"
+        _check_after_kill(workdir)
+    p = _child(synth, workdir, steps, cache, *(first if not kills else ()), *extra)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    return out, [*errs, err]
+
+
 @pytest.fixture(scope="module")
 def straight(synth, tmp_path_factory):
     """The reference: the same child run straight through."""
@@ -90,38 +134,64 @@ def straight(synth, tmp_path_factory):
     return {"weights": _weights(root / "run"), "cache": root / "cache"}
 
 
-def test_sigkill_ten_times_then_resume_equals_a_straight_run(synth, straight, tmp_path):
-    rng = np.random.default_rng(0)
-    workdir, kills = tmp_path / "run", 0
-    while True:
-        start = _last_logged(workdir)
-        p = _child(synth, workdir, STEPS, straight["cache"])
-        if kills < 10:
-            deadline = time.time() + 300
-            while p.poll() is None and _last_logged(workdir) <= start and time.time() < deadline:
-                time.sleep(0.01)  # wait for progress, then kill at a random moment (often mid-checkpoint)
-            time.sleep(rng.uniform(0, 0.5))
-        if kills < 10 and p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            kills += 1
-            steps = _committed(workdir)
-            assert not [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit()
-                        and "tmp" not in n], os.listdir(workdir / "checkpoints")
-            for step in steps:  # no committed checkpoint is corrupt: each one restores
-                ckpt = Checkpoints(str(workdir))
-                meta = ckpt.manager.restore(step, args=ckpt._ocp.args.Composite(
-                    meta=ckpt._ocp.args.JsonRestore()))["meta"]
-                ckpt.close()
-                assert meta["step"] == step
-                assert (workdir / "data_state" / f"{step}.0.json").is_file()
-            continue
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-2000:]
-        break
-    assert kills == 10
+def test_sigkill_six_times_then_resume_equals_a_straight_run(synth, straight, tmp_path):
+    """Before the first checkpoint, inside its write, at random moments, after the last one."""
+    workdir = tmp_path / "run"
+    out, errs = _through_kills(synth, workdir, STEPS, straight["cache"],
+                               ["step:1", "commit:2", "random", "random", "random", "end"])
     assert json.loads(out.strip().splitlines()[-1])["step"] == STEPS
+    assert errs[-1].startswith(f"resuming {workdir} from its checkpoint of step {STEPS}\n")  # killed after the last
     _assert_same(_weights(workdir), straight["weights"])
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory):
+    import detrax
+    from flax import nnx
+
+    path = tmp_path_factory.mktemp("init") / "start.safetensors"
+    detrax.Detector(detrax.DETR(configs.get("tiny").model, rngs=nnx.Rngs(7))).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["init", "calibrate"])
+def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, straight, init_weights, tmp_path,
+                                                                       mode):
+    """--init weights (given to the first launch only: the relaunches take them from the run's record) or
+    calibrated batch norm: killed before the first checkpoint (and with --init also inside its write and after
+    the last), the resumed run ends bitwise equal to one straight through."""
+    steps = 4
+    first, extra = (["--init", init_weights], []) if mode == "init" else ([], ["train.calibrate_bn=true"])
+    ref = tmp_path / "straight"
+    p = _child(synth, ref, steps, straight["cache"], *first, *extra)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert err.splitlines()[0] == f"--resume: no checkpoint and no run recorded in {ref}: a new run"
+    assert err.splitlines()[1].startswith(f"initialised from {init_weights} (weights sha256 " if mode == "init"
+                                          else "frozen batch norm calibrated on 8 images")
+    workdir = tmp_path / "run"
+    kills = ["step:1", "commit:2", "end"] if mode == "init" else ["step:1"]
+    _, errs = _through_kills(synth, workdir, steps, straight["cache"], kills, first, extra, seed=1)
+    _assert_same(_weights(workdir), _weights(ref))
+    # the relaunch after the first kill had no checkpoint: it says so first, and starts as the run began
+    restart = f"--resume: no checkpoint in {workdir} yet: the run starts again from the beginning, exactly as " \
+              "recorded in run.json"
+    assert errs[1].splitlines()[0] == restart + (f" (from {init_weights})" if mode == "init" else
+                                                 " (from its seed, batch norm calibrated)")
+    assert errs[1].splitlines()[1] == err.splitlines()[1]
+    record = json.loads((workdir / "run.json").read_text())
+    if mode == "init":
+        assert record["init"]["path"] == init_weights and len(record["init"]["weights_sha256"]) == 64
+        assert record["calibration"] is None
+    else:
+        assert record["init"] is None and record["calibration"] == {"images": 8}
+    ckpts = Checkpoints(str(workdir))
+    assert ckpts.meta(steps)["start"] == record  # the record travels with every checkpoint
+    ckpts.close()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))  # rewound, not doubled
+    assert rows[0]["kind"] == "start" and rows[0]["record"] == record
+    assert {r["kind"] for r in rows[1:] if r["kind"] not in ("train", "eval")} <= {"resume"}
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -176,6 +246,8 @@ def test_a_non_finite_step_is_skipped_and_counted(synth, tmp_path, monkeypatch):
     summary = fit(_cfg("train.steps=5"), Run(synth, str(tmp_path / "a"), quiet=False))
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["skipped"] for r in rows if r["kind"] == "train"] == [0, 0, 1, 0, 0]
+    # the learning rate drops at step 4 of 5 (lr_drop 200 of 300 epochs) although step 3 was skipped
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == pytest.approx([1e-4] * 3 + [1e-5] * 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(summary["params"]))
 
 

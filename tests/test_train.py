@@ -7,7 +7,7 @@ import pytest
 
 from detrax import cli, configs
 from detrax.data.synthetic import write_dataset
-from detrax.train import Run, fit, params_digest
+from detrax.train import Run, fit
 
 FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0"]
 
@@ -49,14 +49,26 @@ def test_overfits_four_images_to_ap50(tmp_path):
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
 
 
-def test_stop_and_resume_equals_a_straight_run(synth, tmp_path):
+def test_stop_and_resume_equals_a_straight_run(synth, tmp_path, capsys):
+    from detrax.checkpoint import load_run
+    from detrax.errors import ResumeConflict
+    from detrax.model import weight_arrays
+
     cfg = _cfg("train.steps=9", "train.ckpt_every=4", "model.dropout=0.1")  # dropout: RNG state must resume too
-    straight = fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
+    fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
     first = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True, stop_after=5))
     assert first["step"] == 5
-    resumed = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True, resume=True))
-    assert resumed["step"] == 9
-    assert params_digest(resumed["params"]) == params_digest(straight["params"])  # bitwise on CPU
+    with pytest.raises(ResumeConflict, match="already holds a run .*--resume continues it"):
+        fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True))  # a new run would overwrite this one
+    with pytest.raises(ResumeConflict, match=r"contradicts the run .*\n  train.lr: 0.0005 in the run, 0.001 now"):
+        fit(_cfg("train.steps=9", "train.ckpt_every=4", "model.dropout=0.1", "train.lr=1e-3"),
+            Run(synth, str(tmp_path / "b"), quiet=True, resume=True))
+    # the CLI without --config resumes with the run's own config; logging more often changes no number
+    assert cli.main(["train", "--data", synth, "--workdir", str(tmp_path / "b"), "--resume", "train.log_every=3"]) == 0
+    assert capsys.readouterr().err.startswith(f"resuming {tmp_path / 'b'} from its checkpoint of step 5\n")
+    straight, resumed = (weight_arrays(load_run(str(tmp_path / d))) for d in "ab")
+    for k in straight:
+        np.testing.assert_array_equal(np.asarray(straight[k]), np.asarray(resumed[k]), err_msg=k)  # bitwise on CPU
 
 
 def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
@@ -111,6 +123,7 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     from detrax import train
     from detrax.loss import criterion
     from detrax.model import DETR
+    from detrax.optim import optimizer
 
     cfg = configs.tiny()
     rs = np.random.default_rng(0)
@@ -124,12 +137,12 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
         monkeypatch.setattr(train, "_compiler_options", lambda: options)
         model = DETR(cfg.model, rngs=nnx.Rngs(0))
         model.train()
-        opt = nnx.Optimizer(model, train.optimizer(cfg.train, 100, 100), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, optimizer(cfg.train, 100, 100), wrt=nnx.Param)
         graphdef, state = nnx.split((model, opt))
         step = train.make_train_step(graphdef, criterion(cfg.loss))
         losses = []
-        for _ in range(3):
-            state, terms = step(state, batch)
+        for i in range(3):
+            state, terms = step(state, batch, i)
             losses.append(float(terms["loss"]))
         return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
 

@@ -129,6 +129,11 @@ class Checkpoints:
                 except FileNotFoundError:
                     pass
 
+    def meta(self, step: int) -> dict:
+        """The meta item of checkpoint `step` (config, step, category names, start record)."""
+        a = self._ocp.args
+        return self.manager.restore(step, args=a.Composite(meta=a.JsonRestore()))["meta"]
+
     def _data_path(self, step: int) -> str:
         import jax
 
@@ -153,7 +158,12 @@ class Checkpoints:
         items = {"model": a.StandardRestore(abstract(nnx.to_pure_dict(model_like))), "meta": a.JsonRestore()}
         if opt_like is not None:
             items["optimizer"] = a.StandardRestore(abstract(nnx.to_pure_dict(opt_like)))
-        out = self.manager.restore(step, args=a.Composite(**items))
+        try:
+            out = self.manager.restore(step, args=a.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:  # orbax: a tree or a shape that does not fit
+            raise ValueError(f"{self.directory}: checkpoint {step} does not fit this model and optimizer "
+                             f"({type(e).__name__}: {str(e)[:300]}); it was written for another model config or by "
+                             "another version of detrax") from None
         opt = back(out["optimizer"], opt_like) if opt_like is not None else None
         data = None
         if opt_like is not None:
@@ -176,7 +186,7 @@ def load_run(workdir: str, step=None, with_meta: bool = False):
     step = ckpts.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}: no checkpoint in {ckpts.directory}")
-    meta = ckpts.manager.restore(step, args=ckpts._ocp.args.Composite(meta=ckpts._ocp.args.JsonRestore()))["meta"]
+    meta = ckpts.meta(step)
     cfg = configs.from_dict(meta["config"]).model
     abstract = nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(0)))
     nnx.reseed(abstract, default=0)  # RNG streams get real keys: their restored values replace them

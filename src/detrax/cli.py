@@ -99,10 +99,18 @@ def cmd_data_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
-def _config(args):
+def _config(args, default: str):
+    """The preset named by --config with the key=value overrides. Without --config, a resumed run keeps its own
+    config (the overrides apply to it) and a new one takes `default`."""
     from detrax import configs
 
-    return configs.override(configs.get(args.config, smoke=args.smoke), args.overrides)
+    if args.config is None and args.resume:
+        from detrax.start import recorded_config
+
+        recorded = recorded_config(args.workdir)
+        if recorded is not None:
+            return configs.override(configs.from_dict(recorded), args.overrides)
+    return configs.override(configs.get(args.config or default, smoke=args.smoke), args.overrides)
 
 
 def _distributed(args):
@@ -115,9 +123,10 @@ def _distributed(args):
 def cmd_train(args) -> int:
     from detrax.train import Run, fit
 
-    cfg = _config(args)
+    cfg = _config(args, "detr_r50")
     _distributed(args)
-    summary = fit(cfg, Run(args.data, args.workdir, resume=args.resume, init=args.init))
+    summary = fit(cfg, Run(args.data, args.workdir, resume=args.resume, init=args.init,
+                           allow_changes=args.allow_changes))
     print(json.dumps({"workdir": args.workdir, "step": summary["step"], "eval": summary["eval"],
                       "stopped": summary["stopped"]}))
     return _exit_status(summary)
@@ -161,8 +170,8 @@ def cmd_demo(args) -> int:
         total = args.num_images + args.num_val
         counts = write_dataset(data, total, args.seed, val_fraction=args.num_val / total)
         print(f"synthetic dataset: {counts['train']} train and {counts['val']} val images in {data}")
-    cfg = _config(args)
-    summary = fit(cfg, Run(data, args.workdir, resume=args.resume))
+    cfg = _config(args, "demo")
+    summary = fit(cfg, Run(data, args.workdir, resume=args.resume, allow_changes=args.allow_changes))
     if summary["stopped"]:
         return _exit_status(summary)
     val = read_coco(data, "val")
@@ -205,10 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
-    s.add_argument("--config", default="detr_r50", help="a preset of detrax.configs")
+    s.add_argument("--config", default=None, help="a preset of detrax.configs (default: detr_r50; with --resume, "
+                   "the run's own config)")
     s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics, plots")
-    s.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue the workdir's run from its latest checkpoint "
+                   "(without one: start it again exactly as it was recorded)")
+    s.add_argument("--allow-changes", action="store_true", help="with --resume: continue although the config, "
+                   "--init weights or training data differ from the run's (the changes are recorded)")
     s.add_argument("--init", default=None, help="start from these weights (the class head may differ)")
     s.add_argument("--smoke", action="store_true", help="the preset's smoke-sized variant")
     s.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
@@ -220,13 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the built-in default: synthetic shapes, train a small DETR on the CPU, "
                                      "evaluate, draw predictions")
     s.add_argument("--workdir", default="runs/demo")
-    s.add_argument("--config", default="demo")
+    s.add_argument("--config", default=None, help="a preset (default: demo; with --resume, the run's own)")
     s.add_argument("--num-images", type=int, default=3000, help="synthetic training images")
     s.add_argument("--num-val", type=int, default=250, help="synthetic val images")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draw", type=int, default=8, help="val images to draw predictions on")
     s.add_argument("--threshold", type=float, default=0.5)
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    s.add_argument("--allow-changes", action="store_true", help="with --resume: continue despite a changed config")
     s.add_argument("--smoke", action="store_true", help="a one-epoch run, to see that everything works")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.set_defaults(func=cmd_demo)
@@ -258,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (argparse takes one block of positionals)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from detrax.errors import TrainingError
 
     try:

@@ -91,7 +91,7 @@ class DataConfig:
     workers: int = 0  # 0: decode in threads of this process; N: N worker processes
     augment: bool = True  # False: training images get the val transform (for overfitting checks)
     train_split: str = "auto"  # auto: the split named train*, else the first
-    val_split: str = "auto"  # auto: the split named val*
+    val_split: str = "auto"  # auto: the split named val*; none: no evaluation
 
 
 @dataclasses.dataclass(frozen=True)

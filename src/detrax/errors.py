@@ -12,3 +12,8 @@ class BadSteps(TrainingError):
 
 class CheckpointWriteError(TrainingError, OSError):
     """A checkpoint could not be written (full disk, unwritable folder); the previous one is intact."""
+
+
+class ResumeConflict(ValueError):
+    """A command line that contradicts the run it would continue (another config, other `--init` weights, other
+    training data), or a workdir that already holds a run."""

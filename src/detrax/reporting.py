@@ -22,9 +22,31 @@ class Reporter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+
+    def _writer(self, purge_step: int | None = None):
+        if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=purge_step)
+        return self._tb
+
+    def begin(self, step: int, kind: str, record: dict, changes: list[str]):
+        """The metrics log rewound to `step` (rows of a killed run's steps after its checkpoint are dropped: the
+        resumed run logs them again; TensorBoard is told to purge its events from `step` on), then a row of `kind`
+        (start or resume) with what the run started from."""
+        if not self.enabled:
+            return
+        self._writer(purge_step=step)
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            kept = [line for line in open(path) if line.endswith("}\n") and json.loads(line)["step"] <= step
+                    and step > 0]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": step / max(1, self.per_epoch), "kind": kind,
+                                "time": time.time(), "record": record, "changes": changes}) + "\n")
 
     def start(self, step: int):
         self.t0, self.step0 = time.time(), step
@@ -37,9 +59,10 @@ class Reporter:
                **{k: float(v) for k, v in metrics.items()}}
         with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        tb = self._writer()
         for k, v in metrics.items():
-            self._tb.add_scalar(f"{kind}/{k}", float(v), step)
-        self._tb.flush()
+            tb.add_scalar(f"{kind}/{k}", float(v), step)
+        tb.flush()
         if kind == "train":
             self.last = {k: float(metrics[k]) for k in SHOWN if k in metrics}
         else:

@@ -20,32 +20,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from detrax import configs
-from detrax.backbone import ResNet
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import list_splits, read_split
 from detrax.data.transforms import normalize_batch
 from detrax.errors import BadSteps, TrainingError
 from detrax.loss import criterion
-from detrax.model import DETR, WEIGHTS, assemble, weight_arrays
+from detrax.model import DETR, assemble, weight_arrays
+from detrax.optim import lr_factor, optimizer
 
 BATCH_KEYS = ("pixels", "mask", "labels", "boxes", "valid")
-
-
-def _group(params):
-    """'backbone' for the backbone's parameters, 'rest' for the others."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "backbone" if getattr(path[0], "key", None) == "backbone" else "rest", params)
-
-
-def optimizer(cfg: configs.TrainConfig, total_steps: int, drop_step: int) -> optax.GradientTransformation:
-    """AdamW with the backbone at its own learning rate, both x0.1 at `drop_step`, after clipping the global
-    gradient norm, as the official main.py."""
-    sched = lambda lr: optax.piecewise_constant_schedule(lr, {drop_step: 0.1}) if drop_step < total_steps else lr
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_max_norm) if cfg.clip_max_norm > 0 else optax.identity(),
-        optax.multi_transform({"rest": optax.adamw(sched(cfg.lr), weight_decay=cfg.weight_decay),
-                               "backbone": optax.adamw(sched(cfg.lr_backbone), weight_decay=cfg.weight_decay)},
-                              _group))
 
 
 def _compiler_options() -> dict | None:
@@ -56,11 +39,12 @@ def _compiler_options() -> dict | None:
 
 
 def make_train_step(graphdef, loss_fn):
-    """A jitted (state, batch) -> (state, metrics): forward, set loss, backward, clip, AdamW. A step whose loss
-    or gradient is not finite changes nothing (the state passes through) and reports `skipped` = 1."""
+    """A jitted (state, batch, i) -> (state, metrics): forward, set loss, backward, clip, AdamW at the learning
+    rate of loop step `i` (0-based). A step whose loss or gradient is not finite changes nothing (the state
+    passes through) and reports `skipped` = 1."""
 
     @functools.partial(jax.jit, donate_argnums=0, compiler_options=_compiler_options())
-    def step(state, batch):
+    def step(state, batch, i):
         old = jax.tree.leaves(state)  # the arrays themselves: merge's variables are updated in place below
         model, opt = nnx.merge(graphdef, state)
         pixels = normalize_batch(batch["pixels"], batch["mask"])
@@ -73,7 +57,7 @@ def make_train_step(graphdef, loss_fn):
         (loss, terms), grads = nnx.value_and_grad(objective, has_aux=True)(model)
         terms["grad_norm"] = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(terms["grad_norm"])
-        opt.update(model, grads)
+        opt.update(model, grads, step=i)
         leaves, treedef = jax.tree.flatten(nnx.state((model, opt)))
         terms["skipped"] = (~ok).astype(jnp.int32)
         return jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(leaves, old, strict=True)]), terms
@@ -83,7 +67,8 @@ def make_train_step(graphdef, loss_fn):
 
 class Stop:
     """SIGTERM and SIGINT (Ctrl-C) ask the training loop to save a checkpoint and return; a second Ctrl-C
-    interrupts at once. Installed only in the main thread, restored on exit."""
+    interrupts at once. Installed only in the main thread, restored on exit. `agreed()` is the signal that stops
+    the run: on several hosts, a signal that reached any one of them stops all of them at the same step."""
 
     def __init__(self):
         self.signal = None
@@ -101,6 +86,17 @@ class Stop:
         self.signal = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is not ignored
 
+    def agreed(self) -> str | None:
+        """This host's signal, or on several hosts the one any host received (every host must call this at the
+        same step: it is a collective)."""
+        if jax.process_count() == 1:
+            return self.signal
+        from jax.experimental import multihost_utils
+
+        mine = signal.Signals[self.signal].value if self.signal else 0
+        code = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        return signal.Signals(code).name if code else None
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -112,10 +108,11 @@ class Run:
 
     data_dir: str
     workdir: str
-    resume: bool = False
+    resume: bool = False  # continue the workdir's run: from its latest checkpoint, else afresh as it was recorded
     init: str | None = None  # weights to start from (detrax, official, HF, torchvision)
     quiet: bool = False
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this call
+    allow_changes: bool = False  # resume although the config, --init or data differ from the run's (recorded)
 
 
 def resolve_split(root: str, want: str, prefix: str) -> str:
@@ -128,39 +125,9 @@ def resolve_split(root: str, want: str, prefix: str) -> str:
     return match[0]
 
 
-def init_from(model: DETR, path: str) -> list[str]:
-    """Copy the weights of `path` into `model` where the shapes agree; the class head may differ (another number
-    of classes) and is then left freshly initialised. Returns the names left fresh."""
-    from detrax.api import load
-
-    source = weight_arrays(load(path).model)
-    target = weight_arrays(model)
-    fresh, arrays = [], {}
-    for name, value in target.items():
-        src = source.get(name)
-        if src is not None and src.shape == value.shape:
-            arrays[name] = src
-        elif name.startswith("class_embed"):
-            arrays[name] = value
-            fresh.append(name)
-        else:
-            raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
-                             f"{value.shape}")
-    nnx.update(model, nnx.state(assemble(model.config, arrays, init_rest=True), WEIGHTS))
-    return fresh
-
-
-def calibrate(model: DETR, records, dc: configs.DataConfig) -> None:
-    """Frozen batch-norm statistics from a batch of training images (val transform): a from-scratch backbone
-    starts normalised instead of with activations that grow by orders of magnitude per stage."""
-    augment = Augment(False, val_size=dc.val_size, max_size=dc.max_size)
-    with Loader(dataset(records, augment, len(records), max_targets=dc.max_targets, step=dc.bucket_step)) as it:
-        batch = next(it)
-    model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), calibrate=True)
-
-
 def fit(cfg: configs.Config, run: Run) -> dict:
     """Train `cfg` on the COCO-format folder `run.data_dir`, writing to `run.workdir`. Returns the last eval."""
+    from detrax import start
     from detrax.checkpoint import Checkpoints
     from detrax.evaluate import evaluate
     from detrax.reporting import Reporter, plot
@@ -172,7 +139,8 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {jax.device_count()} devices")
     if dc.max_targets > cfg.model.num_queries:
         raise ValueError(f"data.max_targets={dc.max_targets} exceeds model.num_queries={cfg.model.num_queries}")
-    train_ds = read_split(run.data_dir, resolve_split(run.data_dir, dc.train_split, "train"))
+    split = resolve_split(run.data_dir, dc.train_split, "train")
+    train_ds = read_split(run.data_dir, split)
     where = train_ds.annotation_file or train_ds.root
     if train_ds.num_classes > cfg.model.num_classes:
         raise ValueError(f"{where}: category ids reach {train_ds.num_classes - 1}; set "
@@ -183,45 +151,51 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     total = tc.steps or tc.epochs * per_epoch
     drop = round(total * tc.lr_drop / tc.epochs) if tc.steps else tc.lr_drop * per_epoch
 
+    ckpts = Checkpoints(run.workdir, tc.keep)
+    data = {"path": os.path.abspath(run.data_dir), "split": split, "images": len(train_ds.records)}
+    try:
+        begin = start.plan(cfg, run.workdir, run.resume, run.init, data, ckpts, run.allow_changes)
+    except BaseException:
+        ckpts.close()
+        raise
+    reporter = Reporter(run.workdir, total, per_epoch, tc.batch_size, enabled=proc == 0 and not run.quiet)
+    reporter.line(begin.message)  # the first line says how the run begins
+    for change in begin.changes:
+        reporter.line(f"  allowed change: {change}")
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     model = DETR(cfg.model, rngs=nnx.Rngs(tc.seed))
-    notes = []
-    if run.init and not run.resume:
-        fresh = init_from(model, run.init)
-        notes.append(f"initialised from {run.init}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
-    if tc.calibrate_bn and isinstance(model.backbone, ResNet) and not run.init and not run.resume:
-        calibrate(model, train_ds.records[: 4 * tc.batch_size], dc)
-        notes.append(f"frozen batch norm calibrated on {min(len(train_ds.records), 4 * tc.batch_size)} images")
+    if begin.restore is None:
+        for note in start.initialise(model, begin, train_ds.records, cfg, run.allow_changes):
+            reporter.line(note)
+        start.write_record(run.workdir, begin.record)
     opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     state = replicate(state, replicated)
     loss_fn = criterion(cfg.loss)
     step_fn = make_train_step(graphdef, lambda out, t: loss_fn(out, t, mesh=mesh))
+    factor = lr_factor(total, drop)
 
     augment = Augment(True, dc.augment, dc.scales, dc.max_size, dc.crop_scales, dc.crop_size, dc.val_size)
     train_data = dataset(train_ds.records, augment, tc.batch_size // n_proc, max_targets=dc.max_targets,
                          step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)
     loader = Loader(train_data, workers=dc.workers)
-    ckpts = Checkpoints(run.workdir, tc.keep)
-    start = 0
-    if run.resume and ckpts.latest_step() is not None:
-        _, _, data_state, meta = ckpts.restore(state[0], state[1])  # fills state in place
+    first = 0
+    if begin.restore is not None:
+        _, _, data_state, meta = ckpts.restore(state[0], state[1], begin.restore)  # fills state in place
         loader.restore(data_state)
-        start = meta["step"]
-        notes.append(f"resumed from step {start}")
-    reporter = Reporter(run.workdir, total, per_epoch, tc.batch_size, enabled=proc == 0 and not run.quiet)
-    for note in notes:
-        reporter.line(note)
+        first = meta["step"]
+    reporter.begin(first, "resume" if begin.restore is not None else "start", begin.record, begin.changes)
     val_ds = None
     try:
-        val_ds = read_split(run.data_dir, resolve_split(run.data_dir, dc.val_split, "val"))
+        if dc.val_split != "none":
+            val_ds = read_split(run.data_dir, resolve_split(run.data_dir, dc.val_split, "val"))
     except ValueError as e:
         reporter.line(f"no evaluation: {e}")
 
     def save(step):
         ckpts.save(step, state[0], state[1], loader.state(),
-                   {"step": step, "config": configs.to_dict(cfg), "names": train_ds.names})
+                   {"step": step, "config": configs.to_dict(cfg), "names": train_ds.names, "start": begin.record})
 
     evaluator = []  # one Detector for every evaluation: its compiled shapes are reused, not rebuilt
 
@@ -240,15 +214,15 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         return metrics
 
     metrics, last_eval, stopped = {}, None, None
-    reporter.start(start)
-    end = total if run.stop_after is None else min(total, start + run.stop_after)
+    reporter.start(first)
+    end = total if run.stop_after is None else min(total, first + run.stop_after)
     try:
         with Stop() as stop:
             bad = 0
-            for step in range(start, end):
+            for step in range(first, end):
                 local = next(loader)
                 batch = {k: jax.make_array_from_process_local_data(sharded, local[k]) for k in BATCH_KEYS}
-                state, terms = step_fn(state, batch)
+                state, terms = step_fn(state, batch, step)
                 done = step + 1
                 if int(local_copy(terms["skipped"])):  # the state passed through unchanged
                     bad += 1
@@ -263,15 +237,18 @@ def fit(cfg: configs.Config, run: Run) -> dict:
                     bad = 0
                 if done % tc.log_every == 0 or done == total:
                     metrics = jax.device_get(terms)
-                    reporter.log(done, "train", metrics)
+                    reporter.log(done, "train", {**metrics, "lr": tc.lr * float(factor(step)),
+                                                 "lr_backbone": tc.lr_backbone * float(factor(step))})
                 reporter.progress(done)
                 if done % tc.ckpt_every == 0 and done < total:
                     save(done)
                 if tc.eval_every and done % (tc.eval_every * per_epoch) == 0 and done < total:
                     last_eval = run_eval(done)
-                if stop.signal:
-                    stopped, end = stop.signal, done
-                    break
+                if stop.signal or n_proc > 1:
+                    stopped = stop.agreed()
+                    if stopped:
+                        end = done
+                        break
             if ckpts.latest_step() != end:
                 save(end)
             if stopped:

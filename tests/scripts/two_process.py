@@ -1,26 +1,32 @@
 """One of two processes of a multi-host run on localhost with CPU collectives (run by tests/test_distributed.py):
-argv = process_id port data_dir workdir. Trains a few steps, prints the digest of its final parameters."""
+argv = process_id port data_dir workdir steps [resume]. Trains (or resumes) a tiny DETR for `steps` steps,
+prints the digest of its final parameters and how it ended; exits 128 + the signal that stopped it, if one did."""
 
 import json
+import signal
 import sys
 
 import jax
 
 
-def main(process_id, port, data_dir, workdir):
+def main(process_id, port, data_dir, workdir, steps, resume):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     from detrax import configs
     from detrax.train import Run, fit, params_digest
 
-    cfg = configs.override(configs.get("demo"), ["train.steps=3", "train.batch_size=4", "train.eval_every=0",
-                                                 "train.log_every=1", "model.dropout=0.1"])
-    summary = fit(cfg, Run(data_dir, workdir, quiet=True))
+    cfg = configs.override(configs.get("tiny"), [  # one batch shape: one compile
+        f"train.steps={steps}", "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1", "data.workers=0",
+        "data.scales=64,80", "data.max_size=96", "data.crop_scales=48,64", "data.crop_size=32,48",
+        "data.max_targets=8", "data.bucket_step=96", "data.val_split=none", "loss.matcher=hungarian_jax"])
+    summary = fit(cfg, Run(data_dir, workdir, quiet=True, resume=resume))
     print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                       "devices": jax.device_count(), "digest": params_digest(summary["params"]),
-                      "loss": summary["train"]["loss"]}))
+                      "step": summary["step"], "stopped": summary["stopped"]}), flush=True)
     jax.distributed.shutdown()
+    return 128 + signal.Signals[summary["stopped"]].value if summary["stopped"] else 0
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                  sys.argv[6:] == ["resume"]))

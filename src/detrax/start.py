@@ -1,0 +1,232 @@
+"""How a training run begins, decided in one place (`plan`): afresh, or from its workdir's latest checkpoint.
+
+A fresh start builds the model from the seed, then copies `--init` weights into it or calibrates its frozen batch
+norm (`initialise`), and records what it started from: the config, the `--init` path with a digest of its
+weights, whether the batch norm was calibrated, and the training data. The record is written to `run.json` in
+the workdir before the first step and travels in every checkpoint's meta.
+
+`--resume` on a workdir with a checkpoint restores it and initialises nothing. On a workdir without one it is a
+fresh start of the recorded run: the same config and `--init` weights (taken from the record when the command
+line names none), so a run killed before its first checkpoint restarts exactly as it began. Either way, a
+command line that contradicts the run (another config, other `--init` weights, other training data) is refused,
+naming each difference, unless the caller allows changes; fields that do not change what is computed (how often
+to log, evaluate, checkpoint, how many workers decode) may change freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from detrax import configs
+from detrax.errors import ResumeConflict
+
+RECORD = "run.json"
+FORMAT = "detrax-run/1"
+# config fields that change nothing that is computed: free to differ between a run and its resumption
+BOOKKEEPING = {"train.ckpt_every", "train.keep", "train.eval_every", "train.log_every", "train.max_bad_steps",
+               "data.workers"}
+
+
+@dataclasses.dataclass
+class Start:
+    """What `plan` decided."""
+
+    restore: int | None  # the checkpoint step to continue from; None: a fresh start
+    record: dict  # what the run started from (a fresh start completes it in `initialise`)
+    message: str  # the run's first line: how it begins
+    changes: list[str]  # differences from the run that the caller allowed
+    expect_init: str | None = None  # a fresh start of a recorded run: the digest its --init weights must have
+
+
+def plan(cfg: configs.Config, workdir: str, resume: bool, init: str | None, data: dict, ckpts,
+         allow_changes: bool = False) -> Start:
+    """Decide how the run in `workdir` begins. `data` describes the training split ({"path", "split",
+    "images"}); `ckpts` is the workdir's `checkpoint.Checkpoints`."""
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        raise ResumeConflict(f"{workdir} already holds a run (checkpoint of step {latest} in {ckpts.directory}): "
+                             "--resume continues it; another --workdir starts a new run")
+    if resume and latest is not None:
+        meta = ckpts.meta(latest)
+        record = meta.get("start") or {"config": meta["config"], "init": None, "calibration": None, "data": None}
+        changes = _check(cfg, meta["config"], record, init, data, allow_changes, f"checkpoint {latest}")
+        return Start(latest, record, f"resuming {workdir} from its checkpoint of step {latest}", changes)
+    fresh = {"format": FORMAT, "config": configs.to_dict(cfg), "init": None, "calibration": None, "data": data}
+    recorded = read_record(workdir) if resume else None
+    if recorded is None:
+        why = (f"--resume: no checkpoint and no run recorded in {workdir}: a new run" if resume else
+               f"a new run in {workdir}")
+        return Start(None, {**fresh, "init": {"path": init}} if init else fresh, why, [])
+    changes = _check(cfg, recorded["config"], recorded, init, data, allow_changes, os.path.join(workdir, RECORD))
+    started = recorded.get("init")
+    path = init or (started or {}).get("path")
+    record = {**fresh, "init": {"path": path} if path else None}
+    expect = started.get("weights_sha256") if started and not (changes and init) else None
+    how = (f"from {path}" if path else "from its seed") + (", batch norm calibrated" if recorded.get("calibration")
+                                                         else "")
+    return Start(None, record, f"--resume: no checkpoint in {workdir} yet: the run starts again from the "
+                               f"beginning, exactly as recorded in {RECORD} ({how})", changes, expect)
+
+
+def _check(cfg, recorded_cfg: dict, record: dict, init: str | None, data: dict, allow: bool, where: str) -> list:
+    """The differences between this command line and the run; refused unless `allow`."""
+    diffs = config_differences(recorded_cfg, configs.to_dict(cfg))
+    started = record.get("init")
+    if init is not None:
+        digest = weights_digest(load_init(init))
+        if started is None:
+            diffs.append(f"--init {init}: the run started without --init")
+        elif started.get("weights_sha256") != digest:
+            diffs.append(f"--init {init} (weights sha256 {digest[:12]}): the run started from {started['path']} "
+                         f"(weights sha256 {str(started.get('weights_sha256'))[:12]})")
+    was = record.get("data")
+    if was and (was["split"], was["images"]) != (data["split"], data["images"]):
+        diffs.append(f"training data: split {data['split']!r} of {data['images']} images in {data['path']}; the run "
+                     f"trained on split {was['split']!r} of {was['images']} images in {was['path']}")
+    if diffs and not allow:
+        raise ResumeConflict(f"--resume: this command line contradicts the run recorded in {where}:\n  "
+                             + "\n  ".join(diffs) + "\nrun the same command as the run, or pass --allow-changes to "
+                             "resume with these changes (they are recorded in metrics.jsonl)")
+    return diffs
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every field that differs (bookkeeping fields and the preset's name aside)."""
+    old, new = _flat(configs.to_dict(configs.from_dict(old))), _flat(new)
+    return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if k not in BOOKKEEPING and k != "name" and old.get(k) != new.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def initialise(model, start: Start, records, cfg: configs.Config, allow_changes: bool = False) -> list[str]:
+    """A fresh start: `--init` weights into `model` (the class head may differ and is then left fresh), or its
+    frozen batch norm calibrated on the first training images; completes `start.record`. Returns notes."""
+    from detrax.backbone import ResNet
+
+    notes, init = [], start.record.get("init")
+    if init:
+        arrays = load_init(init["path"])
+        init["weights_sha256"] = digest = weights_digest(arrays)
+        if start.expect_init and digest != start.expect_init and not allow_changes:
+            raise ResumeConflict(f"--resume: {init['path']} now holds other weights (sha256 {digest[:12]}) than the "
+                                 f"run started from (sha256 {start.expect_init[:12]}); give --init the run's "
+                                 "weights, or pass --allow-changes to start it again from these")
+        init["fresh"] = fresh = init_from(model, arrays, init["path"])
+        notes.append(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
+                     + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    elif cfg.train.calibrate_bn and isinstance(model.backbone, ResNet):
+        n = min(len(records), 4 * cfg.train.batch_size)
+        calibrate(model, records[:n], cfg.data)
+        start.record["calibration"] = {"images": n}
+        notes.append(f"frozen batch norm calibrated on {n} images")
+    return notes
+
+
+def load_init(path: str) -> dict:
+    """{name: array} of every weight of the detector in `path` (any format `detrax.load` reads)."""
+    from detrax.api import load
+    from detrax.model import weight_arrays
+
+    return {k: np.asarray(v) for k, v in weight_arrays(load(path).model).items()}
+
+
+def weights_digest(arrays: dict) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of the weights, in name order: the same weights give the
+    same digest whatever file format carried them."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.shape}:{a.dtype};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def init_from(model, source: dict, path: str) -> list[str]:
+    """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree; the class
+    head may differ (another number of classes) and is then left freshly initialised. Returns the names left
+    fresh."""
+    from flax import nnx
+
+    from detrax.model import WEIGHTS, assemble, weight_arrays
+
+    fresh, arrays = [], {}
+    for name, value in weight_arrays(model).items():
+        src = source.get(name)
+        if src is not None and src.shape == value.shape:
+            arrays[name] = src
+        elif name.startswith("class_embed"):
+            arrays[name] = value
+            fresh.append(name)
+        else:
+            raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
+                             f"{value.shape}")
+    nnx.update(model, nnx.state(assemble(model.config, arrays, init_rest=True), WEIGHTS))
+    return fresh
+
+
+def calibrate(model, records, dc: configs.DataConfig) -> None:
+    """Frozen batch-norm statistics from a batch of training images (val transform): a from-scratch backbone
+    starts normalised instead of with activations that grow by orders of magnitude per stage."""
+    from detrax.data.loader import Augment, Loader, dataset
+    from detrax.data.transforms import normalize_batch
+
+    augment = Augment(False, val_size=dc.val_size, max_size=dc.max_size)
+    with Loader(dataset(records, augment, len(records), max_targets=dc.max_targets, step=dc.bucket_step)) as it:
+        batch = next(it)
+    model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), calibrate=True)
+
+
+def recorded_config(workdir: str) -> dict | None:
+    """The config of the run in `workdir` (its latest checkpoint's, else its start record's), or None."""
+    from detrax.checkpoint import Checkpoints
+
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        ckpts = Checkpoints(workdir)
+        try:
+            latest = ckpts.latest_step()
+            if latest is not None:
+                return ckpts.meta(latest)["config"]
+        finally:
+            ckpts.close()
+    record = read_record(workdir)
+    return record["config"] if record else None
+
+
+def read_record(workdir: str) -> dict | None:
+    path = os.path.join(workdir, RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ResumeConflict(f"{path}: the run's start record cannot be read ({e}); move it away to start the run "
+                             "afresh") from None
+    if record.get("format") != FORMAT:
+        raise ResumeConflict(f"{path}: not a detrax run record (format {record.get('format')!r})")
+    return record
+
+
+def write_record(workdir: str, record: dict) -> None:
+    """`run.json`, atomically (each host writes its own temporary file)."""
+    import jax
+
+    path = os.path.join(workdir, RECORD)
+    tmp = f"{path}.tmp{jax.process_index()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
