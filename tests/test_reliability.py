@@ -146,8 +146,9 @@ def test_sigkill_six_times_then_resume_equals_a_straight_run(synth, straight, tm
 
 @pytest.fixture(scope="module")
 def init_weights(tmp_path_factory):
-    import detrax
     from flax import nnx
+
+    import detrax
 
     path = tmp_path_factory.mktemp("init") / "start.safetensors"
     detrax.Detector(detrax.DETR(configs.get("tiny").model, rngs=nnx.Rngs(7))).save(path)
