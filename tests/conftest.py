@@ -15,6 +15,23 @@ def require(module: str, extra: str = "dev"):
         pytest.fail(f"the reference package {module!r} is missing: pip install -e '.[{extra}]'", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the whole run, its workers and the processes they start: the
+    tests build the same tiny programs many times (a cached executable is the same machine code, so bitwise
+    checks hold). Under xdist the workers' temporary folders share a parent."""
+    import jax
+
+    base = tmp_path_factory.getbasetemp()
+    cache = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache")
+    settings = {"jax_compilation_cache_dir": cache, "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+    yield cache
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -26,16 +26,7 @@ from detrax.train import Run, fit, params_digest
 KILLABLE = Path(__file__).parent / "scripts" / "killable.py"
 STEPS = 24
 FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.1", "data.workers=0",
-        "loss.matcher=hungarian_jax"]  # no host callback: the compilation cache below serves repeated runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    old = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old)
+        "loss.matcher=hungarian_jax"]  # no host callback: the compilation cache (conftest) serves repeated runs
 
 
 @pytest.fixture(scope="module")
