@@ -1,4 +1,4 @@
-"""The training input pipeline on the real COCO images of ../shared/data/coco-tiny: images per second with 0, 1
+"""The training input pipeline on the real COCO images of tests/data/coco-tiny: images per second with 0, 1
 and 2 worker processes, and the padding waste of shape buckets against padding each batch to its own maximum
 (a new shape almost every batch) and to the worst case 1333 x 1333 (one shape).
 
@@ -14,7 +14,7 @@ from detrax.data.batching import bucket_shape
 from detrax.data.coco import read_coco
 from detrax.data.loader import Augment, Loader, dataset
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coco-tiny")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "coco-tiny")
 
 
 def main():

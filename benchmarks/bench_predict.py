@@ -1,4 +1,4 @@
-"""Inference throughput on the real images of ../shared/data/coco-tiny: detrax `Detector.predict` at batch 1 and
+"""Inference throughput on the real images of tests/data/coco-tiny: detrax `Detector.predict` at batch 1 and
 8 (DETR-R50, images resized as the official val transform), against HF transformers' DETR pipeline (image
 processor + model + post_process_object_detection) on the same images in the same run. Random weights: speed
 does not depend on their values.
@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "coco-tiny", "train2017")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "coco-tiny", "train2017")
 
 
 def run_detrax(images, batch, size, max_size):

@@ -9,8 +9,8 @@ import pytest
 from conftest import require
 from hf_reference import build_hf_detr, hf_all_layers, padded_batch
 
-from detrax import checkpoint
 from detrax import convert as cv
+from detrax import weights
 from detrax.backbone import ResNet
 from detrax.configs import ModelConfig
 
@@ -55,7 +55,7 @@ def test_official_checkpoint_gives_official_outputs(tmp_path, dilation, pre_norm
     assert report["format"] == "official" and cfg.dilation == dilation and cfg.pre_norm == pre_norm
     assert (cfg.depths, cfg.width, cfg.hidden_dim, cfg.enc_layers, cfg.dec_layers, cfg.num_queries,
             cfg.num_classes) == ((1, 1, 2, 3), 8, 32, 2, 2, 10, 5)
-    model = checkpoint.load_weights(tmp_path / "out.safetensors")
+    model = weights.load_weights(tmp_path / "out.safetensors")
     logits, boxes = _all_layers(model, pixels, mask)
     assert logits.shape == (2, 2, 10, 6)
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
@@ -113,7 +113,7 @@ def test_hf_transformers4_hub_names_from_safetensors(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     report = cv.convert_file(tmp_path / "model.safetensors", tmp_path / "out.safetensors", num_heads=4)
     assert report["format"] == "hf" and report["config"].num_classes == 5
-    logits, boxes = _all_layers(checkpoint.load_weights(tmp_path / "out.safetensors"), pixels, mask)
+    logits, boxes = _all_layers(weights.load_weights(tmp_path / "out.safetensors"), pixels, mask)
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
     np.testing.assert_allclose(boxes, want_boxes, atol=1e-4, rtol=0)
 
@@ -154,7 +154,7 @@ def test_unrecognised_layout_and_bad_files(tmp_path):
 
 
 def test_torch_file_without_torch_says_how_to_install(tmp_path, monkeypatch):
-    (tmp_path / "w.pth").write_bytes(b"x")
+    (tmp_path / "w.pth").write_bytes(b"\x80\x02}q\x00.")  # the start of a pickle: torch's legacy format
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(cv.ConversionError, match=r"needs PyTorch: pip install 'detrax\[torch\]'"):
         cv.read_state_dict(tmp_path / "w.pth")
@@ -162,14 +162,43 @@ def test_torch_file_without_torch_says_how_to_install(tmp_path, monkeypatch):
 
 def test_weights_file_round_trip_and_bad_file(tmp_path, official_sd):
     model, _ = cv.convert(official_sd, num_heads=4)
-    checkpoint.save_weights(model, tmp_path / "w.safetensors")
-    again = checkpoint.load_weights(tmp_path / "w.safetensors")
+    weights.save_weights(model, tmp_path / "w.safetensors")
+    again = weights.load_weights(tmp_path / "w.safetensors")
     x = np.random.default_rng(0).standard_normal((1, 40, 40, 3)).astype(np.float32)
     np.testing.assert_array_equal(model(x)["pred_boxes"], again(x)["pred_boxes"])
     with pytest.raises(ValueError, match="not a detrax weights file"):
         from safetensors.numpy import save_file
         save_file({"a": np.zeros(1, np.float32)}, tmp_path / "other.safetensors")
-        checkpoint.load_weights(tmp_path / "other.safetensors")
+        weights.load_weights(tmp_path / "other.safetensors")
+
+
+def test_files_are_told_by_their_content_not_their_names(tmp_path, official_sd):
+    """`detrax convert official.pth converted` (no suffix), then `detrax.load("converted")`; a torch file named
+    .safetensors and an .npz named .bin are read for what they are; anything else is named as such."""
+    import detrax
+    from detrax import cli
+
+    tensors = {k: torch.from_numpy(v) for k, v in official_sd.items()}
+    torch.save({"model": tensors}, tmp_path / "official.pth")
+    torch.save({"model": tensors}, tmp_path / "misnamed.safetensors")
+    torch.save({"model": tensors}, tmp_path / "legacy", _use_new_zipfile_serialization=False)
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(2, np.float32))
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays.bin")
+    (tmp_path / "text.pth").write_text("hello")
+    kinds = {name: weights.file_kind(tmp_path / name) for name in ("official.pth", "misnamed.safetensors",
+                                                                     "legacy", "arrays.bin")}
+    assert kinds == {"official.pth": "torch", "misnamed.safetensors": "torch", "legacy": "torch",
+                     "arrays.bin": "npz"}
+    with pytest.raises(ValueError, match="text.pth: not a weights file"):
+        weights.file_kind(tmp_path / "text.pth")
+    assert cli.main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "converted"), "--num-heads", "4"]) == 0
+    assert weights.file_kind(tmp_path / "converted") == "safetensors" and weights.is_detrax(tmp_path / "converted")
+    x = np.random.default_rng(0).standard_normal((1, 40, 40, 3)).astype(np.float32)
+    want = detrax.load(str(tmp_path / "official.pth"), num_heads=4).model(x)["pred_boxes"]
+    for name in ("converted", "misnamed.safetensors", "legacy"):
+        got = detrax.load(str(tmp_path / name), **({} if name == "converted" else {"num_heads": 4}))
+        np.testing.assert_array_equal(got.model(x)["pred_boxes"], want, err_msg=name)
+    assert cli.main(["convert", str(tmp_path / "text.pth"), str(tmp_path / "x")]) == 2
 
 
 def test_resnet_module_has_torchvision_structure():
@@ -185,6 +214,6 @@ def test_cli_convert(tmp_path, capsys, official_sd):
                      "--num-heads", "4"]) == 0
     out = capsys.readouterr().out
     assert "official checkpoint" in out and "DC5" in out
-    assert checkpoint.read_config(tmp_path / "w.safetensors").dilation
+    assert weights.read_config(tmp_path / "w.safetensors").dilation
     assert cli.main(["convert", str(tmp_path / "nothing.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert "nothing.pth: no such file" in capsys.readouterr().err

@@ -14,14 +14,13 @@ from detrax import cli
 from detrax.data.coco import DataError, load_image, read_coco, splits
 from detrax.data.synthetic import write_dataset
 
-COCO_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-tiny"
+COCO_TINY = Path(__file__).resolve().parent / "data" / "coco-tiny"  # 16 real COCO images (tests/data/README.md)
 
 
 @pytest.fixture(scope="module")
 def coco_tiny():
     if not (COCO_TINY / "annotations" / "instances_train2017.json").is_file():
-        pytest.fail(f"the shared test data is missing: expected {COCO_TINY} (../shared/data/coco-tiny beside the "
-                    "repository)", pytrace=False)
+        pytest.fail(f"the test data is missing: expected {COCO_TINY} (part of the repository)", pytrace=False)
     return str(COCO_TINY)
 
 

@@ -85,7 +85,7 @@ class Detector:
         return attention_panels(self.model, image, normalize(resize(image, size, max_size)), det, points)
 
     def save(self, path: str | os.PathLike) -> None:
-        from detrax.checkpoint import save_weights
+        from detrax.weights import save_weights
 
         save_weights(self.model, path)
 
@@ -100,21 +100,18 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
         import dataclasses
 
         return Detector(DETR(dataclasses.replace(cfg, **config_overrides), rngs=nnx.Rngs(0)))
-    from detrax import checkpoint
-
     if os.path.isdir(path):
+        from detrax import checkpoint
+
         model, meta = checkpoint.load_run(path, with_meta=True)
         names = {int(k): v for k, v in meta.get("names", {}).items()} or None
         return Detector(model, names=names)
-    if path.endswith(".safetensors"):
-        try:
-            checkpoint.read_config(path)
-        except ValueError:
-            pass  # not ours: an HF file, converted below
-        else:
-            return Detector(checkpoint.load_weights(path, **config_overrides))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
+    from detrax import weights
+
+    if weights.is_detrax(path):  # told by its content, whatever its name
+        return Detector(weights.load_weights(path, **config_overrides))
     from detrax.convert import convert, read_state_dict
 
     model, _ = convert(read_state_dict(path), **config_overrides)

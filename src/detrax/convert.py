@@ -160,17 +160,26 @@ def hf_table(cfg: ModelConfig, keys) -> dict:
 # ----------------------------------------------------------------------------------------- reading sources
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A flat {key: float32 array} from `.safetensors` (no torch needed) or a torch file (`.pth`, `.pt`, `.bin`)."""
+    """A flat {key: float32 array} from a `.safetensors` file (no torch needed), a torch file (`.pth`, `.pt`,
+    `.bin`) or an `.npz` archive (BiT's release format), told apart by their content, not their names."""
+    from detrax.weights import file_kind
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
-    if path.endswith(".npz"):  # BiT's release format
+    try:
+        kind = file_kind(path)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: no such file") from None
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    if kind == "msgpack":
+        raise ConversionError(f"{path}: a Flax msgpack checkpoint; reading those is not supported yet")
+    if kind == "npz":
         try:
             with np.load(path) as z:
                 return {k: np.asarray(z[k], np.float32) for k in z.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ConversionError(f"{path}: not a readable .npz archive ({e})") from None
-    if path.endswith(".safetensors"):
+    if kind == "safetensors":
         from safetensors.numpy import load_file
         return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
     try:
@@ -179,7 +188,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: reading a torch file needs PyTorch: pip install 'detrax[torch]'") from None
     torch.serialization.add_safe_globals([argparse.Namespace])  # the official checkpoints carry their args
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch would go by a .safetensors name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
         raise ConversionError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -302,7 +312,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, **overrides) ->
     if "dilation" not in overrides and "dc5" in os.path.basename(os.fspath(src)).lower():
         overrides["dilation"] = True
     model, report = convert(sd, **overrides)
-    from detrax.checkpoint import save_weights
+    from detrax.weights import save_weights
 
     save_weights(model, dst)
     return report

@@ -144,7 +144,7 @@ class ShapeGroupedBatches(grain.MapDataset):
         for (p, planned), (x, t) in zip(members, examples):
             if tuple(x.shape[:2]) != tuple(planned):
                 record = self._parent[p]
-                raise DataError(f"image {t['image_id']} ({record.get('file_name', '?')}): its annotation says "
+                raise DataError(f"image {t['image_id']} ({record['file']}): its annotation says "
                                 f"{record['width']}x{record['height']} but the image decodes to another size; "
                                 "on several hosts batch shapes are planned from the annotations: fix its size")
         return self.collate(examples, shape=tuple(int(v) for v in shape))

@@ -1,0 +1,102 @@
+"""Weights files: detrax's own format (one `.safetensors` file that carries its model config in the metadata),
+and what any weights file is, told by its content rather than its name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import zipfile
+
+import numpy as np
+
+from detrax.configs import ModelConfig, model_config_from_dict, model_config_to_json
+from detrax.model import DETR, assemble, weight_arrays
+
+FORMAT = "detrax/1"
+KINDS = ("safetensors", "npz", "torch", "msgpack")
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What a weights file is, from its first bytes: `safetensors` (a little-endian header length, then a JSON
+    header), `npz` (a zip of `.npy` arrays), `torch` (torch.save's zip, or its older pickle) or `msgpack` (Flax's
+    serialization: a map). Raises ValueError naming the file when it is none of these."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path}: a damaged zip archive ({e})") from None
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        raise ValueError(f"{path}: a zip archive that is neither torch.save's nor numpy's .npz "
+                         f"(first members: {names[:3]})")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch"  # a pickle: torch.save's legacy format
+    if head[:1] and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "msgpack"
+    raise ValueError(f"{path}: not a weights file detrax knows (safetensors, torch .pth/.bin, .npz or Flax "
+                     f"msgpack); it begins with {head[:8]!r}")
+
+
+def is_detrax(path: str | os.PathLike) -> bool:
+    """Whether `path` is a weights file of detrax's own format, whatever its name."""
+    try:
+        if file_kind(path) != "safetensors":
+            return False
+        read_config(path)
+    except ValueError:
+        return False
+    return True
+
+
+def save_weights(model: DETR, path: str | os.PathLike) -> None:
+    """Every weight of `model` (trained and frozen) and its config, written atomically."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    arrays = {k: np.asarray(v) for k, v in weight_arrays(model).items()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(arrays, tmp, metadata={"format": FORMAT, "config": model_config_to_json(model.config)})
+    os.replace(tmp, path)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a detrax weights file (metadata format {meta.get('format')!r}); "
+                         "convert other checkpoints with `detrax convert`")
+    return model_config_from_dict(json.loads(meta["config"]))
+
+
+def load_weights(path: str | os.PathLike, **config_overrides) -> DETR:
+    """A DETR in eval mode with the weights of `path`. Overrides may change only what leaves the weights'
+    shapes alone (dtype, attention kernel, dropout, dilation)."""
+    from safetensors.numpy import load_file
+
+    path = os.fspath(path)
+    cfg = dataclasses.replace(read_config(path), **config_overrides)
+    try:
+        return assemble(cfg, load_file(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
