@@ -32,7 +32,7 @@ def _heat(att: np.ndarray, size: tuple[int, int]) -> Image.Image:
     a = att - att.min()
     a = (255 * a / max(float(a.max()), 1e-12)).astype(np.uint8)
     rgb = np.stack([a, (a * 0.6).astype(np.uint8), 255 - a], -1)  # blue (low) to orange (high)
-    return Image.fromarray(rgb).resize(size, Image.BILINEAR)
+    return Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)
 
 
 def panel(image: Image.Image, maps: list[np.ndarray], boxes: list, titles: list[str], valid_hw) -> Image.Image:

@@ -5,6 +5,8 @@ kernels are `Frozen` variables, not `nnx.Param`, so an optimizer built with `wrt
 and autodiff computes no backward pass below layer2. DC5 replaces the stride of the last stage by dilation.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -66,18 +68,18 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, cin: int, planes: int, *, stride: int, dilation: int, downsample: bool, trainable: bool,
                  rngs: nnx.Rngs):
-        kw = dict(trainable=trainable, rngs=rngs)
+        kw: dict[str, Any] = dict(trainable=trainable, rngs=rngs)
         self.conv1 = Conv(cin, planes, 1, **kw)
         self.bn1 = FrozenBatchNorm(planes)
         self.conv2 = Conv(planes, planes, 3, stride=stride, dilation=dilation, padding=dilation, **kw)
         self.bn2 = FrozenBatchNorm(planes)
         self.conv3 = Conv(planes, planes * 4, 1, **kw)
         self.bn3 = FrozenBatchNorm(planes * 4)
+        self.downsample_conv: Conv | None = None
+        self.downsample_bn: FrozenBatchNorm | None = None
         if downsample:
             self.downsample_conv = Conv(cin, planes * 4, 1, stride=stride, **kw)
             self.downsample_bn = FrozenBatchNorm(planes * 4)
-        else:
-            self.downsample_conv = self.downsample_bn = None
 
     def __call__(self, x, calibrate: bool = False):
         cb = lambda conv, bn, v: _conv_bn(conv, bn, v, calibrate)

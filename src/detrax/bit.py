@@ -10,6 +10,7 @@ the canvas it was padded into (a test); on an unpadded image this is exactly BiT
 """
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ class Unit(nnx.Module):
     """BiT's PreActBottleneck; `downsample` is the projection shortcut (BiT's `a/proj`)."""
 
     def __init__(self, cin: int, planes: int, *, stride: int, dilation: int, trainable: bool, rngs: nnx.Rngs):
-        kw = dict(trainable=trainable, rngs=rngs)
+        kw: dict[str, Any] = dict(trainable=trainable, rngs=rngs)
         self.gn1 = GroupNorm(cin, trainable=trainable)
         self.conv1 = StdConv(cin, planes, 1, **kw)
         self.gn2 = GroupNorm(planes, trainable=trainable)

@@ -83,7 +83,7 @@ def assemble(config: ModelConfig, arrays: dict, *, seed: int = 0, init_rest: boo
     """
     build = lambda: DETR(config, rngs=nnx.Rngs(seed))
     model = build() if init_rest else nnx.eval_shape(build)
-    graphdef, weights, rest = nnx.split(model, WEIGHTS, ...)
+    graphdef, weights, rest = nnx.split(model, WEIGHTS, ...)  # type: ignore[misc]
     flat = dict(nnx.to_flat_state(weights))
     paths = {path_key(p): p for p in flat}
     extra = sorted(set(arrays) - set(paths))

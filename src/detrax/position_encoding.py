@@ -31,8 +31,8 @@ def sine_position_embedding(mask, num_feats: int = 128, temperature: float = 100
     x = jnp.cumsum(m, axis=2)  # [B, H, W]
     y = y / (y[:, -1:, :] + eps) * scale
     x = x / (x[:, :, -1:] + eps) * scale
-    dim_t = np.arange(num_feats, dtype=np.float32)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)  # [F]
+    f = np.arange(num_feats, dtype=np.float32)
+    dim_t = temperature ** (2 * (f // 2) / num_feats)  # [F]
     pos_x = x[..., None] / dim_t  # [B, H, W, F]
     pos_y = y[..., None] / dim_t  # [B, H, W, F]
     b, h, w = mask.shape

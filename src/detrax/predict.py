@@ -52,7 +52,7 @@ def detect(forward, images, *, threshold=0.7, batch_size=8, size=800, max_size=1
     groups = defaultdict(list)
     for i, x in enumerate(inputs):
         groups[bucket(*x.shape[:2])].append(i)
-    results = [None] * len(images)
+    results: list = [None] * len(images)
     for (bh, bw), idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
@@ -66,7 +66,8 @@ def detect(forward, images, *, threshold=0.7, batch_size=8, size=800, max_size=1
                 mask[j, :h, :w] = True
             sizes = np.ones((n, 2), np.float32)
             sizes[:len(chunk)] = [(images[i].height, images[i].width) for i in chunk]
-            dets = select(*postprocess(forward(pixels, mask), sizes), threshold=threshold)
+            scores, labels, boxes = postprocess(forward(pixels, mask), sizes)
+            dets = select(scores, labels, boxes, threshold=threshold)
             for j, i in enumerate(chunk):
                 results[i] = dets[j]
     return results
@@ -74,7 +75,8 @@ def detect(forward, images, *, threshold=0.7, batch_size=8, size=800, max_size=1
 
 def _color(label: int) -> tuple[int, int, int]:
     rs = np.random.default_rng(label * 7919 + 13)
-    return tuple(int(c) for c in rs.integers(60, 256, 3))
+    r, g, b = (int(c) for c in rs.integers(60, 256, 3))
+    return r, g, b
 
 
 def draw(image: Image.Image, det: dict, names: dict) -> Image.Image:

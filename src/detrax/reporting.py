@@ -17,8 +17,8 @@ class Reporter:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.last = {}
-        self.t0, self.step0 = time.time(), None
+        self.last: dict = {}
+        self.t0, self.step0 = time.time(), 0
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)

@@ -197,7 +197,7 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         ckpts.save(step, state[0], state[1], loader.state(),
                    {"step": step, "config": configs.to_dict(cfg), "names": train_ds.names, "start": begin.record})
 
-    evaluator = []  # one Detector for every evaluation: its compiled shapes are reused, not rebuilt
+    evaluator: list = []  # one Detector for every evaluation: its compiled shapes are reused, not rebuilt
 
     def run_eval(step):
         if val_ds is None or proc != 0:

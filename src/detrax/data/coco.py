@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,9 +29,9 @@ class DataError(ValueError):
 class Dataset:
     root: str
     split: str
-    annotation_file: str
+    annotation_file: str | None  # None for TFDS
     image_dir: str
-    records: list  # (a sequence) per image: image_id, file, width, height, boxes [n, 4] absolute xyxy, labels [n]
+    records: Sequence  # (a sequence) per image: image_id, file, width, height, boxes [n, 4] absolute xyxy, labels [n]
     names: dict  # category id -> name
     problems: list  # what skip_bad skipped: {"file", "id", "error"}
     counts: dict  # crowd, degenerate (dropped by the official rules), annotations kept

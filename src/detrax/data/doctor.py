@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from detrax.data.coco import DataError, load_image, read_coco, splits
 
 
@@ -12,7 +14,7 @@ def check(root: str, split: str | None = None, max_targets: int = 100) -> dict:
     names = [split] if split else splits(root)
     if not names:
         raise DataError(f"{root}: no COCO-format split (annotations/instances_*.json or */_annotations.coco.json)")
-    report = {"root": root, "splits": {}}
+    report: dict[str, Any] = {"root": root, "splits": {}}
     for name in names:
         ds = read_coco(root, name, skip_bad=True)
         problems = list(ds.problems)

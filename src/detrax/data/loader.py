@@ -86,8 +86,9 @@ class ShapeGroupedBatches(grain.MapDataset):
         self.epoch_size, self.augment, self.batch_size, self.collate = epoch_size, augment, batch_size, collate
         self.per_epoch = epoch_size // batch_size
         self.window, self.seed, self.shard = max(1, window), seed, shard
-        self.shards = None  # on several hosts: every host's ShapeGroupedBatches
-        self._cache, self._lock = {}, threading.Lock()  # the last windows' plans; prefetch threads share them
+        self.shards: list[ShapeGroupedBatches] | None = None  # on several hosts: every host's ShapeGroupedBatches
+        self._cache: dict = {}
+        self._lock = threading.Lock()  # the last windows' plans; prefetch threads share them
 
     def __getstate__(self):  # for worker processes: no lock, no cache
         return {**self.__dict__, "_cache": {}, "_lock": None}

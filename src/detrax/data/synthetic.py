@@ -20,7 +20,8 @@ def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 
     texture = np.kron(noise, np.ones((8, 8, 1)))[:height, :width]
     image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8).repeat(3, axis=2))
     draw = ImageDraw.Draw(image)
-    boxes, labels = [], []
+    boxes: list[tuple[int, int, int, int]] = []
+    labels: list[int] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _try in range(20):  # shapes do not overlap, so that every box shows its whole shape
             w = int(rng.integers(max(8, width // 8), max(9, width // 3)))

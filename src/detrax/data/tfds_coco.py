@@ -80,7 +80,7 @@ class Records(collections.abc.Sequence):
 
     def __init__(self, source, ids: tuple, where: str):
         self.source, self.ids, self.where = source, ids, where
-        self.ground_truth = None  # gathered once, by `ground_truth`
+        self.ground_truth: dict | None = None  # gathered once, by `ground_truth`
 
     def __len__(self) -> int:
         return len(self.source)
@@ -119,11 +119,14 @@ def ground_truth(ds: Dataset) -> dict:
     """The split's annotations as a COCO dict for pycocotools (crowd regions kept as iscrowd, TFDS's segment
     areas kept for APs/APm/APl), in one pass over the examples; `ds.counts` gains the crowd and degenerate
     counts of the training rules. Gathered once per dataset: evaluations during training reuse it."""
-    if ds.records.ground_truth is not None:
-        return ds.records.ground_truth
+    records = ds.records
+    assert isinstance(records, Records), "ground_truth reads a TFDS split's records"
+    if records.ground_truth is not None:
+        return records.ground_truth
     counts = {"crowd": 0, "degenerate": 0, "annotations": 0}
-    images, annotations = [], []
-    source, ids, where = ds.records.source, ds.records.ids, ds.records.where
+    images: list[dict] = []
+    annotations: list[dict] = []
+    source, ids, where = records.source, records.ids, records.where
     for i in range(len(source)):
         example = source[i]
         image_id, width, height = _decode_header(example, where)
@@ -138,6 +141,6 @@ def ground_truth(ds: Dataset) -> dict:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(a), "iscrowd": int(is_crowd)})
     ds.counts.update(counts)
-    ds.records.ground_truth = {"images": images, "annotations": annotations,
-                               "categories": [{"id": k, "name": v} for k, v in ds.names.items()]}
-    return ds.records.ground_truth
+    records.ground_truth = {"images": images, "annotations": annotations,
+                            "categories": [{"id": k, "name": v} for k, v in ds.names.items()]}
+    return records.ground_truth

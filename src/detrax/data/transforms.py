@@ -25,7 +25,7 @@ def resized_size(width: int, height: int, size: int, max_size: int | None = None
 
 def resize(image: Image.Image, size: int, max_size: int | None = None) -> Image.Image:
     h, w = resized_size(image.width, image.height, size, max_size)
-    return image if (h, w) == (image.height, image.width) else image.resize((w, h), Image.BILINEAR)
+    return image if (h, w) == (image.height, image.width) else image.resize((w, h), Image.Resampling.BILINEAR)
 
 
 def normalize(image: Image.Image) -> np.ndarray:
@@ -41,7 +41,7 @@ def hflip(image: Image.Image, target: dict):
     w = image.width
     boxes = target["boxes"][:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array([w, 0, w, 0],
                                                                                                  np.float32)
-    return image.transpose(Image.FLIP_LEFT_RIGHT), {**target, "boxes": boxes}
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), {**target, "boxes": boxes}
 
 
 def resize_with_target(image: Image.Image, target: dict, size: int, max_size: int | None = None):
@@ -66,7 +66,8 @@ def train_plan(height: int, width: int, rng, scales, max_size=1333, crop_scales=
     crop_scales), RandomSizeCrop(*crop_size), RandomResize(scales, max_size))). Returns (steps, (height, width)
     of the result); steps are ("flip",), ("resize", size, max_size), ("crop", top, left, height, width). The
     batcher plans shapes with it before any pixel is read."""
-    steps, h, w = [], height, width
+    steps: list[tuple] = []
+    h, w = height, width
     if rng.random() < 0.5:
         steps.append(("flip",))
 
