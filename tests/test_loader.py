@@ -52,6 +52,8 @@ def test_eval_batches_cover_every_image_once(records):
             assert tuple(batch["orig_size"][i]) == (rec["height"], rec["width"])
             seen.append(int(batch["image_id"][i]))
         assert batch["pixels"].shape[1] % 64 == 0 and batch["pixels"].shape[2] % 64 == 0
+        for h, w in batch["size"][batch["real"]]:  # each image on its own bucket, whatever its batch holds
+            assert batch["pixels"].shape[1:3] == bucket_shape(int(h), int(w), 64)
     assert sorted(seen) == sorted(r["image_id"] for r in records)
 
 

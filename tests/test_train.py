@@ -1,6 +1,7 @@
 """Training: the loss falls, a tiny DETR overfits 4 images, exact resume, config errors, evaluation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,43 @@ def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys
     ev.accumulate()
     ev.summarize()
     assert [metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == [float(x) for x in ev.stats[:6]]
+
+
+def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
+    """The evaluation during training (on the live training state), `detrax eval`, `detrax predict` and
+    `Detector.predict` see the same image the same way (the run's own val transform, each image on its own
+    shape bucket): the same detections, with no size or config flag."""
+    import detrax
+
+    run, data = str(tmp_path / "run"), synth
+    live = fit(_cfg("train.steps=12", "train.lr=1e-3", "data.val_size=112", "data.max_size=160"),
+               Run(data, run, quiet=True))["eval"]
+    assert cli.main(["eval", run, "--data", data, "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == pytest.approx(live, abs=1e-9)
+    assert cli.main(["predict", run, f"{data}/val", "--out", str(tmp_path / "pr"), "--threshold", "0"]) == 0
+    capsys.readouterr()
+    evaluated = {}  # image id -> [Q] of (score, category, bbox), in query order
+    for r in json.loads((tmp_path / "ev" / "results.json").read_text()):
+        evaluated.setdefault(r["image_id"], []).append((r["score"], r["category_id"], r["bbox"]))
+    files = sorted((Path(data) / "val").iterdir())
+    detector = detrax.load(run)
+    assert (detector.preprocess.size, detector.preprocess.max_size) == (112, 160)
+    dets = detector.predict([str(f) for f in files], threshold=0.0, batch_size=3)
+    predicted = {}
+    for r in json.loads((tmp_path / "pr" / "results.json").read_text()):
+        predicted.setdefault(r["image_id"], []).append(r)
+    assert set(evaluated) == set(predicted) == {int(f.stem) for f in files}
+    for f, det in zip(files, dets):
+        ev = evaluated[int(f.stem)]
+        for q, score, label, (x0, y0, x1, y1) in zip(det["queries"], det["scores"], det["labels"], det["boxes"]):
+            want_score, want_label, want_box = ev[int(q)]
+            assert abs(score - want_score) < 1e-5 and label == want_label
+            np.testing.assert_allclose([x0, y0, x1 - x0, y1 - y0], want_box, atol=1e-3)
+        cli_rows = predicted[int(f.stem)]
+        np.testing.assert_allclose([r["score"] for r in cli_rows], det["scores"], atol=1e-5)
+        np.testing.assert_allclose([r["bbox"][:2] for r in cli_rows], det["boxes"][:, :2], atol=1e-2)
+    panel = detector.attention(str(files[0]), {k: v[:2] for k, v in dets[0].items()})
+    assert panel.height > 0
 
 
 def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):

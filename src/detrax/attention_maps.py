@@ -64,19 +64,16 @@ def valid_cells(resized_hw, canvas_hw, feature_hw) -> tuple[int, int]:
     return tuple(min(f, math.ceil(r * f / c)) for r, c, f in zip(resized_hw, canvas_hw, feature_hw))
 
 
-def attention_panels(model, image: Image.Image, pixels: np.ndarray, det: dict, points=None) -> Image.Image:
-    """pixels [H, W, 3]: the normalised resized image (unpadded); det: its detections with `queries`. One row per
-    detection (decoder cross-attention of its query), then one per point (x, y in image pixels; encoder
-    self-attention at that cell)."""
-    from detrax.predict import bucket
+def attention_panels(model, image: Image.Image, batch: dict, det: dict, points=None) -> Image.Image:
+    """batch: the image alone, as the inference path pads it (`infer.batches([image], prep, 1)`); det: its
+    detections with `queries`. One row per detection (decoder cross-attention of its query), then one per point
+    (x, y in image pixels; encoder self-attention at that cell)."""
+    from detrax.data.transforms import normalize_batch
 
-    rh, rw = pixels.shape[:2]
-    ch, cw = bucket(rh, rw)
-    x = np.zeros((1, ch, cw, 3), np.float32)
-    x[0, :rh, :rw] = pixels
-    mask = np.zeros((1, ch, cw), bool)
-    mask[0, :rh, :rw] = True
-    _, cross, selfa = forward_with_attention(model, x, mask)
+    rh, rw = (int(v) for v in batch["size"][0])
+    ch, cw = batch["pixels"].shape[1:3]
+    mask = batch["mask"][:1]
+    _, cross, selfa = forward_with_attention(model, normalize_batch(batch["pixels"][:1], mask), mask)
     cross, selfa = np.asarray(cross[0]), np.asarray(selfa[0])
     fh, fw = cross.shape[1:]
     vh, vw = valid_cells((rh, rw), (ch, cw), (fh, fw))

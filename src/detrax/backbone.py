@@ -75,11 +75,11 @@ class Bottleneck(nnx.Module):
         self.bn2 = FrozenBatchNorm(planes)
         self.conv3 = Conv(planes, planes * 4, 1, **kw)
         self.bn3 = FrozenBatchNorm(planes * 4)
-        self.downsample_conv: Conv | None = None
-        self.downsample_bn: FrozenBatchNorm | None = None
         if downsample:
-            self.downsample_conv = Conv(cin, planes * 4, 1, stride=stride, **kw)
-            self.downsample_bn = FrozenBatchNorm(planes * 4)
+            self.downsample_conv: Conv | None = Conv(cin, planes * 4, 1, stride=stride, **kw)
+            self.downsample_bn: FrozenBatchNorm | None = FrozenBatchNorm(planes * 4)
+        else:
+            self.downsample_conv = self.downsample_bn = None
 
     def __call__(self, x, calibrate: bool = False):
         cb = lambda conv, bn, v: _conv_bn(conv, bn, v, calibrate)

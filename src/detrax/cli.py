@@ -52,7 +52,7 @@ def cmd_predict(args) -> int:
         print(f"{args.checkpoint}: RANDOM weights, so the boxes mean nothing; pass a converted or trained "
               "checkpoint for real detections")
     dets = detector.predict(images, threshold=args.threshold, batch_size=args.batch_size, size=args.size,
-                            max_size=args.max_size) if images else []
+                            max_size=args.max_size) if images else []  # sizes None: the model's own
     path = write_results(out, kept, images, dets, detector.names)
     if args.attention and dets:
         for f, im, d in zip(kept, images, dets):
@@ -147,11 +147,12 @@ def cmd_eval(args) -> int:
     from detrax.train import resolve_split
 
     detector = detrax.load(args.checkpoint)
-    data_cfg = configs.get(args.config).data if args.config else configs.DataConfig()
+    # the run's own data config (its val transform), else the preset's, else the official 800/1333
+    data_cfg = configs.get(args.config).data if args.config else detector.data or configs.DataConfig()
     data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val")
     ds = read_split(args.data, split)
-    metrics = evaluate(detector, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out)
+    metrics = evaluate(detector.infer, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out)
     print(json.dumps(metrics))
     return 0
 
@@ -178,7 +179,7 @@ def cmd_demo(args) -> int:
     detector = detrax.load(args.workdir)  # with the dataset's category names
     files = [r["file"] for r in val.records[:args.draw]]
     images = [read_image(f) for f in files]
-    dets = detector.predict(images, threshold=args.threshold, size=cfg.data.val_size, max_size=cfg.data.max_size)
+    dets = detector.predict(images, threshold=args.threshold)  # the run's own val transform
     out = os.path.join(args.workdir, "predictions")
     write_results(out, files, images, dets, detector.names)
     ev = summary["eval"] or {}
@@ -197,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/predict", help="output folder")
     s.add_argument("--threshold", type=float, default=0.7)
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--size", type=int, default=800, help="shorter side after resizing")
-    s.add_argument("--max-size", type=int, default=1333, help="longer side at most")
+    s.add_argument("--size", type=int, default=None,
+                   help="shorter side after resizing (default: a run's own val_size; 800 for weights files)")
+    s.add_argument("--max-size", type=int, default=None, help="longer side at most (default: as --size, 1333)")
     s.add_argument("--generate", type=int, default=2, help="synthetic scenes to make when no image is given")
     s.add_argument("--attention", action="store_true", help="also write <image>_attention.png: each detection's "
                    "decoder cross-attention, and encoder self-attention at the first detections' centres")
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="detrax weights, an official/HF checkpoint, or a training workdir")
     s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--split", default=None, help="default: the split named val*")
-    s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use")
+    s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use (default: "
+                   "a run's own; the official 800/1333 for weights files)")
     s.add_argument("--out", default=None, help="write metrics.json and results.json here")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")

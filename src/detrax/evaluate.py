@@ -1,4 +1,5 @@
-"""COCO box AP with pycocotools, with the official val transform and post-processing (all queries kept)."""
+"""COCO box AP with pycocotools, with the official val transform and post-processing (all queries kept), on
+the one inference path (`infer`)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,19 @@ import numpy as np
 
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import ground_truth
-from detrax.data.transforms import normalize_batch
-from detrax.postprocess import postprocess
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def predict_dataset(forward, records, data_cfg, batch_size: int) -> list[dict]:
-    """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image."""
+def predict_dataset(infer, records, data_cfg, batch_size: int) -> list[dict]:
+    """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
+    `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives."""
     augment = Augment(train=False, val_size=data_cfg.val_size, max_size=data_cfg.max_size)
     ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step)
     results = []
     with Loader(ds) as loader:
         for batch in loader:
-            out = forward(normalize_batch(batch["pixels"], batch["mask"]), batch["mask"])
-            scores, labels, boxes = (np.asarray(x) for x in postprocess(out, batch["orig_size"]))
+            scores, labels, boxes = (np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"]))
             for i in np.flatnonzero(batch["real"]):
                 for s, lab, (x0, y0, x1, y1) in zip(scores[i], labels[i], boxes[i]):
                     results.append({"image_id": int(batch["image_id"][i]), "category_id": int(lab),
@@ -60,10 +59,10 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
     return {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
 
 
-def evaluate(forward, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None) -> dict:
-    """AP of `forward` (pixels, mask -> model outputs) on a `data.coco.Dataset`; with `out_dir`, writes
-    metrics.json and results.json there."""
-    results = predict_dataset(forward, dataset_.records, data_cfg, batch_size)
+def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None) -> dict:
+    """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset`; with `out_dir`, writes metrics.json and
+    results.json there."""
+    results = predict_dataset(infer, dataset_.records, data_cfg, batch_size)
     gt = ground_truth(dataset_)
     ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]
     metrics = coco_ap(gt, results, ids)

@@ -1,22 +1,14 @@
-"""Inference on image files: read, resize, pad into shape buckets, run, post-process, draw, write COCO results.
-
-Each image is padded to its own bucket (its resized size rounded up to a multiple of `BUCKET`), never to the
-largest image of its batch, so its detections do not depend on the other images; each bucket compiles once.
-"""
+"""Image files in, drawings and COCO results out: read, list, draw, write. The detections come from the one
+inference path (`infer`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from detrax.data.transforms import normalize, resize
-from detrax.postprocess import postprocess, select
-
-BUCKET = 128
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -39,38 +31,6 @@ def list_images(paths) -> list[str]:
         else:
             out.append(p)
     return out
-
-
-def bucket(h: int, w: int, multiple: int = BUCKET) -> tuple[int, int]:
-    return -(-h // multiple) * multiple, -(-w // multiple) * multiple
-
-
-def detect(forward, images, *, threshold=0.7, batch_size=8, size=800, max_size=1333) -> list[dict]:
-    """forward(pixels [B, H, W, 3], mask [B, H, W]) -> model outputs. Returns, per image, a dict of `boxes`
-    [N, 4] absolute (x0, y0, x1, y1) in the original image, `scores` [N] and `labels` [N], best first."""
-    inputs = [normalize(resize(im, size, max_size)) for im in images]
-    groups = defaultdict(list)
-    for i, x in enumerate(inputs):
-        groups[bucket(*x.shape[:2])].append(i)
-    results: list = [None] * len(images)
-    for (bh, bw), idx in groups.items():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            n = min(batch_size, len(idx))  # a fixed batch per bucket: the last chunk is padded with blanks
-            pixels = np.zeros((n, bh, bw, 3), np.float32)
-            mask = np.zeros((n, bh, bw), bool)
-            mask[:, :1, :1] = True  # blanks see one pixel so that their attention stays finite
-            for j, i in enumerate(chunk):
-                h, w = inputs[i].shape[:2]
-                pixels[j, :h, :w], mask[j] = inputs[i], False
-                mask[j, :h, :w] = True
-            sizes = np.ones((n, 2), np.float32)
-            sizes[:len(chunk)] = [(images[i].height, images[i].width) for i in chunk]
-            scores, labels, boxes = postprocess(forward(pixels, mask), sizes)
-            dets = select(scores, labels, boxes, threshold=threshold)
-            for j, i in enumerate(chunk):
-                results[i] = dets[j]
-    return results
 
 
 def _color(label: int) -> tuple[int, int, int]:

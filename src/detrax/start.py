@@ -138,10 +138,12 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
 
 def load_init(path: str) -> dict:
     """{name: array} of every weight of the detector in `path` (any format `detrax.load` reads)."""
-    from detrax.api import load
+    from detrax.checkpoint import load_run
     from detrax.model import weight_arrays
+    from detrax.weights import load_model
 
-    return {k: np.asarray(v) for k, v in weight_arrays(load(path).model).items()}
+    model = load_run(path) if os.path.isdir(path) else load_model(path)
+    return {k: np.asarray(v) for k, v in weight_arrays(model).items()}
 
 
 def weights_digest(arrays: dict) -> str:
@@ -181,12 +183,12 @@ def init_from(model, source: dict, path: str) -> list[str]:
 def calibrate(model, records, dc: configs.DataConfig) -> None:
     """Frozen batch-norm statistics from a batch of training images (val transform): a from-scratch backbone
     starts normalised instead of with activations that grow by orders of magnitude per stage."""
-    from detrax.data.loader import Augment, Loader, dataset
+    from detrax.data.batching import Collate
+    from detrax.data.loader import Augment
     from detrax.data.transforms import normalize_batch
 
     augment = Augment(False, val_size=dc.val_size, max_size=dc.max_size)
-    with Loader(dataset(records, augment, len(records), max_targets=dc.max_targets, step=dc.bucket_step)) as it:
-        batch = next(it)
+    batch = Collate(dc.max_targets, dc.bucket_step)([augment(r) for r in records])  # one batch, all images
     model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), calibrate=True)
 
 

@@ -24,8 +24,9 @@ from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import list_splits, read_split
 from detrax.data.transforms import normalize_batch
 from detrax.errors import BadSteps, TrainingError
+from detrax.infer import make_infer
 from detrax.loss import criterion
-from detrax.model import DETR, assemble, weight_arrays
+from detrax.model import DETR
 from detrax.optim import lr_factor, optimizer
 
 BATCH_KEYS = ("pixels", "mask", "labels", "boxes", "valid")
@@ -169,6 +170,9 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         for note in start.initialise(model, begin, train_ds.records, cfg, run.allow_changes):
             reporter.line(note)
         start.write_record(run.workdir, begin.record)
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)  # dropout off; the same state
+    model.train()
     opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     state = replicate(state, replicated)
@@ -197,19 +201,18 @@ def fit(cfg: configs.Config, run: Run) -> dict:
         ckpts.save(step, state[0], state[1], loader.state(),
                    {"step": step, "config": configs.to_dict(cfg), "names": train_ds.names, "start": begin.record})
 
-    evaluator: list = []  # one Detector for every evaluation: its compiled shapes are reused, not rebuilt
+    infer = make_infer(eval_graphdef)  # the one inference path, on the live training state
 
     def run_eval(step):
         if val_ds is None or proc != 0:
             return None
-        from detrax.api import Detector
-
-        local = {k: local_copy(v) for k, v in weight_arrays(nnx.merge(graphdef, state)[0]).items()}
-        if evaluator:
-            evaluator[0].set_weights(local)
-        else:
-            evaluator.append(Detector(assemble(cfg.model, local)))
-        metrics = evaluate(evaluator[0], val_ds, dc, batch_size=tc.batch_size)
+        if n_proc == 1:  # the replicated weights as they are; the batch sharded over the devices
+            put = lambda x: jax.device_put(x, sharded)
+            live = lambda *batch: infer(state[0], *map(put, batch))
+        else:  # one host evaluates: its own copy of the weights
+            weights = jax.tree.map(local_copy, state[0])
+            live = lambda *batch: infer(weights, *batch)
+        metrics = evaluate(live, val_ds, dc, batch_size=tc.batch_size)
         reporter.log(step, "eval", metrics)
         return metrics
 

@@ -61,6 +61,16 @@ def is_detrax(path: str | os.PathLike) -> bool:
     return True
 
 
+def load_model(path: str | os.PathLike, **config_overrides) -> DETR:
+    """The model of any weights file detrax reads, told by its content: its own format (whatever the file's
+    name), or an official / HF / torchvision / BiT checkpoint, converted on the fly."""
+    if is_detrax(path):
+        return load_weights(path, **config_overrides)
+    from detrax.convert import convert, read_state_dict
+
+    return convert(read_state_dict(path), **config_overrides)[0]
+
+
 def save_weights(model: DETR, path: str | os.PathLike) -> None:
     """Every weight of `model` (trained and frozen) and its config, written atomically."""
     from safetensors.numpy import save_file

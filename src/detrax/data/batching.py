@@ -19,6 +19,16 @@ def bucket_shape(h: int, w: int, step: int) -> tuple[int, int]:
     return -(-h // step) * step, -(-w // step) * step
 
 
+def group_by_shape(shapes, step: int, batch_size: int) -> list[list[int]]:
+    """Indices of images of (height, width) `shapes` grouped by their bucket (buckets in order of first
+    appearance, indices in order within each), cut into batches of at most `batch_size`: every image is padded
+    to its own bucket, whatever else is in its batch (evaluation and inference)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(shapes):
+        groups.setdefault(bucket_shape(int(h), int(w), step), []).append(i)
+    return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+
 class Collate:
     """[(pixels [h, w, 3] uint8, target)] -> one batch dict of NumPy arrays:
       pixels [B, H, W, 3] uint8 (see transforms.normalize_batch), mask [B, H, W] bool (True on real pixels),

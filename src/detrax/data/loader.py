@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
 from detrax.data import transforms as T
-from detrax.data.batching import Collate
+from detrax.data.batching import Collate, group_by_shape
 from detrax.data.coco import DataError, load_image
 
 
@@ -48,8 +49,9 @@ def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, ste
             shard: tuple[int, int] = (0, 1), epochs: int | None = None, group: int = 64) -> grain.MapDataset:
     """Training (`augment.train`): this process's shard, reshuffled every epoch, repeated `epochs` times (None:
     forever), full batches of images of like shapes (`ShapeGroupedBatches` over windows of `group` batches; 1:
-    batches in the shuffled order), an epoch's remainder dropped. Evaluation: in order, once, the last batch
-    filled with blanks."""
+    batches in the shuffled order), an epoch's remainder dropped. Evaluation: once, each image padded to its own
+    shape bucket (`batching.group_by_shape`, as `infer.batches` does for image files), images of one bucket
+    batched together in order, a short batch filled with blanks."""
     index, count = shard
     source = lambda i: grain.MapDataset.source(records)[i::count]  # host i's shard
     if augment.train:  # every host's batches are planned, for one padded shape per step (see ShapeGroupedBatches)
@@ -59,7 +61,22 @@ def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, ste
         if count > 1:
             shards[index].shards = shards
         return shards[index]
-    return source(index).map(augment).batch(batch_size, batch_fn=Collate(max_targets, step, batch_size))
+    ids = list(range(index, len(records), count))
+    groups = group_by_shape([augment.planned_size(records[i]) for i in ids], step, batch_size)
+    return grain.MapDataset.source([[ids[j] for j in g] for g in groups]).map(
+        EvalBatch(records, augment, Collate(max_targets, step, batch_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatch:
+    """Record indices -> one collated evaluation batch; picklable, for worker processes."""
+
+    records: Sequence
+    augment: Augment
+    collate: Collate
+
+    def __call__(self, indices):
+        return self.collate([self.augment(self.records[i]) for i in indices])
 
 
 class ShapeGroupedBatches(grain.MapDataset):
