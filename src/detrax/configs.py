@@ -48,8 +48,10 @@ class ModelConfig:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
-        if self.attention not in ("xla", "dot_product", "auto"):
-            raise ValueError(f"attention must be xla, dot_product or auto, not {self.attention!r}")
+        from detrax.attention import KERNELS
+
+        if self.attention not in KERNELS:
+            raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.attention!r}")
         object.__setattr__(self, "depths", tuple(self.depths))
 
     @property
@@ -72,8 +74,10 @@ class LossConfig:
     aux_loss: bool = True
 
     def __post_init__(self):
-        if self.matcher not in ("hungarian", "hungarian_jax", "sinkhorn"):
-            raise ValueError(f"matcher must be hungarian, hungarian_jax or sinkhorn, not {self.matcher!r}")
+        from detrax.matching import MATCHERS  # the registry: built-in matchers and registered ones
+
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"matcher must be one of {', '.join(MATCHERS)}, not {self.matcher!r}")
 
 
 @dataclasses.dataclass(frozen=True)

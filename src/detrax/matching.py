@@ -18,9 +18,6 @@ import numpy as np
 
 from detrax.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-MATCHERS = ("hungarian", "hungarian_jax", "sinkhorn")
-
-
 def cost_matrix(logits, boxes, tgt_labels, tgt_boxes, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0):
     """The official HungarianMatcher cost. logits [..., N, C+1], boxes [..., N, 4], tgt_labels [..., M],
     tgt_boxes [..., M, 4] (cx, cy, w, h) -> [..., N, M]. Leading dims broadcast (e.g. layers L and batch B)."""
@@ -182,12 +179,22 @@ def sinkhorn(cost, valid, eps_start=1.0, eps_end=1e-3, stages=6, iters=10):
     return fn(cost, valid)
 
 
+# The matchers by name: what `LossConfig.matcher` names. A new one is a function (cost [..., N, M], valid [..., M])
+# -> query_for_target [..., M] int32 (as above) and one `register_matcher` call.
+MATCHERS = {"hungarian": hungarian, "hungarian_jax": hungarian_jax, "sinkhorn": sinkhorn}
+
+
+def register_matcher(name: str, fn) -> None:
+    """Make `fn` available as `loss.matcher=name` (configs validate against this registry)."""
+    MATCHERS[name] = fn
+
+
 def match(cost, valid, matcher: str = "hungarian", mesh=None):
-    """Dispatch by name: 'hungarian', 'hungarian_jax' or 'sinkhorn'. With a `mesh` whose 'data' axis shards the
-    batch (cost [L, B, N, M], valid [B, M]), each device matches its own images: host callbacks stay local."""
+    """Dispatch by name (`MATCHERS`). With a `mesh` whose 'data' axis shards the batch (cost [L, B, N, M],
+    valid [B, M]), each device matches its own images: host callbacks stay local."""
     if matcher not in MATCHERS:
-        raise ValueError(f"unknown matcher {matcher!r}; choose one of {MATCHERS}")
-    fn = {"hungarian": hungarian, "hungarian_jax": hungarian_jax, "sinkhorn": sinkhorn}[matcher]
+        raise ValueError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHERS)}")
+    fn = MATCHERS[matcher]
     if mesh is not None and mesh.size > 1:
         from jax.sharding import PartitionSpec as P
 
