@@ -129,3 +129,14 @@ def test_bad_example_names_the_image(fake_tfds):
         ds.records[3]
     with pytest.raises(DataError, match=r"image \d+ has a label outside the 80 categories"):
         ds.records[4]
+
+
+def test_data_check_reads_tfds_as_the_folder(fake_tfds, coco_tiny, capsys):  # noqa: F811
+    """`detrax data check` works for every source: on TFDS it reports what it reports on the same folder."""
+    from detrax import cli
+
+    assert cli.main(["data", "check", fake_tfds, "--split", "train"]) == 0
+    tfds_report = json.loads(capsys.readouterr().out)["splits"]["train"]
+    assert cli.main(["data", "check", coco_tiny, "--split", "train2017"]) == 0
+    folder_report = json.loads(capsys.readouterr().out)["splits"]["train2017"]
+    assert tfds_report == folder_report and tfds_report["images"] == 16 and tfds_report["crowd"] == 1

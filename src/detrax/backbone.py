@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from detrax import keys
+
 
 class Frozen(nnx.Variable):
     """A parameter that training leaves alone (frozen batch norm statistics, the stem and layer1)."""
@@ -128,7 +130,7 @@ class ResNet(nnx.Module):
         self.num_stages = len(depths)
         self.out_channels = cin
 
-    def stages(self, x, calibrate: bool = False):
+    def stages(self, x, mask=None, calibrate: bool = False):
         """x [B, H, W, 3] -> the outputs of layer1..layer4, at strides 4, 8, 16, 32 (16 for layer4 with DC5).
         With `calibrate` (eagerly, outside jit), every frozen batch norm first takes the mean and variance of its
         input over this batch: a normalised start for a backbone trained from scratch."""
@@ -143,4 +145,34 @@ class ResNet(nnx.Module):
         return outs
 
     def __call__(self, x, mask=None):  # x [B, H, W, 3] -> C5 [B, H/32, W/32, C] (H/16 with DC5); mask unused
-        return self.stages(x)[-1]
+        return self.stages(x, mask)[-1]
+
+
+def weights_table(depths, prefix: str = "", hf: bool = False) -> dict:
+    """The key table of this ResNet from torchvision names (conv1, layer1.0.conv1, ...; behind `prefix` in the
+    official DETR checkpoints), or HF ResNetBackbone names (embedder, encoder.stages)."""
+    t = {}
+
+    def conv_bn(dst_conv, dst_bn, src_conv, src_bn):
+        t[f"{dst_conv}/kernel"] = (f"{src_conv}.weight", keys.conv)
+        keys.bn(t, dst_bn, src_bn)
+
+    stem = f"{prefix}embedder.embedder." if hf else prefix
+    conv_bn("backbone/conv1", "backbone/bn1", *((stem + "convolution", stem + "normalization") if hf
+                                                  else (stem + "conv1", stem + "bn1")))
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            dst = f"backbone/layer{i + 1}/{j}"
+            if hf:
+                src = f"{prefix}encoder.stages.{i}.layers.{j}."
+                units = [(f"{src}layer.{k}.convolution", f"{src}layer.{k}.normalization") for k in range(3)]
+                down = (f"{src}shortcut.convolution", f"{src}shortcut.normalization")
+            else:
+                src = f"{prefix}layer{i + 1}.{j}."
+                units = [(f"{src}conv{k + 1}", f"{src}bn{k + 1}") for k in range(3)]
+                down = (f"{src}downsample.0", f"{src}downsample.1")
+            for k, (c, b) in enumerate(units):
+                conv_bn(f"{dst}/conv{k + 1}", f"{dst}/bn{k + 1}", c, b)
+            if j == 0:  # every stage's first block projects its shortcut
+                conv_bn(f"{dst}/downsample_conv", f"{dst}/downsample_bn", *down)
+    return t

@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from detrax import keys
 from detrax.backbone import Conv, Frozen
+
+ROOT_KEY = "resnet/root_block/standardized_conv2d/kernel"  # the root conv of BiT's published .npz
 
 
 class StdConv(Conv):
@@ -119,10 +122,30 @@ class BiTResNet(nnx.Module):
             outs.append(x)
         return outs, mask
 
-    def stages(self, x, mask=None):
-        """x [B, H, W, 3] -> block1..block4 outputs (pre-activation: not normalised), strides 4, 8, 16, 32."""
+    def stages(self, x, mask=None, calibrate: bool = False):
+        """x [B, H, W, 3] -> block1..block4 outputs (pre-activation: not normalised), strides 4, 8, 16, 32.
+        GroupNorm has no statistics to calibrate."""
+        if calibrate:
+            raise ValueError("a BiT backbone has no frozen statistics to calibrate (train.calibrate_bn=false)")
         return self._body(x, mask)[0]
 
     def __call__(self, x, mask=None):  # x [B, H, W, 3] -> [B, H/32, W/32, C], GN-ReLU'd (H/16 with DC5)
         outs, mask = self._body(x, mask)
         return jax.nn.relu(self.norm(outs[-1], mask))
+
+
+def weights_table(depths) -> dict:
+    """BigTransfer's published .npz names (`resnet/block1/unit01/a/group_norm/gamma`, ...); kernels are HWIO."""
+    t = {"backbone/root/kernel": (ROOT_KEY, keys.same)}
+    gn = lambda dst, src: t.update({f"{dst}/scale": (f"{src}/group_norm/gamma", keys.flat),
+                                    f"{dst}/bias": (f"{src}/group_norm/beta", keys.flat)})
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            dst, src = f"backbone/block{i + 1}/{j}", f"resnet/block{i + 1}/unit{j + 1:02d}"
+            for k, part in enumerate("abc"):
+                gn(f"{dst}/gn{k + 1}", f"{src}/{part}")
+                t[f"{dst}/conv{k + 1}/kernel"] = (f"{src}/{part}/standardized_conv2d/kernel", keys.same)
+            if j == 0:  # every block's first unit projects its shortcut
+                t[f"{dst}/downsample/kernel"] = (f"{src}/a/proj/standardized_conv2d/kernel", keys.same)
+    gn("backbone/norm", "resnet")
+    return t

@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     """Synthetic data -> train the `demo` preset -> COCO AP -> predictions drawn on val images."""
     import detrax
-    from detrax.data.coco import read_coco
+    from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
     from detrax.predict import read_image, write_results
     from detrax.train import Run, fit
@@ -175,7 +175,7 @@ def cmd_demo(args) -> int:
     summary = fit(cfg, Run(data, args.workdir, resume=args.resume, allow_changes=args.allow_changes))
     if summary["stopped"]:
         return _exit_status(summary)
-    val = read_coco(data, "val")
+    val = read_split(data, "val")
     detector = detrax.load(args.workdir)  # with the dataset's category names
     files = [r["file"] for r in val.records[:args.draw]]
     images = [read_image(f) for f in files]

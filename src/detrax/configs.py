@@ -10,18 +10,16 @@ import dataclasses
 import json
 from typing import Any
 
-RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "bit50": (3, 4, 6, 3), "bit101": (3, 4, 23, 3)}
-BACKBONES = (*RESNET_DEPTHS, "resnet", "bit")
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes the model's parameters and its forward pass."""
 
-    # torchvision ResNet: resnet50 | resnet101 | resnet (custom depths / width, e.g. the tiny preset);
-    # BiT ResNet v2 (GroupNorm, weight standardisation): bit50 | bit101 | bit (custom); width 64 is BiT's x1
+    # a name of the backbone registry (detrax.backbones): torchvision ResNet: resnet50 | resnet101 | resnet
+    # (custom depths / width, e.g. the tiny preset); BiT ResNet v2 (GroupNorm, weight standardisation): bit50 |
+    # bit101 | bit (custom); width 64 is BiT's x1
     backbone: str = "resnet50"
-    depths: tuple[int, ...] = RESNET_DEPTHS["resnet50"]  # bottleneck blocks per stage
+    depths: tuple[int, ...] = ()  # bottleneck blocks per stage; () for a named variant: its own (resnet50: 3, 4, 6, 3)
     width: int = 64  # channels of the stem; stage i has width * 2**i planes and 4x that many outputs
     dilation: bool = False  # DC5: dilation instead of stride in the last stage
     num_classes: int = 91  # the class head has num_classes + 1 outputs; the last is no-object
@@ -38,12 +36,15 @@ class ModelConfig:
     frozen_stages: int = 1  # 1: stem and layer1 not trained (official, for a pretrained backbone); 0: train all
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; one of {', '.join(BACKBONES)}")
-        if self.backbone in RESNET_DEPTHS and tuple(self.depths) != RESNET_DEPTHS[self.backbone]:
-            family = self.backbone.rstrip("0123456789")
-            raise ValueError(f"backbone {self.backbone!r} has depths {RESNET_DEPTHS[self.backbone]}, "
-                             f"not {tuple(self.depths)}; use backbone={family!r} for custom depths")
+        from detrax import backbones  # the registry: built-in backbones and registered ones
+
+        family, fixed = backbones.get(self.backbone).family, backbones.variant_depths(self.backbone)
+        if fixed is not None and self.depths and tuple(self.depths) != tuple(fixed):
+            raise ValueError(f"backbone {self.backbone!r} has depths {tuple(fixed)}, not {tuple(self.depths)}; use "
+                             f"backbone={family!r} for custom depths")
+        if not self.depths and fixed is None:
+            raise ValueError(f"backbone {self.backbone!r} takes any depths: set model.depths")
+        object.__setattr__(self, "depths", tuple(self.depths or fixed or ()))
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -52,7 +53,6 @@ class ModelConfig:
 
         if self.attention not in KERNELS:
             raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.attention!r}")
-        object.__setattr__(self, "depths", tuple(self.depths))
 
     @property
     def backbone_channels(self) -> int:
@@ -131,7 +131,7 @@ class Config:
 def detr_r50(smoke: bool = False) -> Config:
     if smoke:
         return tiny()
-    return Config("detr_r50", ModelConfig(backbone="resnet50", depths=RESNET_DEPTHS["resnet50"]))
+    return Config("detr_r50", ModelConfig(backbone="resnet50"))
 
 
 def detr_r50_dc5(smoke: bool = False) -> Config:
@@ -142,7 +142,7 @@ def detr_r50_dc5(smoke: bool = False) -> Config:
 def detr_r101(smoke: bool = False) -> Config:
     if smoke:
         return tiny()
-    return Config("detr_r101", ModelConfig(backbone="resnet101", depths=RESNET_DEPTHS["resnet101"]))
+    return Config("detr_r101", ModelConfig(backbone="resnet101"))
 
 
 def detr_r101_dc5(smoke: bool = False) -> Config:
@@ -156,7 +156,7 @@ def detr_bit_r50(smoke: bool = False) -> Config:
     --init bit_r50.safetensors`. `model.width=128` / `192` give x2 / x3."""
     if smoke:
         return dataclasses.replace(tiny(), name="detr_bit_r50", model=dataclasses.replace(tiny().model, backbone="bit"))
-    return Config("detr_bit_r50", ModelConfig(backbone="bit50", depths=RESNET_DEPTHS["bit50"]))
+    return Config("detr_bit_r50", ModelConfig(backbone="bit50"))
 
 
 def detr_bit_r50_dc5(smoke: bool = False) -> Config:
@@ -167,7 +167,7 @@ def detr_bit_r50_dc5(smoke: bool = False) -> Config:
 def detr_bit_r101(smoke: bool = False) -> Config:
     if smoke:
         return detr_bit_r50(smoke=True)
-    return Config("detr_bit_r101", ModelConfig(backbone="bit101", depths=RESNET_DEPTHS["bit101"]))
+    return Config("detr_bit_r101", ModelConfig(backbone="bit101"))
 
 
 def tiny(smoke: bool = True) -> Config:

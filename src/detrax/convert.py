@@ -16,84 +16,17 @@ import zipfile
 import numpy as np
 from flax import nnx
 
-from detrax.configs import RESNET_DEPTHS, ModelConfig
+from detrax import backbones, keys
+from detrax.backbone import weights_table as resnet_table
+from detrax.configs import ModelConfig
 from detrax.model import DETR, WEIGHTS, assemble
 from detrax.model import path_key as model_path_key
 
 IGNORED = re.compile(r"(.*\.num_batches_tracked$)|(^fc\.(weight|bias)$)|(^resnet/head/conv2d/(kernel|bias)$)")
-BIT_ROOT = "resnet/root_block/standardized_conv2d/kernel"
 
 
 class ConversionError(ValueError):
     pass
-
-
-conv = lambda w: w.transpose(2, 3, 1, 0)  # torch [O, I, kh, kw] -> [kh, kw, I, O]
-linear = lambda w: w.T  # torch [O, I] -> [I, O]
-same = lambda w: w
-conv1x1 = lambda w: w[:, :, 0, 0].T  # torch [O, I, 1, 1] -> [I, O]
-flat = lambda w: w.reshape(-1)  # BiT's GroupNorm gamma / beta, [C] or [1, 1, 1, C]
-
-
-def _bn(table, dst, src):
-    for a, b in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"), ("var", "running_var")):
-        table[f"{dst}/{a}"] = (f"{src}.{b}", same)
-
-
-def _linear(table, dst, src):
-    table[f"{dst}/kernel"] = (f"{src}.weight", linear)
-    table[f"{dst}/bias"] = (f"{src}.bias", same)
-
-
-def _norm(table, dst, src):
-    table[f"{dst}/scale"] = (f"{src}.weight", same)
-    table[f"{dst}/bias"] = (f"{src}.bias", same)
-
-
-def resnet_table(depths, prefix: str, hf: bool = False) -> dict:
-    """torchvision names (conv1, layer1.0.conv1, ...), or HF ResNetBackbone names (embedder, encoder.stages)."""
-    t = {}
-
-    def conv_bn(dst_conv, dst_bn, src_conv, src_bn):
-        t[f"{dst_conv}/kernel"] = (f"{src_conv}.weight", conv)
-        _bn(t, dst_bn, src_bn)
-
-    stem = f"{prefix}embedder.embedder." if hf else prefix
-    conv_bn("backbone/conv1", "backbone/bn1", *((stem + "convolution", stem + "normalization") if hf
-                                                  else (stem + "conv1", stem + "bn1")))
-    for i, depth in enumerate(depths):
-        for j in range(depth):
-            dst = f"backbone/layer{i + 1}/{j}"
-            if hf:
-                src = f"{prefix}encoder.stages.{i}.layers.{j}."
-                units = [(f"{src}layer.{k}.convolution", f"{src}layer.{k}.normalization") for k in range(3)]
-                down = (f"{src}shortcut.convolution", f"{src}shortcut.normalization")
-            else:
-                src = f"{prefix}layer{i + 1}.{j}."
-                units = [(f"{src}conv{k + 1}", f"{src}bn{k + 1}") for k in range(3)]
-                down = (f"{src}downsample.0", f"{src}downsample.1")
-            for k, (c, b) in enumerate(units):
-                conv_bn(f"{dst}/conv{k + 1}", f"{dst}/bn{k + 1}", c, b)
-            if j == 0:  # every stage's first block projects its shortcut
-                conv_bn(f"{dst}/downsample_conv", f"{dst}/downsample_bn", *down)
-    return t
-
-
-def bit_table(depths) -> dict:
-    """BigTransfer's published .npz names (`resnet/block1/unit01/a/group_norm/gamma`, ...); kernels are HWIO."""
-    t = {"backbone/root/kernel": (BIT_ROOT, same)}
-    gn = lambda dst, src: t.update({f"{dst}/scale": (f"{src}/group_norm/gamma", flat),
-                                    f"{dst}/bias": (f"{src}/group_norm/beta", flat)})
-    for i, depth in enumerate(depths):
-        for j in range(depth):
-            dst, src = f"backbone/block{i + 1}/{j}", f"resnet/block{i + 1}/unit{j + 1:02d}"
-            for k, part in enumerate("abc"):
-                gn(f"{dst}/gn{k + 1}", f"{src}/{part}")
-                t[f"{dst}/conv{k + 1}/kernel"] = (f"{src}/{part}/standardized_conv2d/kernel", same)
-            if j == 0:  # every block's first unit projects its shortcut
-                t[f"{dst}/downsample/kernel"] = (f"{src}/a/proj/standardized_conv2d/kernel", same)
-    gn("backbone/norm", "resnet")
-    return t
 
 
 def official_table(cfg: ModelConfig, prefix="backbone.0.body.") -> dict:
@@ -108,20 +41,20 @@ def official_table(cfg: ModelConfig, prefix="backbone.0.body.") -> dict:
                     rows = slice(j * d, (j + 1) * d)
                     t[f"{dst}/{a_dst}/{name}/kernel"] = (f"{src}.{a_src}.in_proj_weight", lambda w, r=rows: w[r].T)
                     t[f"{dst}/{a_dst}/{name}/bias"] = (f"{src}.{a_src}.in_proj_bias", lambda w, r=rows: w[r])
-                _linear(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.out_proj")
-            _linear(t, f"{dst}/linear1", f"{src}.linear1")
-            _linear(t, f"{dst}/linear2", f"{src}.linear2")
+                keys.dense(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.out_proj")
+            keys.dense(t, f"{dst}/linear1", f"{src}.linear1")
+            keys.dense(t, f"{dst}/linear2", f"{src}.linear2")
             for k in range(3 if kind == "decoder" else 2):
-                _norm(t, f"{dst}/norm{k + 1}", f"{src}.norm{k + 1}")
+                keys.norm(t, f"{dst}/norm{k + 1}", f"{src}.norm{k + 1}")
     if cfg.pre_norm:
-        _norm(t, "transformer/encoder_norm", "transformer.encoder.norm")
-    _norm(t, "transformer/decoder_norm", "transformer.decoder.norm")
-    t["input_proj/kernel"] = ("input_proj.weight", conv1x1)
-    t["input_proj/bias"] = ("input_proj.bias", same)
-    t["query_embed"] = ("query_embed.weight", same)
-    _linear(t, "class_embed", "class_embed")
+        keys.norm(t, "transformer/encoder_norm", "transformer.encoder.norm")
+    keys.norm(t, "transformer/decoder_norm", "transformer.decoder.norm")
+    t["input_proj/kernel"] = ("input_proj.weight", keys.conv1x1)
+    t["input_proj/bias"] = ("input_proj.bias", keys.same)
+    t["query_embed"] = ("query_embed.weight", keys.same)
+    keys.dense(t, "class_embed", "class_embed")
     for k in range(3):
-        _linear(t, f"bbox_embed/layers/{k}", f"bbox_embed.layers.{k}")
+        keys.dense(t, f"bbox_embed/layers/{k}", f"bbox_embed.layers.{k}")
     return t
 
 
@@ -140,20 +73,20 @@ def hf_table(cfg: ModelConfig, keys) -> dict:
             attns = [("self_attn", "self_attn")] + ([("cross_attn", "encoder_attn")] if kind == "decoder" else [])
             for a_dst, a_src in attns:
                 for name in ("q_proj", "k_proj", "v_proj"):
-                    _linear(t, f"{dst}/{a_dst}/{name}", f"{src}.{a_src}.{name}")
-                _linear(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.{out}")
-            _linear(t, f"{dst}/linear1", f"{src}.{fc}1")
-            _linear(t, f"{dst}/linear2", f"{src}.{fc}2")
+                    keys.dense(t, f"{dst}/{a_dst}/{name}", f"{src}.{a_src}.{name}")
+                keys.dense(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.{out}")
+            keys.dense(t, f"{dst}/linear1", f"{src}.{fc}1")
+            keys.dense(t, f"{dst}/linear2", f"{src}.{fc}2")
             norms = ["self_attn_layer_norm"] + (["encoder_attn_layer_norm"] if kind == "decoder" else [])
             for k, name in enumerate(norms + ["final_layer_norm"]):
-                _norm(t, f"{dst}/norm{k + 1}", f"{src}.{name}")
-    _norm(t, "transformer/decoder_norm", "model.decoder.layernorm")
-    t["input_proj/kernel"] = ("model.input_projection.weight", conv1x1)
-    t["input_proj/bias"] = ("model.input_projection.bias", same)
-    t["query_embed"] = ("model.query_position_embeddings.weight", same)
-    _linear(t, "class_embed", "class_labels_classifier")
+                keys.norm(t, f"{dst}/norm{k + 1}", f"{src}.{name}")
+    keys.norm(t, "transformer/decoder_norm", "model.decoder.layernorm")
+    t["input_proj/kernel"] = ("model.input_projection.weight", keys.conv1x1)
+    t["input_proj/bias"] = ("model.input_projection.bias", keys.same)
+    t["query_embed"] = ("model.query_position_embeddings.weight", keys.same)
+    keys.dense(t, "class_embed", "class_labels_classifier")
     for k in range(3):
-        _linear(t, f"bbox_embed/layers/{k}", f"bbox_predictor.layers.{k}")
+        keys.dense(t, f"bbox_embed/layers/{k}", f"bbox_predictor.layers.{k}")
     return t
 
 
@@ -204,56 +137,58 @@ def detect(sd) -> str:
         return "official"
     if "class_labels_classifier.weight" in sd or any(k.startswith("model.backbone.") for k in sd):
         return "hf"
-    if "conv1.weight" in sd and any(k.startswith("layer1.0.") for k in sd):
-        return "torchvision"
-    if BIT_ROOT in sd:
-        return "bit"
-    raise ConversionError("unrecognised checkpoint layout (not official DETR, HF DETR, torchvision ResNet or BiT); "
-                          f"first keys: {sorted(sd)[:5]}")
+    for fmt in _backbone_formats():  # a backbone's published weights: torchvision ResNet, BiT, registered ones
+        if fmt.recognise(sd):
+            return fmt.name
+    known = ", ".join(["official DETR", "HF DETR", *(f.name for f in _backbone_formats())])
+    raise ConversionError(f"unrecognised checkpoint layout (not one of: {known}); first keys: {sorted(sd)[:5]}")
 
 
-def _count(keys, pattern) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
+def _backbone_formats() -> list[backbones.WeightsFormat]:
+    return [b.weights for b in backbones.FAMILIES.values() if b.weights is not None]
+
+
+def _backbone_format(name: str) -> backbones.WeightsFormat | None:
+    return next((f for f in _backbone_formats() if f.name == name), None)
+
+
+_count = backbones.count
 
 
 def infer_config(sd, fmt: str, base: ModelConfig, **overrides) -> ModelConfig:
     """What the weights fix (depths, widths, layer counts, classes, queries); the rest from `base`."""
-    keys = list(sd)
-    if fmt == "bit":
-        depths = tuple(_count(keys, rf"resnet/block{i + 1}/unit(\d+)/") - 1 for i in range(4))  # units from 01
-        if min(depths) <= 0:
-            raise ConversionError(f"no BiT ResNet found in the .npz (units per block {depths})")
-        name = next((n for n, d in RESNET_DEPTHS.items() if n.startswith("bit") and d == depths), "bit")
-        return dataclasses.replace(base, backbone=name, depths=depths, width=sd[BIT_ROOT].shape[-1], **overrides)
-    bb = {"official": r"backbone\.0\.body\.", "torchvision": ""}.get(fmt)
-    if bb is None:
-        bb = r"model\.backbone\.(?:conv_encoder\.)?model\."
-    hf_resnet = any(re.match(bb + "encoder.stages", k) for k in keys)
+    names = list(sd)
+    backbone_format = _backbone_format(fmt)
+    if backbone_format is not None:
+        try:
+            return dataclasses.replace(base, **{**backbone_format.read_config(sd), **overrides})
+        except ValueError as e:
+            raise ConversionError(f"{fmt} checkpoint: {e}") from None
+    bb = r"backbone\.0\.body\." if fmt == "official" else r"model\.backbone\.(?:conv_encoder\.)?model\."
+    hf_resnet = any(re.match(bb + "encoder.stages", k) for k in names)
     if hf_resnet:
-        depths = tuple(_count(keys, bb + rf"encoder\.stages\.{i}\.layers\.(\d+)\.") for i in range(4))
+        depths = tuple(_count(names, bb + rf"encoder\.stages\.{i}\.layers\.(\d+)\.") for i in range(4))
     else:
-        depths = tuple(_count(keys, bb + rf"layer{i + 1}\.(\d+)\.") for i in range(4))
-    stem = next((k for k in keys if re.match(bb + r"(conv1|embedder\.embedder\.convolution)\.weight$", k)), None)
+        depths = tuple(_count(names, bb + rf"layer{i + 1}\.(\d+)\.") for i in range(4))
+    stem = next((k for k in names if re.match(bb + r"(conv1|embedder\.embedder\.convolution)\.weight$", k)), None)
     if stem is None or 0 in depths:
         raise ConversionError(f"no ResNet backbone found in the {fmt} checkpoint (depths {depths})")
     width = sd[stem].shape[0]
-    name = next((n for n, d in RESNET_DEPTHS.items() if d == depths and width == 64), "resnet")
-    found = dict(backbone=name, depths=depths, width=width)
+    found = dict(backbone=backbones.name_for("resnet", depths, width == 64), depths=depths, width=width)
     if fmt == "official":
         found.update(num_classes=sd["class_embed.weight"].shape[0] - 1,
                      num_queries=sd["query_embed.weight"].shape[0], hidden_dim=sd["query_embed.weight"].shape[1],
-                     enc_layers=_count(keys, r"transformer\.encoder\.layers\.(\d+)\."),
-                     dec_layers=_count(keys, r"transformer\.decoder\.layers\.(\d+)\."),
+                     enc_layers=_count(names, r"transformer\.encoder\.layers\.(\d+)\."),
+                     dec_layers=_count(names, r"transformer\.decoder\.layers\.(\d+)\."),
                      ffn_dim=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
                      pre_norm="transformer.encoder.norm.weight" in sd)
     elif fmt == "hf":
-        fc1 = next(k for k in keys if re.match(r"model\.encoder\.layers\.0\.(mlp\.)?fc1\.weight$", k))
+        fc1 = next(k for k in names if re.match(r"model\.encoder\.layers\.0\.(mlp\.)?fc1\.weight$", k))
         found.update(num_classes=sd["class_labels_classifier.weight"].shape[0] - 1,
                      num_queries=sd["model.query_position_embeddings.weight"].shape[0],
                      hidden_dim=sd["model.query_position_embeddings.weight"].shape[1],
-                     enc_layers=_count(keys, r"model\.encoder\.layers\.(\d+)\."),
-                     dec_layers=_count(keys, r"model\.decoder\.layers\.(\d+)\."), ffn_dim=sd[fc1].shape[0])
+                     enc_layers=_count(names, r"model\.encoder\.layers\.(\d+)\."),
+                     dec_layers=_count(names, r"model\.decoder\.layers\.(\d+)\."), ffn_dim=sd[fc1].shape[0])
     found.update(overrides)
     return dataclasses.replace(base, **found)
 
@@ -270,11 +205,11 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
         if cfg.pre_norm:
             raise ConversionError("HF DETR has no pre-norm variant")
         table = hf_table(cfg, sd)
-    elif fmt == "bit":
-        table = bit_table(cfg.depths)
     else:
-        table = resnet_table(cfg.depths, "")
-    backbone_only = fmt in ("torchvision", "bit")
+        backbone_format = _backbone_format(fmt)
+        assert backbone_format is not None, fmt  # detect named a backbone's format
+        table = backbone_format.table(cfg)
+    backbone_only = fmt not in ("official", "hf")
     shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(
         nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(seed))), WEIGHTS))}
     assert not set(table) - set(shapes), f"key table names unknown weights: {sorted(set(table) - set(shapes))[:5]}"

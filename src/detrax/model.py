@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from detrax.backbone import Frozen, ResNet
-from detrax.bit import BiTResNet
+from detrax import backbones
+from detrax.backbone import Frozen
 from detrax.configs import ModelConfig
 from detrax.position_encoding import resize_mask, sine_position_embedding
 from detrax.transformer import Transformer
@@ -44,8 +44,7 @@ class DETR(nnx.Module):
         dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
         self.config = c
         self.dtype = dtype
-        backbone = BiTResNet if c.backbone.startswith("bit") else ResNet
-        self.backbone = backbone(c.depths, c.width, c.dilation, c.frozen_stages, rngs=rngs)
+        self.backbone = backbones.get(c.backbone).build(c, rngs)
         self.input_proj = nnx.Linear(self.backbone.out_channels, c.hidden_dim, dtype=dtype, rngs=rngs)  # 1x1 conv
         self.query_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_queries, c.hidden_dim)))
         self.transformer = Transformer(c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers, c.ffn_dim,

@@ -115,7 +115,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def initialise(model, start: Start, records, cfg: configs.Config, allow_changes: bool = False) -> list[str]:
     """A fresh start: `--init` weights into `model` (the class head may differ and is then left fresh), or its
     frozen batch norm calibrated on the first training images; completes `start.record`. Returns notes."""
-    from detrax.backbone import ResNet
+    from detrax import backbones
 
     notes, init = [], start.record.get("init")
     if init:
@@ -128,7 +128,7 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
         init["fresh"] = fresh = init_from(model, arrays, init["path"])
         notes.append(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
                      + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
-    elif cfg.train.calibrate_bn and isinstance(model.backbone, ResNet):
+    elif cfg.train.calibrate_bn and backbones.get(cfg.model.backbone).calibrates:
         n = min(len(records), 4 * cfg.train.batch_size)
         calibrate(model, records[:n], cfg.data)
         start.record["calibration"] = {"images": n}
@@ -189,7 +189,7 @@ def calibrate(model, records, dc: configs.DataConfig) -> None:
 
     augment = Augment(False, val_size=dc.val_size, max_size=dc.max_size)
     batch = Collate(dc.max_targets, dc.bucket_step)([augment(r) for r in records])  # one batch, all images
-    model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), calibrate=True)
+    model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), batch["mask"], calibrate=True)
 
 
 def recorded_config(workdir: str) -> dict | None:

@@ -153,7 +153,8 @@ def fit(cfg: configs.Config, run: Run) -> dict:
     drop = round(total * tc.lr_drop / tc.epochs) if tc.steps else tc.lr_drop * per_epoch
 
     ckpts = Checkpoints(run.workdir, tc.keep)
-    data = {"path": os.path.abspath(run.data_dir), "split": split, "images": len(train_ds.records)}
+    where_from = os.path.abspath(run.data_dir) if os.path.exists(run.data_dir) else run.data_dir  # a folder, tfds:...
+    data = {"path": where_from, "split": split, "images": len(train_ds.records)}
     try:
         begin = start.plan(cfg, run.workdir, run.resume, run.init, data, ckpts, run.allow_changes)
     except BaseException:

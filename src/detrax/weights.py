@@ -35,7 +35,7 @@ def file_kind(path: str | os.PathLike) -> str:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError(f"{path}: a damaged zip archive ({e})") from None
+            raise ValueError(f"{path}: not a readable .npz or torch archive (a damaged zip: {e})") from None
         if any(n.endswith("data.pkl") for n in names):
             return "torch"
         if names and all(n.endswith(".npy") for n in names):

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from detrax.data.coco import DataError, load_image, read_coco, splits
+from detrax.data import sources
+from detrax.data.coco import DataError, load_image
 
 
 def check(root: str, split: str | None = None, max_targets: int = 100) -> dict:
-    """One report per split: images, boxes (after the crowd and degenerate rules), categories, and every
-    problem with its file and id (unparseable entries, missing or unreadable images, sizes that disagree with
-    the annotations, images with more boxes than `max_targets`). `ok` is False if anything is bad."""
-    names = [split] if split else splits(root)
+    """`root`: any data source (a COCO-format folder, `tfds:...`, a registered one). One report per split:
+    images, boxes (after the crowd and degenerate rules), categories, and every problem with its file and id
+    (unparseable entries, missing or unreadable images, sizes that disagree with the annotations, images with more
+    boxes than `max_targets`). `ok` is False if anything is bad."""
+    names = [split] if split else sources.list_splits(root)
     if not names:
-        raise DataError(f"{root}: no COCO-format split (annotations/instances_*.json or */_annotations.coco.json)")
+        raise DataError(f"{root}: no split found (for a folder: annotations/instances_*.json or "
+                        "*/_annotations.coco.json)")
     report: dict[str, Any] = {"root": root, "splits": {}}
     for name in names:
-        ds = read_coco(root, name, skip_bad=True)
+        ds = sources.read_split(root, name, skip_bad=True)
+        sources.ground_truth(ds)  # completes the counts of sources that gather them while reading
         problems = list(ds.problems)
-        for r in ds.records:
+        records = []
+        for i in range(len(ds.records)):
+            try:
+                r = ds.records[i]  # a lazy source reads (and checks) the record here
+            except DataError as e:
+                problems.append({"file": f"{root}/{name}", "id": None, "error": str(e)})
+                continue
+            records.append(r)
             try:
                 load_image(r)
             except DataError as e:
@@ -26,8 +37,8 @@ def check(root: str, split: str | None = None, max_targets: int = 100) -> dict:
             if len(r["labels"]) > max_targets:
                 problems.append({"file": r["file"], "id": r["image_id"],
                                  "error": f"{len(r['labels'])} boxes, more than max_targets={max_targets}"})
-        report["splits"][name] = {"images": len(ds.records), "boxes": int(sum(len(r["labels"]) for r in ds.records)),
-                                  "categories": len(ds.names), "crowd": ds.counts["crowd"],
-                                  "degenerate": ds.counts["degenerate"], "problems": problems}
+        report["splits"][name] = {"images": len(records), "boxes": int(sum(len(r["labels"]) for r in records)),
+                                  "categories": len(ds.names), "crowd": ds.counts.get("crowd", 0),
+                                  "degenerate": ds.counts.get("degenerate", 0), "problems": problems}
     report["ok"] = not any(s["problems"] for s in report["splits"].values())
     return report

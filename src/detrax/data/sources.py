@@ -1,22 +1,77 @@
-"""Where a dataset comes from: a COCO-format folder (the default) or TFDS (`tfds:coco/2017[@DATA_DIR]`)."""
+"""Where a dataset comes from. A source names its splits, reads one as a `coco.Dataset` (the records the loader,
+training and evaluation take) and gives its ground truth for pycocotools. Sources are tried in order, the last
+registered first: TFDS claims `tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow
+export) everything else. A new source is a class with these four methods and one `register_source` call."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from detrax.data import coco, tfds_coco
 
 
+class Source(Protocol):
+    def claims(self, data: str) -> bool: ...
+
+    def splits(self, data: str) -> list[str]: ...
+
+    def read(self, data: str, split: str, skip_bad: bool = False) -> coco.Dataset: ...
+
+    def ground_truth(self, ds: coco.Dataset) -> str | dict:
+        """A COCO annotation file or dict; reading it may complete `ds.counts` (crowd, degenerate)."""
+        ...
+
+
+class CocoFolder:
+    def claims(self, data: str) -> bool:
+        return True
+
+    def splits(self, data: str) -> list[str]:
+        return coco.splits(data)
+
+    def read(self, data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
+        return coco.read_coco(data, split, skip_bad=skip_bad)
+
+    def ground_truth(self, ds: coco.Dataset) -> str | dict:
+        assert ds.annotation_file is not None
+        return ds.annotation_file
+
+
+class Tfds:
+    def claims(self, data: str) -> bool:
+        return tfds_coco.is_tfds(data)
+
+    def splits(self, data: str) -> list[str]:
+        return list(tfds_coco.SPLITS)
+
+    def read(self, data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
+        return tfds_coco.read_tfds(data, split)
+
+    def ground_truth(self, ds: coco.Dataset) -> str | dict:
+        return tfds_coco.ground_truth(ds)
+
+
+SOURCES: list[Source] = [Tfds(), CocoFolder()]
+
+
+def register_source(source: Source) -> None:
+    """Try `source` before the others."""
+    SOURCES.insert(0, source)
+
+
+def source_of(data: str) -> Source:
+    return next(s for s in SOURCES if s.claims(data))
+
+
 def list_splits(data: str) -> list[str]:
-    return list(tfds_coco.SPLITS) if tfds_coco.is_tfds(data) else coco.splits(data)
+    return source_of(data).splits(data)
 
 
 def read_split(data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
-    """`split` of `data` as a `coco.Dataset` whose records the loader, training and evaluation take."""
-    if tfds_coco.is_tfds(data):
-        return tfds_coco.read_tfds(data, split)
-    return coco.read_coco(data, split, skip_bad=skip_bad)
+    """`split` of `data` as a `coco.Dataset` (its `root` is `data`)."""
+    return source_of(data).read(data, split, skip_bad=skip_bad)
 
 
-def ground_truth(ds: coco.Dataset):
-    """What pycocotools reads as the split's ground truth: the folder's annotation file, or TFDS's annotations
-    gathered into a COCO dict."""
-    return ds.annotation_file if ds.annotation_file is not None else tfds_coco.ground_truth(ds)
+def ground_truth(ds: coco.Dataset) -> str | dict:
+    """What pycocotools reads as the split's ground truth (gathered once per dataset where it is computed)."""
+    return source_of(ds.root).ground_truth(ds)
