@@ -149,7 +149,7 @@ def test_unrecognised_layout_and_bad_files(tmp_path):
     with pytest.raises(cv.ConversionError, match="no such file"):
         cv.read_state_dict(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(cv.ConversionError, match="junk.pth: not a readable torch checkpoint"):
+    with pytest.raises(cv.ConversionError, match="junk.pth: not a weights file detrax knows"):
         cv.read_state_dict(tmp_path / "junk.pth")
 
 
