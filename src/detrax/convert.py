@@ -58,14 +58,14 @@ def official_table(cfg: ModelConfig, prefix="backbone.0.body.") -> dict:
     return t
 
 
-def hf_table(cfg: ModelConfig, keys) -> dict:
+def hf_table(cfg: ModelConfig, names) -> dict:
     """HF DetrForObjectDetection, in the names of transformers 4 (hub files: `backbone.conv_encoder`,
     `out_proj`, `fc1`) and of transformers 5 (`backbone.model`, `o_proj`, `mlp.fc1`), timm or HF ResNet."""
-    keys = set(keys)
-    bb = "model.backbone.conv_encoder.model." if any(k.startswith("model.backbone.conv_encoder.") for k in keys) \
+    names = set(names)
+    bb = "model.backbone.conv_encoder.model." if any(k.startswith("model.backbone.conv_encoder.") for k in names) \
         else "model.backbone.model."
-    t = resnet_table(cfg.depths, bb, hf=f"{bb}embedder.embedder.convolution.weight" in keys)
-    v5 = "model.encoder.layers.0.self_attn.o_proj.weight" in keys
+    t = resnet_table(cfg.depths, bb, hf=f"{bb}embedder.embedder.convolution.weight" in names)
+    v5 = "model.encoder.layers.0.self_attn.o_proj.weight" in names
     out, fc = ("o_proj", "mlp.fc") if v5 else ("out_proj", "fc")
     for kind, n in (("encoder", cfg.enc_layers), ("decoder", cfg.dec_layers)):
         for i in range(n):

@@ -34,8 +34,7 @@ BATCH_KEYS = ("pixels", "mask", "labels", "boxes", "valid")
 
 def _compiler_options() -> dict | None:
     """On the CPU, LLVM's level-1 optimisation: the step's heavy work runs in library kernels (convolutions,
-    matrix products) that it does not touch, and it compiles in about 15 s instead of 19 for DETR-R50
-    (benchmarks/bench_train.py)."""
+    matrix products) that it does not touch, and it compiles faster (figures: benchmarks/README.md)."""
     return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
 
 
