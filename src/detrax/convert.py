@@ -132,7 +132,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in obj.items()}
 
 
-def detect(sd) -> str:
+def checkpoint_layout(sd) -> str:
+    """Which DETR or backbone layout a state dict has: official, hf, or a registered backbone's weights format."""
     if any(k.startswith("backbone.0.body.") for k in sd) or "query_embed.weight" in sd:
         return "official"
     if "class_labels_classifier.weight" in sd or any(k.startswith("model.backbone.") for k in sd):
@@ -197,7 +198,7 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
     """A state dict -> (DETR model in eval mode, report dict). `overrides` set config fields that the weights
     cannot tell (`dilation`, `num_heads`, `dtype`, ...). A torchvision ResNet or a BiT .npz fills the backbone
     only; the rest is freshly initialised from `seed`."""
-    fmt = detect(sd)
+    fmt = checkpoint_layout(sd)
     cfg = infer_config(sd, fmt, base or ModelConfig(), **overrides)
     if fmt == "official":
         table = official_table(cfg)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from detrax.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from detrax.matching import cost_matrix, match
 
-WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+TERM_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
 def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef=0.1):
@@ -51,7 +51,7 @@ def set_loss(outputs, targets, matcher: str = "hungarian", *, eos_coef: float = 
              cost_weights=(1.0, 5.0, 2.0), aux_loss: bool = True, axis_name=None, mesh=None) -> dict:
     """outputs: the model's dict; targets: `labels` [B, M] int, `boxes` [B, M, 4] normalised (cx, cy, w, h),
     `valid` [B, M] bool. Returns every term (see the module doc) and `loss`, the weighted total."""
-    weights = dict(WEIGHTS if weights is None else weights)
+    weights = dict(TERM_WEIGHTS if weights is None else weights)
     layers = (list(outputs.get("aux_outputs", [])) if aux_loss else []) + [outputs]
     logits = jnp.stack([o["pred_logits"] for o in layers])  # [L, B, N, C+1]
     boxes = jnp.stack([o["pred_boxes"] for o in layers])  # [L, B, N, 4]
