@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -58,8 +59,9 @@ class Detector:
         return self._infer(self._state, pixels, mask, orig_size)
 
     def _prep(self, size, max_size) -> Preprocess:
-        p = self.preprocess
-        return Preprocess(p.size if size is None else size, p.max_size if max_size is None else max_size, p.step)
+        """The model's own preprocessing, with the sizes given here (None: its own)."""
+        given = {k: v for k, v in (("size", size), ("max_size", max_size)) if v is not None}
+        return dataclasses.replace(self.preprocess, **given)
 
     def predict(self, images, threshold: float = 0.7, batch_size: int = 8, size: int | None = None,
                 max_size: int | None = None) -> list[dict] | dict:
@@ -104,8 +106,6 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
     path = os.fspath(path)
     if path.startswith("random:"):
         cfg = configs.get(path.split(":", 1)[1]).model
-        import dataclasses
-
         return Detector(DETR(dataclasses.replace(cfg, **config_overrides), rngs=nnx.Rngs(0)))
     if os.path.isdir(path):
         from detrax import checkpoint
