@@ -26,7 +26,7 @@ def main():
     p.add_argument("--data", default=ROOT)
     args = p.parse_args()
     records = read_coco(args.data, "train2017").records
-    ds = dataset(records, Augment(train=True), args.batch_size, max_targets=100, step=args.step, seed=0,
+    ds = dataset(records, Augment(True), args.batch_size, max_targets=100, step=args.step, seed=0,
                  group=args.group)
     figures = {}
     for workers in (0, 1, 2):

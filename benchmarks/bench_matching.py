@@ -59,7 +59,8 @@ def official(logits, boxes, labels, tboxes, valid):
 def batched(solver):
     @jax.jit
     def run(logits, boxes, labels, tboxes, valid):
-        return matching.match(matching.cost_matrix(logits, boxes, labels, tboxes), valid, solver)  # [L, B, M]
+        cost = matching.cost_matrix(logits, boxes, labels, tboxes, 1.0, 5.0, 2.0)  # [L, B, N, M]
+        return matching.match(cost, valid, solver)  # [L, B, M]
     return lambda *a: jax.block_until_ready(run(*a))
 
 

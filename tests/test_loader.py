@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
+from detrax.configs import DataConfig
 from detrax.data.batching import Collate, bucket_shape
 from detrax.data.coco import DataError, read_coco
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.synthetic import write_dataset
 
-SMALL = dict(scales=(96, 128), max_size=192, crop_scales=(100, 120), crop_size=(64, 96), val_size=128)
+SMALL = DataConfig(scales=(96, 128), max_size=192, crop_scales=(100, 120), crop_size=(64, 96), val_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_collate_pads_images_and_targets():
 
 
 def test_eval_batches_cover_every_image_once(records):
-    ds = dataset(records, Augment(train=False, **SMALL), 4, max_targets=8, step=64)
+    ds = dataset(records, Augment(False, SMALL), 4, max_targets=8, step=64)
     seen = []
     for batch in Loader(ds):
         for i in np.flatnonzero(batch["real"]):
@@ -67,7 +68,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_from_saved_state_gives_the_same_next_batches(records, workers):
-    ds = dataset(records, Augment(train=True, **SMALL), 2, max_targets=8, step=64, seed=5)
+    ds = dataset(records, Augment(True, SMALL), 2, max_targets=8, step=64, seed=5)
     with Loader(ds, workers=workers) as loader:
         _take(loader, 3)
         state = loader.state()
@@ -81,13 +82,13 @@ def test_resume_from_saved_state_gives_the_same_next_batches(records, workers):
 
 def test_epochs_reshuffle_and_shards_split(records):
     assert len(records) == 10
-    ds = dataset(records, Augment(train=True, **SMALL), 5, max_targets=8, step=64, seed=1)
+    ds = dataset(records, Augment(True, SMALL), 5, max_targets=8, step=64, seed=1)
     first, second = _take(Loader(ds), 2), _take(Loader(ds), 4)[2:]
     assert sorted(first[0]["image_id"].tolist() + first[1]["image_id"].tolist()) == \
         sorted(r["image_id"] for r in records)  # one epoch is a permutation
     assert not np.array_equal(first[0]["image_id"], second[0]["image_id"])  # the next epoch reshuffles
     ids = [set(np.concatenate([b["image_id"] for b in _take(Loader(dataset(
-        records, Augment(train=True, **SMALL), 1, max_targets=8, seed=1, shard=(i, 2))), 5)]).tolist())
+        records, Augment(True, SMALL), 1, max_targets=8, seed=1, shard=(i, 2))), 5)]).tolist())
         for i in range(2)]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == len(records)
 
@@ -97,8 +98,8 @@ def test_shape_grouped_batches_see_each_image_once_per_epoch_and_waste_less(reco
     plan said, and the padding is less than batching in the shuffled order."""
     from detrax.data.batching import padding_waste
 
-    aug = Augment(train=True, scales=(64, 96, 128, 160, 192), max_size=256, crop_scales=(100, 120),
-                  crop_size=(64, 96))
+    aug = Augment(True, DataConfig(scales=(64, 96, 128, 160, 192), max_size=256, crop_scales=(100, 120),
+                                crop_size=(64, 96)))
     grouped = dataset(records, aug, 3, max_targets=8, step=16, seed=4, group=3)
     plain = dataset(records, aug, 3, max_targets=8, step=16, seed=4, group=1)
     assert grouped.per_epoch == 3  # 10 images in batches of 3: one left out each epoch
@@ -119,8 +120,8 @@ def test_shape_grouped_batches_see_each_image_once_per_epoch_and_waste_less(reco
 def test_hosts_pad_each_step_to_one_shape(records):
     """On several hosts, the batches of one step have one shape (the collective needs it): each host plans
     every host's batch from the annotations; each still reads only its own shard."""
-    aug = Augment(train=True, scales=(64, 96, 128, 160, 192), max_size=256, crop_scales=(100, 120),
-                  crop_size=(64, 96))
+    aug = Augment(True, DataConfig(scales=(64, 96, 128, 160, 192), max_size=256, crop_scales=(100, 120),
+                                crop_size=(64, 96)))
     hosts = [dataset(records, aug, 2, max_targets=8, step=16, seed=4, shard=(i, 3)) for i in range(3)]
     mixed = 0
     for i in range(12):

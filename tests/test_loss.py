@@ -7,6 +7,7 @@ import pytest
 from conftest import require
 
 import detrax
+from detrax.configs import LossConfig
 from detrax.loss import layer_losses
 
 torch = require("torch")
@@ -46,7 +47,7 @@ def test_every_term_equals_hf(matcher):
     logits, boxes, labels, tboxes, valid = _problem(rs)
     want = _hf(logits, boxes, labels, tboxes, valid)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
-    got = jax.jit(lambda o, t: detrax.set_loss(o, t, matcher=matcher))(_outputs(logits, boxes), targets)
+    got = jax.jit(lambda o, t: detrax.set_loss(o, t, LossConfig(matcher=matcher)))(_outputs(logits, boxes), targets)
     assert len(want) == 4 * L  # loss_ce, loss_bbox, loss_giou, cardinality_error for each layer
     for k, v in want.items():
         assert float(got[k]) == pytest.approx(v, abs=1e-5), k
@@ -65,11 +66,11 @@ def test_class_error_and_no_targets_as_official():
     valid = np.array([[True, True]])
     q = np.array([[[0, 1]]])
     terms = layer_losses(jnp.asarray(logits), jnp.asarray(boxes), jnp.array([[1, 2]]), jnp.asarray(boxes[0, :, :2]),
-                         jnp.asarray(valid), jnp.asarray(q), 2.0)
+                         jnp.asarray(valid), jnp.asarray(q), 2.0, 0.1)
     assert float(terms["class_error"][0]) == pytest.approx(50.0)  # query 1 predicts class 0, not 2
     assert float(terms["loss_bbox"][0]) == 0.0 and float(terms["loss_giou"][0]) == pytest.approx(0.0, abs=1e-6)
     none = layer_losses(jnp.asarray(logits), jnp.asarray(boxes), jnp.array([[1, 2]]), jnp.asarray(boxes[0, :, :2]),
-                        jnp.zeros((1, 2), bool), jnp.full((1, 1, 2), -1), 1.0)
+                        jnp.zeros((1, 2), bool), jnp.full((1, 1, 2), -1), 1.0, 0.1)
     assert float(none["class_error"][0]) == 100.0  # official accuracy() of nothing is 0
     assert float(none["loss_bbox"][0]) == 0.0 and float(none["cardinality_error"][0]) == 4.0
 
@@ -89,7 +90,8 @@ def test_gradients_flow_to_predictions_not_through_matching():
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
     for matcher in ("hungarian", "hungarian_jax", "sinkhorn"):
-        g = jax.grad(lambda o: detrax.set_loss(o, targets, matcher=matcher)["loss"])(_outputs(logits, boxes))
+        loss = lambda o: detrax.set_loss(o, targets, LossConfig(matcher=matcher))["loss"]  # noqa: B023
+        g = jax.grad(loss)(_outputs(logits, boxes))
         assert float(jnp.abs(g["pred_boxes"]).sum()) > 0 and float(jnp.abs(g["pred_logits"]).sum()) > 0
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
 
@@ -99,19 +101,18 @@ def test_sinkhorn_loss_close_to_exact():
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
     exact = detrax.set_loss(_outputs(logits, boxes), targets)
-    approx = detrax.set_loss(_outputs(logits, boxes), targets, matcher="sinkhorn")
+    approx = detrax.set_loss(_outputs(logits, boxes), targets, LossConfig(matcher="sinkhorn"))
     assert float(approx["loss"]) == pytest.approx(float(exact["loss"]), rel=0.02)
 
 
-def test_criterion_from_config_and_no_aux():
+def test_loss_from_config_and_no_aux():
     from detrax import configs
-    from detrax.loss import criterion
 
     rs = np.random.default_rng(4)
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
     cfg = configs.override(configs.get("tiny"), ["loss.aux_loss=false", "loss.matcher=hungarian_jax"]).loss
-    out = criterion(cfg)(_outputs(logits, boxes), targets)
+    out = detrax.set_loss(_outputs(logits, boxes), targets, cfg)
     assert "loss_ce_0" not in out
     assert float(out["loss"]) == pytest.approx(float(out["loss_ce"] + 5 * out["loss_bbox"] + 2 * out["loss_giou"]))
     with pytest.raises(ValueError, match="matcher must be"):

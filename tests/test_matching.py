@@ -96,7 +96,7 @@ def test_sinkhorn_mean_relative_gap_at_most_one_percent():
     tgt_boxes = jnp.asarray(rs.uniform(0.1, 0.9, (b, m, 4)) * [1, 1, 0.3, 0.3], jnp.float32)
     labels = jnp.asarray(rs.integers(0, c, (b, m)))
     valid = np.arange(m)[None, :] < rs.integers(1, m + 1, (b, 1))
-    cost = np.asarray(matching.cost_matrix(logits, boxes, labels, tgt_boxes))
+    cost = np.asarray(matching.cost_matrix(logits, boxes, labels, tgt_boxes, 1.0, 5.0, 2.0))
     out = np.asarray(jax.jit(matching.sinkhorn)(cost, valid))
     gaps = []
     for i in range(b):
@@ -122,7 +122,7 @@ def test_cost_matrix_equals_hf_matcher_cost(rng):
     boxes = rng.uniform(0.2, 0.6, (2, 7, 4)).astype(np.float32)
     tl = rng.integers(0, 4, (2, 3))
     tb = rng.uniform(0.2, 0.6, (2, 3, 4)).astype(np.float32)
-    got = np.asarray(matching.cost_matrix(logits, boxes, tl, tb))
+    got = np.asarray(matching.cost_matrix(logits, boxes, tl, tb, 1.0, 5.0, 2.0))
     for i in range(2):
         prob = torch.from_numpy(logits[i]).softmax(-1)
         ob, tbb = torch.from_numpy(boxes[i]), torch.from_numpy(tb[i])

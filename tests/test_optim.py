@@ -6,10 +6,10 @@ import numpy as np
 from flax import nnx
 
 from detrax import configs
-from detrax.loss import criterion
+from detrax.loss import set_loss
 from detrax.model import DETR
 from detrax.optim import lr_factor, optimizer
-from detrax.train import make_train_step
+from detrax.train_step import make_train_step
 
 
 def test_lr_factor_drops_tenfold_at_the_drop_step():
@@ -30,7 +30,7 @@ def test_a_skipped_step_leaves_no_trace_and_the_learning_rate_follows_the_loop_s
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     model.train()
     graphdef, initial = nnx.split((model, nnx.Optimizer(model, optimizer(cfg.train, 10, 3), wrt=nnx.Param)))
-    step = make_train_step(graphdef, criterion(cfg.loss))
+    step = make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss))
 
     def values(state):
         is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

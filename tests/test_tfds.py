@@ -54,7 +54,7 @@ def test_same_batches_as_the_folder(fake_tfds, coco_tiny):  # noqa: F811
     folder, ds = read_coco(coco_tiny, "train2017"), read_split(fake_tfds, "train")
     order = {r["image_id"]: i for i, r in enumerate(folder.records)}
     records = sorted(ds.records, key=lambda r: order[r["image_id"]])
-    aug = Augment(train=True, scales=(96, 128), max_size=160, crop_scales=(80,), crop_size=(64, 96))
+    aug = Augment(True, configs.DataConfig(scales=(96, 128), max_size=160, crop_scales=(80,), crop_size=(64, 96)))
     batches = [list(Loader(dataset(recs, aug, 4, max_targets=32, step=32, seed=5, epochs=1)))
                for recs in (folder.records, records)]
     for a, b in zip(*batches, strict=True):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detrax.configs import DataConfig
 from detrax.data import transforms as T
 
 
@@ -54,31 +55,31 @@ def test_to_model_input_normalises():
 
 
 def test_train_plan_crop_bounds_and_planned_size_is_the_result():
-    scales, crops = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), 0
+    cfg, crops = DataConfig(), 0  # the official sizes
     for seed in range(60):
         for w, h in ((700, 500), (500, 700), (1000, 250), (300, 200)):
-            steps, size = T.train_plan(h, w, np.random.default_rng(seed), scales)
+            steps, size = T.train_plan(h, w, np.random.default_rng(seed), cfg)
             for op, *args in steps:
                 if op == "crop":
                     crops += 1
                     top, left, ch, cw = args
                     assert top >= 0 and left >= 0 and ch <= 600 and cw <= 600
             # the shape the batcher plans is the shape the transform makes, from the same seed
-            pixels, _ = T.train_transform(_image(w, h), _target([[0, 0, 10, 10]]), np.random.default_rng(seed),
-                                          scales)
+            pixels, _ = T.train_transform(_image(w, h), _target([[0, 0, 10, 10]]), np.random.default_rng(seed), cfg)
             assert pixels.shape[:2] == size
     assert crops > 30
 
 
 def test_train_transform_is_deterministic_and_in_range():
-    scales = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    cfg = DataConfig()
+    scales = cfg.scales
     image, target = _image(640, 480), _target([[100, 100, 300, 200], [400, 50, 600, 400]])
-    outs = [T.train_transform(image, target, np.random.default_rng(7), scales) for _ in range(2)]
+    outs = [T.train_transform(image, target, np.random.default_rng(7), cfg) for _ in range(2)]
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1]["boxes"], outs[1][1]["boxes"])
     sizes = set()
     for seed in range(40):
-        pixels, t = T.train_transform(image, target, np.random.default_rng(seed), scales)
+        pixels, t = T.train_transform(image, target, np.random.default_rng(seed), cfg)
         assert min(pixels.shape[:2]) in scales and max(pixels.shape[:2]) <= 1333
         b = t["boxes"]
         assert ((b[:, :2] > 0) & (b[:, :2] < 1)).all() and ((b[:, 2:] > 0) & (b[:, 2:] <= 1)).all()
@@ -88,5 +89,5 @@ def test_train_transform_is_deterministic_and_in_range():
 
 @pytest.mark.parametrize("w,h,want", [(640, 480, (800, 1066)), (480, 640, (1066, 800)), (1000, 250, (333, 1332))])
 def test_val_transform_sizes(w, h, want):
-    pixels, _ = T.val_transform(_image(w, h), _target([[1, 1, 5, 5]]))
+    pixels, _ = T.val_transform(_image(w, h), _target([[1, 1, 5, 5]]), 800, 1333)
     assert pixels.shape[:2] == want

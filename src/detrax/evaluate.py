@@ -19,7 +19,7 @@ KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def predict_dataset(infer, records, data_cfg, batch_size: int) -> list[dict]:
     """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
     `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives."""
-    augment = Augment(train=False, val_size=data_cfg.val_size, max_size=data_cfg.max_size)
+    augment = Augment(False, data_cfg)
     ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step)
     results = []
     with Loader(ds) as loader:

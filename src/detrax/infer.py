@@ -25,9 +25,9 @@ from detrax.postprocess import postprocess, select
 class Preprocess:
     """The val transform and its padding, as a run was trained with (`of(cfg.data)`)."""
 
-    size: int = 800
-    max_size: int | None = 1333
-    step: int = 64
+    size: int
+    max_size: int | None
+    step: int
 
     @classmethod
     def of(cls, data_cfg) -> Preprocess:

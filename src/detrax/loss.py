@@ -13,12 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from detrax.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from detrax.configs import LossConfig
 from detrax.matching import cost_matrix, match
 
-TERM_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
-
-def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef=0.1):
+def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef):
     """Losses of stacked layers: logits [L, B, N, C+1], boxes [L, B, N, 4], targets [B, M] / [B, M, 4],
     query_for_target [L, B, M] -> dict of [L] arrays."""
     num_classes = logits.shape[-1] - 1
@@ -47,23 +46,25 @@ def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, 
             "cardinality_error": cardinality_error, "class_error": class_error}
 
 
-def set_loss(outputs, targets, matcher: str = "hungarian", *, eos_coef: float = 0.1, weights=None,
-             cost_weights=(1.0, 5.0, 2.0), aux_loss: bool = True, axis_name=None, mesh=None) -> dict:
+def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None, mesh=None) -> dict:
     """outputs: the model's dict; targets: `labels` [B, M] int, `boxes` [B, M, 4] normalised (cx, cy, w, h),
-    `valid` [B, M] bool. Returns every term (see the module doc) and `loss`, the weighted total."""
-    weights = dict(TERM_WEIGHTS if weights is None else weights)
-    layers = (list(outputs.get("aux_outputs", [])) if aux_loss else []) + [outputs]
+    `valid` [B, M] bool; `cfg`: the matcher, its cost weights, the loss weights, the no-object weight and whether
+    the auxiliary layers count (None: the official `LossConfig()`). Returns every term (see the module doc) and
+    `loss`, the weighted total."""
+    cfg = cfg or LossConfig()
+    weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
+    layers = (list(outputs.get("aux_outputs", [])) if cfg.aux_loss else []) + [outputs]
     logits = jnp.stack([o["pred_logits"] for o in layers])  # [L, B, N, C+1]
     boxes = jnp.stack([o["pred_boxes"] for o in layers])  # [L, B, N, 4]
     labels, tgt_boxes = jnp.asarray(targets["labels"], jnp.int32), jnp.asarray(targets["boxes"], jnp.float32)
     valid = jnp.asarray(targets["valid"], bool)
-    cost = cost_matrix(logits, boxes, labels, tgt_boxes, *cost_weights)  # [L, B, N, M]
-    query_for_target = match(cost, valid, matcher, mesh)  # [L, B, M]
+    cost = cost_matrix(logits, boxes, labels, tgt_boxes, cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)  # [L, B, N, M]
+    query_for_target = match(cost, valid, cfg.matcher, mesh)  # [L, B, M]
     num_boxes = valid.sum().astype(jnp.float32)
     if axis_name is not None:
         num_boxes = jax.lax.psum(num_boxes, axis_name)
     num_boxes = jnp.maximum(num_boxes, 1.0)
-    terms = layer_losses(logits, boxes, labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef)
+    terms = layer_losses(logits, boxes, labels, tgt_boxes, valid, query_for_target, num_boxes, cfg.eos_coef)
     last = len(layers) - 1
     out = {}
     for name, values in terms.items():
@@ -73,10 +74,3 @@ def set_loss(outputs, targets, matcher: str = "hungarian", *, eos_coef: float = 
     out["loss"] = sum(w * out[k] + sum(w * out[f"{k}_{i}"] for i in range(last)) for k, w in weights.items())
     return out
 
-
-def criterion(cfg):
-    """set_loss with the settings of a `configs.LossConfig`."""
-    weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
-    return lambda outputs, targets, **kw: set_loss(
-        outputs, targets, cfg.matcher, eos_coef=cfg.eos_coef, weights=weights,
-        cost_weights=(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou), aux_loss=cfg.aux_loss, **kw)

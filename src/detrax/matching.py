@@ -19,7 +19,7 @@ import numpy as np
 from detrax.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
-def cost_matrix(logits, boxes, tgt_labels, tgt_boxes, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0):
+def cost_matrix(logits, boxes, tgt_labels, tgt_boxes, class_weight: float, bbox_weight: float, giou_weight: float):
     """The official HungarianMatcher cost. logits [..., N, C+1], boxes [..., N, 4], tgt_labels [..., M],
     tgt_boxes [..., M, 4] (cx, cy, w, h) -> [..., N, M]. Leading dims broadcast (e.g. layers L and batch B)."""
     prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [..., N, C+1]

@@ -25,17 +25,18 @@ def _norm(d, dtype, rngs):
     return nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
-def _dropout_masks(drop: nnx.Dropout, shapes):
-    """The keep-masks of one layer call's dropout sites (`shapes`), or Nones in eval mode. One draw from the
-    layer's stream and one random-bits generator for all its sites: XLA compiles a generator per draw, and a
-    per-site draw made the DETR-R50 step compile 2 s longer (and cost tracing time for each stream update)."""
+def _dropout_masks(drop: nnx.Dropout, shapes: dict) -> dict:
+    """The keep-masks of one layer call's dropout sites ({site: shape}, named as the official layer's dropout
+    modules, `self_attn` and `cross_attn` for the attention weights), or Nones in eval mode. One draw from the
+    layer's stream and one random-bits generator for all its sites: XLA compiles a generator per draw (the
+    compile-time figures: benchmarks/README.md)."""
     if drop.deterministic or drop.rate == 0.0:
-        return [None] * len(shapes)
-    sizes = [math.prod(s) for s in shapes]
+        return dict.fromkeys(shapes)
+    sizes = [math.prod(s) for s in shapes.values()]
     bits = jax.random.bits(drop.rngs(), (sum(sizes),), jnp.uint32)  # [sum of sizes]
     keep = bits < jnp.uint32(round((1.0 - drop.rate) * 2**32))  # P(keep) = 1 - rate, to 2^-32
     offsets = np.cumsum([0] + sizes)
-    return [keep[a:b].reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes)]
+    return {site: keep[a:b].reshape(s) for a, b, (site, s) in zip(offsets[:-1], offsets[1:], shapes.items())}
 
 
 class MultiHeadAttention(nnx.Module):
@@ -57,7 +58,7 @@ class MultiHeadAttention(nnx.Module):
         if drop.deterministic or drop.rate == 0.0:
             dropout_keep = None
         elif dropout_keep is None:
-            dropout_keep = _dropout_masks(drop, [(b, self.num_heads, t, k.shape[1])])[0]  # [B, N, T, S]
+            dropout_keep = _dropout_masks(drop, {"attn": (b, self.num_heads, t, k.shape[1])})["attn"]  # [B, N, T, S]
         out = attention(q, k, v, key_mask, kernel=self.kernel, dropout_rate=drop.rate, dropout_keep=dropout_keep,
                         return_weights=self.record_weights)
         if self.record_weights:
@@ -77,15 +78,16 @@ class EncoderLayer(nnx.Module):
     def __call__(self, src, key_mask, pos):  # src, pos [B, S, D]; key_mask [B, S]
         b, s, d = src.shape
         n, f = self.self_attn.num_heads, self.linear1.out_features
-        m = _dropout_masks(self.dropout, [(b, s, f), (b, n, s, s), (b, s, d), (b, s, d)])
+        m = _dropout_masks(self.dropout, {"dropout": (b, s, f), "self_attn": (b, n, s, s), "dropout1": (b, s, d),
+                                          "dropout2": (b, s, d)})
         drop = lambda x, site: apply_dropout(x, m[site], self.dropout.rate)
-        ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), 0))
+        ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), "dropout"))
         if self.pre_norm:
             x = self.norm1(src)
-            src = src + drop(self.self_attn(x + pos, x + pos, x, key_mask, m[1]), 2)
-            return src + drop(ffn(self.norm2(src)), 3)
-        src = self.norm1(src + drop(self.self_attn(src + pos, src + pos, src, key_mask, m[1]), 2))
-        return self.norm2(src + drop(ffn(src), 3))
+            src = src + drop(self.self_attn(x + pos, x + pos, x, key_mask, m["self_attn"]), "dropout1")
+            return src + drop(ffn(self.norm2(src)), "dropout2")
+        src = self.norm1(src + drop(self.self_attn(src + pos, src + pos, src, key_mask, m["self_attn"]), "dropout1"))
+        return self.norm2(src + drop(ffn(src), "dropout2"))
 
 
 class DecoderLayer(nnx.Module):
@@ -100,18 +102,20 @@ class DecoderLayer(nnx.Module):
     def __call__(self, tgt, memory, key_mask, pos, query_pos):  # tgt [B, Q, D]; memory, pos [B, S, D]
         (b, q, d), s = tgt.shape, memory.shape[1]
         n, f = self.self_attn.num_heads, self.linear1.out_features
-        m = _dropout_masks(self.dropout, [(b, q, f), (b, n, q, q), (b, q, d), (b, n, q, s), (b, q, d), (b, q, d)])
+        m = _dropout_masks(self.dropout, {"dropout": (b, q, f), "self_attn": (b, n, q, q), "dropout1": (b, q, d),
+                                          "cross_attn": (b, n, q, s), "dropout2": (b, q, d), "dropout3": (b, q, d)})
         drop = lambda x, site: apply_dropout(x, m[site], self.dropout.rate)
-        ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), 0))
+        ffn = lambda x: self.linear2(drop(jax.nn.relu(self.linear1(x)), "dropout"))
+        self_attn = lambda x, v: self.self_attn(x, x, v, None, m["self_attn"])  # x: with the query positions
+        cross_attn = lambda x: self.cross_attn(x + query_pos, memory + pos, memory, key_mask, m["cross_attn"])
         if self.pre_norm:
             x = self.norm1(tgt)
-            tgt = tgt + drop(self.self_attn(x + query_pos, x + query_pos, x, None, m[1]), 2)
-            x = self.norm2(tgt)
-            tgt = tgt + drop(self.cross_attn(x + query_pos, memory + pos, memory, key_mask, m[3]), 4)
-            return tgt + drop(ffn(self.norm3(tgt)), 5)
-        tgt = self.norm1(tgt + drop(self.self_attn(tgt + query_pos, tgt + query_pos, tgt, None, m[1]), 2))
-        tgt = self.norm2(tgt + drop(self.cross_attn(tgt + query_pos, memory + pos, memory, key_mask, m[3]), 4))
-        return self.norm3(tgt + drop(ffn(tgt), 5))
+            tgt = tgt + drop(self_attn(x + query_pos, x), "dropout1")
+            tgt = tgt + drop(cross_attn(self.norm2(tgt)), "dropout2")
+            return tgt + drop(ffn(self.norm3(tgt)), "dropout3")
+        tgt = self.norm1(tgt + drop(self_attn(tgt + query_pos, tgt), "dropout1"))
+        tgt = self.norm2(tgt + drop(cross_attn(tgt), "dropout2"))
+        return self.norm3(tgt + drop(ffn(tgt), "dropout3"))
 
 
 class Transformer(nnx.Module):

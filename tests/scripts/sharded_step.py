@@ -14,20 +14,20 @@ from detrax import configs
 from detrax.data.coco import read_coco
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.transforms import normalize_batch
-from detrax.loss import criterion
+from detrax.loss import set_loss
 from detrax.model import DETR
 
 
 def main(data_dir):
     assert jax.device_count() == 4, jax.devices()
-    cfg = configs.override(configs.get("demo"), ["model.dropout=0.0"])
+    cfg = configs.override(configs.get("demo"), ["model.dropout=0.0", "model.num_classes=4"])
     records = read_coco(data_dir, "train").records
-    with Loader(dataset(records, Augment(True, **{"scales": (128,), "max_size": 160}), 4, max_targets=16, step=64,
-                        seed=0)) as loader:
+    augment = Augment(True, configs.DataConfig(scales=(128,), max_size=160))
+    with Loader(dataset(records, augment, 4, max_targets=16, step=64, seed=0)) as loader:
         batch = next(loader)
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    loss_fn = criterion(cfg.loss)
+    loss_fn = lambda out, t, **kw: set_loss(out, t, cfg.loss, **kw)
 
     def run(devices):
         mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from detrax.configs import DataConfig
 from detrax.data import transforms as T
 from detrax.data.batching import Collate, group_by_shape
 from detrax.data.coco import DataError, load_image
@@ -17,32 +18,27 @@ from detrax.data.coco import DataError, load_image
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """The official transforms for one record; picklable, for worker processes."""
+    """The official transforms for one record, with the sizes of `data` (`data.augment` False: the val transform,
+    in the training order); picklable, for worker processes."""
 
     train: bool
-    augment: bool = True  # with train: False applies the val transform but keeps the training order
-    scales: tuple = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
-    max_size: int = 1333
-    crop_scales: tuple = (400, 500, 600)
-    crop_size: tuple = (384, 600)
-    val_size: int = 800
+    data: DataConfig = DataConfig()
 
     def planned_size(self, record, rng: np.random.Generator | None = None) -> tuple[int, int]:
         """The (height, width) this transform gives `record` with `rng` (the same draws), from the record's
         size alone."""
         h, w = record["height"], record["width"]
-        if self.train and self.augment:
-            return T.train_plan(h, w, rng, self.scales, self.max_size, self.crop_scales, self.crop_size)[1]
-        return T.resized_size(w, h, self.val_size, self.max_size)
+        if self.train and self.data.augment:
+            return T.train_plan(h, w, rng, self.data)[1]
+        return T.resized_size(w, h, self.data.val_size, self.data.max_size)
 
     def __call__(self, record, rng: np.random.Generator | None = None):
         image = load_image(record)
         target = {"boxes": record["boxes"], "labels": record["labels"], "image_id": record["image_id"],
                   "orig_size": (record["height"], record["width"])}
-        if self.train and self.augment:
-            return T.train_transform(image, target, rng, self.scales, self.max_size, self.crop_scales,
-                                     self.crop_size)
-        return T.val_transform(image, target, self.val_size, self.max_size)
+        if self.train and self.data.augment:
+            return T.train_transform(image, target, rng, self.data)
+        return T.val_transform(image, target, self.data.val_size, self.data.max_size)
 
 
 def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, step: int = 128, seed: int = 0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from detrax.configs import DataConfig
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -59,13 +61,12 @@ def crop(image: Image.Image, target: dict, top: int, left: int, height: int, wid
             {**target, "boxes": boxes[keep], "labels": target["labels"][keep]})
 
 
-def train_plan(height: int, width: int, rng, scales, max_size=1333, crop_scales=(400, 500, 600),
-               crop_size=(384, 600)):
+def train_plan(height: int, width: int, rng, cfg: DataConfig):
     """Every random draw of the official training transform, in the official order, made from the image's size
     alone: RandomHorizontalFlip, then RandomSelect(RandomResize(scales, max_size), Compose(RandomResize(
     crop_scales), RandomSizeCrop(*crop_size), RandomResize(scales, max_size))). Returns (steps, (height, width)
-    of the result); steps are ("flip",), ("resize", size, max_size), ("crop", top, left, height, width). The
-    batcher plans shapes with it before any pixel is read."""
+    of the result) with the sizes of `cfg`; steps are ("flip",), ("resize", size, max_size), ("crop", top, left,
+    height, width). The batcher plans shapes with it before any pixel is read."""
     steps: list[tuple] = []
     h, w = height, width
     if rng.random() < 0.5:
@@ -78,16 +79,16 @@ def train_plan(height: int, width: int, rng, scales, max_size=1333, crop_scales=
         h, w = resized_size(w, h, size, most)
 
     if rng.random() < 0.5:
-        resize(scales, max_size)
+        resize(cfg.scales, cfg.max_size)
     else:
-        resize(crop_scales, None)
-        lo, hi = crop_size  # RandomSizeCrop: a random size in [lo, hi] (capped by the image), a random place
+        resize(cfg.crop_scales, None)
+        lo, hi = cfg.crop_size  # RandomSizeCrop: a random size in [lo, hi] (capped by the image), a random place
         cw = int(rng.integers(lo, min(w, hi) + 1)) if w >= lo else w
         ch = int(rng.integers(lo, min(h, hi) + 1)) if h >= lo else h
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         steps.append(("crop", top, left, ch, cw))
         h, w = ch, cw
-        resize(scales, max_size)
+        resize(cfg.scales, cfg.max_size)
     return steps, (h, w)
 
 
@@ -110,9 +111,9 @@ def to_model_input(image, target):
     return np.asarray(image, np.uint8), {**target, "boxes": (cxcywh / wh).astype(np.float32).reshape(-1, 4)}
 
 
-def train_transform(image, target, rng, scales, max_size=1333, crop_scales=(400, 500, 600), crop_size=(384, 600)):
-    """The official training transform (see `train_plan`), then Normalize."""
-    steps, _ = train_plan(image.height, image.width, rng, scales, max_size, crop_scales, crop_size)
+def train_transform(image, target, rng, cfg: DataConfig):
+    """The official training transform with the sizes of `cfg` (see `train_plan`), then Normalize."""
+    steps, _ = train_plan(image.height, image.width, rng, cfg)
     for op, *args in steps:
         if op == "flip":
             image, target = hflip(image, target)
@@ -123,6 +124,6 @@ def train_transform(image, target, rng, scales, max_size=1333, crop_scales=(400,
     return to_model_input(image, target)
 
 
-def val_transform(image, target, size=800, max_size=1333):
+def val_transform(image, target, size: int, max_size: int | None):
     """RandomResize([size], max_size), then Normalize."""
     return to_model_input(*resize_with_target(image, target, size, max_size))
