@@ -36,15 +36,15 @@ def main():
     from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
     from detrax.data.transforms import normalize_batch
+    from detrax.devices import local_copy
     from detrax.evaluate import evaluate
     from detrax.infer import make_infer
     from detrax.model import DETR, assemble, weight_arrays
     from detrax.postprocess import postprocess
-    from detrax.train import local_copy
 
     root = tempfile.mkdtemp(prefix="bench-eval-")
     write_dataset(root, args.images + 8, seed=0, val_fraction=args.images / (args.images + 8))
-    cfg = configs.get("demo")
+    cfg = configs.override(configs.get("demo"), ["model.num_classes=4"])  # the synthetic shapes: ids 1..3
     val = read_split(root, "val")
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     model.eval()

@@ -27,7 +27,7 @@ def worker_detrax(h, w, iters, bf16=False):
     from detrax import configs
     from detrax.model import DETR
 
-    cfg = configs.detr_r50().model
+    cfg = dataclasses.replace(configs.detr_r50().model, num_classes=91)  # COCO
     det = detrax.Detector(DETR(dataclasses.replace(cfg, dtype="bfloat16") if bf16 else cfg, rngs=nnx.Rngs(0)))
     x = np.random.default_rng(0).standard_normal((1, h, w, 3)).astype(np.float32)
     m = np.ones((1, h, w), bool)

@@ -31,18 +31,18 @@ def worker_detrax(size, iters):
     from jax.sharding import PartitionSpec as P
 
     from detrax import configs
-    from detrax.loss import criterion
+    from detrax.loss import set_loss
     from detrax.model import DETR
     from detrax.optim import optimizer
     from detrax.train import make_train_step
 
-    cfg = configs.get("detr_r50")
+    cfg = configs.override(configs.get("detr_r50"), ["model.num_classes=91"])  # COCO
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optimizer(cfg.train, 10**6, 10**6), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    loss_fn = criterion(cfg.loss)
+    loss_fn = lambda o, t: set_loss(o, t, cfg.loss)
     step = make_train_step(graphdef, lambda o, t: loss_fn(o, t, mesh=mesh))
     pixels, boxes, labels = batch(size)
     m = 100
@@ -70,12 +70,12 @@ def loss_times(cfg, model, b, iters):
     step spends on them (the step's matcher, host round trip included)."""
     import jax
 
-    from detrax.loss import criterion
+    from detrax.loss import set_loss
 
     model.eval()
     outputs = jax.jit(lambda m, x, mask: m(x, mask))(model, b["pixels"].astype("float32"), b["mask"])
     targets = {k: b[k] for k in ("labels", "boxes", "valid")}
-    fn = jax.jit(jax.value_and_grad(lambda o: criterion(cfg.loss)(o, targets)["loss"]))
+    fn = jax.jit(jax.value_and_grad(lambda o: set_loss(o, targets, cfg.loss)["loss"]))
     jax.block_until_ready(fn(outputs))
     times = []
     for _ in range(max(iters, 5)):

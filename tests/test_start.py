@@ -8,6 +8,7 @@ from flax import nnx
 
 import detrax
 from detrax import configs, start
+from detrax import weights as weights_io
 from detrax.errors import ResumeConflict
 
 DATA = {"path": "/data/shapes", "split": "train", "images": 24}
@@ -46,7 +47,7 @@ def _recorded(workdir, cfg, init=None):
     """The record a fresh start of `cfg` (from `init`) leaves in `workdir`, as `fit` writes it."""
     s = start.plan(cfg, str(workdir), False, init, DATA, FakeCheckpoints())
     if init:
-        s.record["init"]["weights_sha256"] = start.weights_digest(start.load_init(init))
+        s.record["init"]["weights_sha256"] = weights_io.digest(weights_io.read_arrays(init))
     start.write_record(str(workdir), s.record)
     return s.record
 
@@ -76,7 +77,7 @@ def test_resume_without_a_checkpoint_restarts_the_recorded_run_with_its_init(tmp
     notes = start.initialise(model, s, [], _cfg())
     assert s.record["init"]["weights_sha256"] == record["init"]["weights_sha256"]
     assert notes[0].startswith(f"initialised from {weights['a']}")
-    assert start.weights_digest(start.load_init(weights["a"])) == start.weights_digest(
+    assert weights_io.digest(weights_io.read_arrays(weights["a"])) == weights_io.digest(
         {k: v for k, v in detrax.model.weight_arrays(model).items()})
     # the same weights under another name are the same start
     s = start.plan(_cfg(), str(tmp_path), True, weights["a_copy"], DATA, FakeCheckpoints())

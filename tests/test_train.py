@@ -84,9 +84,38 @@ def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
     assert "initialised from" in err and "fresh: class_embed/bias, class_embed/kernel" in err
 
 
+def test_the_class_count_follows_the_data(synth, tmp_path, capsys):
+    """model.num_classes=auto (the presets' default): the training data's largest category id + 1, recorded with
+    the category names in the checkpoint; an explicit number wins; a resumed run keeps its own."""
+    import shutil
+
+    import detrax
+
+    foreign = tmp_path / "foreign"  # the synthetic shapes under other category ids: 5, 17, 23
+    shutil.copytree(synth, foreign)
+    ids = {1: 5, 2: 17, 3: 23}
+    for ann in (foreign / "annotations").iterdir():
+        coco = json.loads(ann.read_text())
+        for c in coco["categories"]:
+            c["id"] = ids[c["id"]]
+        for a in coco["annotations"]:
+            a["category_id"] = ids[a["category_id"]]
+        ann.write_text(json.dumps(coco))
+    fit(_cfg("train.steps=2"), Run(str(foreign), str(tmp_path / "auto")))
+    assert "model.num_classes=24 from the training data (3 categories, ids up to 23)" in capsys.readouterr().err
+    detector = detrax.load(str(tmp_path / "auto"))
+    assert detector.config.num_classes == 24 and detector.names == {5: "rectangle", 17: "ellipse", 23: "triangle"}
+    fit(_cfg("train.steps=2", "model.num_classes=30"), Run(str(foreign), str(tmp_path / "own"), stop_after=1))
+    # resumed with the preset's auto: the run keeps its 30 (no conflict), and finishes
+    assert cli.main(["train", "--config", "demo", "--data", str(foreign), "--workdir", str(tmp_path / "own"),
+                     "--resume", *FAST, "train.steps=2"]) == 0
+    assert detrax.load(str(tmp_path / "own")).config.num_classes == 30
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.batch_sise=4", r"unknown config key 'train.batch_sise'; valid keys here: .*batch_size"),
-    ("model.num_classes=2", r"category ids reach 3; set model.num_classes=4"),
+    ("model.num_classes=2", r"instances_train.json: category ids reach 3; set model.num_classes=4 \(it is 2\), or "
+                            "model.num_classes=auto"),
     ("data.max_targets=40", r"data.max_targets=40 exceeds model.num_queries=16"),
     ("train.batch_size=64", r"fewer than one batch of 64"),
 ])
@@ -158,8 +187,8 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     import jax
     from flax import nnx
 
-    from detrax import train
-    from detrax.loss import criterion
+    from detrax import train_step
+    from detrax.loss import set_loss
     from detrax.model import DETR
     from detrax.optim import optimizer
 
@@ -172,20 +201,20 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
              "valid": np.arange(m)[None].repeat(b, 0) < 3}
 
     def run(options):
-        monkeypatch.setattr(train, "_compiler_options", lambda: options)
+        monkeypatch.setattr(train_step, "compiler_options", lambda: options)
         model = DETR(cfg.model, rngs=nnx.Rngs(0))
         model.train()
         opt = nnx.Optimizer(model, optimizer(cfg.train, 100, 100), wrt=nnx.Param)
         graphdef, state = nnx.split((model, opt))
-        step = train.make_train_step(graphdef, criterion(cfg.loss))
+        step = train_step.make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss))
         losses = []
         for i in range(3):
             state, terms = step(state, batch, i)
             losses.append(float(terms["loss"]))
         return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
 
-    assert train._compiler_options() == ({"xla_backend_optimization_level": 1}
-                                         if jax.default_backend() == "cpu" else None)
+    assert train_step.compiler_options() == ({"xla_backend_optimization_level": 1}
+                                             if jax.default_backend() == "cpu" else None)
     (fast, fast_params), (plain, plain_params) = run({"xla_backend_optimization_level": 1}), run(None)
     np.testing.assert_allclose(fast, plain, rtol=1e-4)
     for a, p in zip(fast_params, plain_params):

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from detrax.errors import TrainingError
+
 SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
 
 
@@ -57,8 +59,13 @@ class Reporter:
             return
         row = {"step": step, "epoch": step / max(1, self.per_epoch), "kind": kind, "time": time.time(),
                **{k: float(v) for k, v in metrics.items()}}
-        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise TrainingError(f"{path}: the metrics of step {step} could not be written ({e}); the last checkpoint "
+                                "is intact: free space or fix the folder, then --resume") from e
         tb = self._writer()
         for k, v in metrics.items():
             tb.add_scalar(f"{kind}/{k}", float(v), step)
@@ -79,7 +86,8 @@ class Reporter:
         width = 24
         filled = int(width * step / max(1, self.total))
         terms = " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in self.last.items())
-        text = (f"epoch {step // max(1, self.per_epoch) + 1} [{'#' * filled}{'.' * (width - filled)}] "
+        epoch = max(step - 1, 0) // max(1, self.per_epoch) + 1  # the epoch of the step just done
+        text = (f"epoch {epoch} [{'#' * filled}{'.' * (width - filled)}] "
                 f"{step}/{self.total} {terms} | {rate * self.batch:.1f} img/s | ETA {_hms(eta)}")
         if self.tty:
             self.stream.write("\r" + text[:200] + "\x1b[K")

@@ -16,13 +16,10 @@ to log, evaluate, checkpoint, how many workers decode) may change freely.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
-import numpy as np
-
-from detrax import configs
+from detrax import configs, weights
 from detrax.errors import ResumeConflict
 
 RECORD = "run.json"
@@ -78,7 +75,7 @@ def _check(cfg, recorded_cfg: dict, record: dict, init: str | None, data: dict, 
     diffs = config_differences(recorded_cfg, configs.to_dict(cfg))
     started = record.get("init")
     if init is not None:
-        digest = weights_digest(load_init(init))
+        digest = weights.digest(weights.read_arrays(init))
         if started is None:
             diffs.append(f"--init {init}: the run started without --init")
         elif started.get("weights_sha256") != digest:
@@ -119,13 +116,13 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
 
     notes, init = [], start.record.get("init")
     if init:
-        arrays = load_init(init["path"])
-        init["weights_sha256"] = digest = weights_digest(arrays)
+        arrays = weights.read_arrays(init["path"])
+        init["weights_sha256"] = digest = weights.digest(arrays)
         if start.expect_init and digest != start.expect_init and not allow_changes:
             raise ResumeConflict(f"--resume: {init['path']} now holds other weights (sha256 {digest[:12]}) than the "
                                  f"run started from (sha256 {start.expect_init[:12]}); give --init the run's "
                                  "weights, or pass --allow-changes to start it again from these")
-        init["fresh"] = fresh = init_from(model, arrays, init["path"])
+        init["fresh"] = fresh = weights.init_from(model, arrays, init["path"])
         notes.append(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
                      + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     elif cfg.train.calibrate_bn and backbones.get(cfg.model.backbone).calibrates:
@@ -136,50 +133,6 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
     return notes
 
 
-def load_init(path: str) -> dict:
-    """{name: array} of every weight of the detector in `path` (any format `detrax.load` reads)."""
-    from detrax.checkpoint import load_run
-    from detrax.model import weight_arrays
-    from detrax.weights import load_model
-
-    model = load_run(path) if os.path.isdir(path) else load_model(path)
-    return {k: np.asarray(v) for k, v in weight_arrays(model).items()}
-
-
-def weights_digest(arrays: dict) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of the weights, in name order: the same weights give the
-    same digest whatever file format carried them."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}:{a.shape}:{a.dtype};".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def init_from(model, source: dict, path: str) -> list[str]:
-    """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree; the class
-    head may differ (another number of classes) and is then left freshly initialised. Returns the names left
-    fresh."""
-    from flax import nnx
-
-    from detrax.model import WEIGHTS, assemble, weight_arrays
-
-    fresh, arrays = [], {}
-    for name, value in weight_arrays(model).items():
-        src = source.get(name)
-        if src is not None and src.shape == value.shape:
-            arrays[name] = src
-        elif name.startswith("class_embed"):
-            arrays[name] = value
-            fresh.append(name)
-        else:
-            raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
-                             f"{value.shape}")
-    nnx.update(model, nnx.state(assemble(model.config, arrays, init_rest=True), WEIGHTS))
-    return fresh
-
-
 def calibrate(model, records, dc: configs.DataConfig) -> None:
     """Frozen batch-norm statistics from a batch of training images (val transform): a from-scratch backbone
     starts normalised instead of with activations that grow by orders of magnitude per stage."""
@@ -187,9 +140,30 @@ def calibrate(model, records, dc: configs.DataConfig) -> None:
     from detrax.data.loader import Augment
     from detrax.data.transforms import normalize_batch
 
-    augment = Augment(False, val_size=dc.val_size, max_size=dc.max_size)
+    augment = Augment(False, dc)
     batch = Collate(dc.max_targets, dc.bucket_step)([augment(r) for r in records])  # one batch, all images
     model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), batch["mask"], calibrate=True)
+
+
+def resolve_classes(cfg: configs.Config, train_ds, workdir: str, resume: bool) -> tuple[configs.Config, list[str]]:
+    """The config with `model.num_classes` a number: `auto` follows the training data (its largest category id
+    + 1) on a fresh start and keeps the run's own on `--resume`; an explicit number stays. Fails, naming the
+    annotation file, when the data's category ids do not fit. Returns (config, notes)."""
+    where = train_ds.annotation_file or train_ds.root
+    n, notes = cfg.model.num_classes, []
+    if n == "auto":
+        recorded = recorded_config(workdir) if resume else None
+        if recorded is not None:
+            n = recorded["model"]["num_classes"]
+        else:
+            n = train_ds.num_classes
+            notes.append(f"model.num_classes={n} from the training data ({len(train_ds.names)} categories, ids up "
+                         f"to {n - 1})")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=n))
+    if train_ds.num_classes > n:
+        raise ValueError(f"{where}: category ids reach {train_ds.num_classes - 1}; set model.num_classes="
+                         f"{train_ds.num_classes} (it is {n}), or model.num_classes=auto to follow the data")
+    return cfg, notes
 
 
 def recorded_config(workdir: str) -> dict | None:

@@ -4,6 +4,7 @@ and what any weights file is, told by its content rather than its name."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -110,3 +111,45 @@ def load_weights(path: str | os.PathLike, **config_overrides) -> DETR:
         return assemble(cfg, load_file(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def read_arrays(path: str) -> dict:
+    """{name: array} of every weight of the detector in `path` (any format `detrax.load` reads)."""
+    from detrax.checkpoint import load_run
+
+    model = load_run(path) if os.path.isdir(path) else load_model(path)
+    return {k: np.asarray(v) for k, v in weight_arrays(model).items()}
+
+
+def digest(arrays: dict) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of the weights, in name order: the same weights give the
+    same digest whatever file format carried them."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.shape}:{a.dtype};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def init_from(model, source: dict, path: str) -> list[str]:
+    """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree; the class
+    head may differ (another number of classes) and is then left freshly initialised. Returns the names left
+    fresh."""
+    from flax import nnx
+
+    from detrax.model import WEIGHTS
+
+    fresh, arrays = [], {}
+    for name, value in weight_arrays(model).items():
+        src = source.get(name)
+        if src is not None and src.shape == value.shape:
+            arrays[name] = src
+        elif name.startswith("class_embed"):
+            arrays[name] = value
+            fresh.append(name)
+        else:
+            raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
+                             f"{value.shape}")
+    nnx.update(model, nnx.state(assemble(model.config, arrays, init_rest=True), WEIGHTS))
+    return fresh

@@ -75,3 +75,14 @@ def read_split(data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
 def ground_truth(ds: coco.Dataset) -> str | dict:
     """What pycocotools reads as the split's ground truth (gathered once per dataset where it is computed)."""
     return source_of(ds.root).ground_truth(ds)
+
+
+def resolve_split(data: str, want: str, prefix: str) -> str:
+    """The split `want`, or for `auto` the first split of `data` whose name starts with `prefix` (train, val)."""
+    if want != "auto":
+        return want
+    found = list_splits(data)
+    match = [s for s in found if s.startswith(prefix)]
+    if not match:
+        raise ValueError(f"{data}: no split named {prefix}* among {found}; set data.{prefix}_split")
+    return match[0]
