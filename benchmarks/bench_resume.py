@@ -71,7 +71,7 @@ def main():
 
     def command(workdir, resume):
         return [sys.executable, "-m", "detrax.cli", "train", "--config", "demo", "--data", data, "--workdir", workdir,
-                f"steps={args.steps}", "model.num_classes=24", *(["--resume"] if resume else [])]
+                f"steps={args.steps}", *(["--resume"] if resume else [])]  # the class count follows the data
 
     t0 = time.time()
     r = subprocess.run(command(os.path.join(root, "straight"), False), capture_output=True, text=True)

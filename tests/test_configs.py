@@ -3,6 +3,24 @@ import pytest
 from detrax import configs
 
 
+def test_num_classes_is_auto_or_a_number():
+    """auto follows the training data (test_train); a number given as text becomes a number; a model is built
+    from a number only."""
+    from flax import nnx
+
+    from detrax.model import DETR
+
+    assert configs.override(configs.get("demo"), ["model.num_classes=24"]).model.num_classes == 24
+    assert configs.override(configs.get("tiny"), ["model.num_classes=auto"]).model.num_classes == "auto"
+    with pytest.raises(ValueError, match="num_classes must be a number or auto, not 'many'"):
+        configs.override(configs.get("demo"), ["model.num_classes=many"])
+    with pytest.raises(ValueError, match="num_classes must be at least 1"):
+        configs.override(configs.get("demo"), ["model.num_classes=0"])
+    with pytest.raises(ValueError, match="a training run sets it from its data"):
+        DETR(configs.get("demo").model, rngs=nnx.Rngs(0))
+    assert configs.from_dict(configs.to_dict(configs.get("demo"))) == configs.get("demo")
+
+
 def test_presets():
     assert configs.get("detr_r50").model.depths == (3, 4, 6, 3)
     assert configs.get("detr_r101").model.depths == (3, 4, 23, 3)
@@ -10,7 +28,7 @@ def test_presets():
     assert not configs.get("detr_r50").model.dilation
     m = configs.get("detr_r50").model
     assert (m.num_queries, m.hidden_dim, m.num_heads, m.enc_layers, m.dec_layers, m.ffn_dim, m.dropout,
-            m.num_classes, m.pre_norm) == (100, 256, 8, 6, 6, 2048, 0.1, 91, False)
+            m.num_classes, m.pre_norm) == (100, 256, 8, 6, 6, 2048, 0.1, "auto", False)
     assert m.backbone_channels == 2048
     assert configs.get("detr_r50", smoke=True).model.hidden_dim < 256
 

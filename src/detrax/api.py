@@ -30,10 +30,10 @@ class Detector:
         model.eval()
         self.model = model
         self.config = model.config
-        self.names = names if names is not None else class_names(model.config.num_classes)
+        self.names = names if names is not None else class_names(int(model.config.num_classes))
         self.per_image = per_image
         self.data = data
-        self.preprocess = Preprocess.of(data) if data is not None else Preprocess()
+        self.preprocess = Preprocess.of(data or configs.DataConfig())
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda state, pixels, mask: run_model(nnx.merge(graphdef, state), pixels, mask,
@@ -105,13 +105,15 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
     `random:PRESET` for random weights."""
     path = os.fspath(path)
     if path.startswith("random:"):
-        cfg = configs.get(path.split(":", 1)[1]).model
-        return Detector(DETR(dataclasses.replace(cfg, **config_overrides), rngs=nnx.Rngs(0)))
+        cfg = dataclasses.replace(configs.get(path.split(":", 1)[1]).model, **config_overrides)
+        if cfg.num_classes == "auto":  # no training data to follow: COCO's classes
+            cfg = dataclasses.replace(cfg, num_classes=91)
+        return Detector(DETR(cfg, rngs=nnx.Rngs(0)))
     if os.path.isdir(path):
         from detrax import checkpoint
 
         model, meta = checkpoint.load_run(path, with_meta=True)
-        names = {int(k): v for k, v in meta.get("names", {}).items()} or None
+        names = {int(c["id"]): c["name"] for c in meta.get("categories", [])} or None
         return Detector(model, names=names, data=configs.from_dict(meta["config"]).data)  # the run's val transform
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")

@@ -22,7 +22,9 @@ class ModelConfig:
     depths: tuple[int, ...] = ()  # bottleneck blocks per stage; () for a named variant: its own (resnet50: 3, 4, 6, 3)
     width: int = 64  # channels of the stem; stage i has width * 2**i planes and 4x that many outputs
     dilation: bool = False  # DC5: dilation instead of stride in the last stage
-    num_classes: int = 91  # the class head has num_classes + 1 outputs; the last is no-object
+    # the class head has num_classes + 1 outputs, the last no-object; auto: the training data's largest category
+    # id + 1 when a run starts (a resumed run keeps its own); a model is built from a number
+    num_classes: int | str = "auto"
     num_queries: int = 100
     hidden_dim: int = 256
     num_heads: int = 8
@@ -45,6 +47,13 @@ class ModelConfig:
         if not self.depths and fixed is None:
             raise ValueError(f"backbone {self.backbone!r} takes any depths: set model.depths")
         object.__setattr__(self, "depths", tuple(self.depths or fixed or ()))
+        if self.num_classes != "auto":
+            try:
+                object.__setattr__(self, "num_classes", int(self.num_classes))
+            except ValueError:
+                raise ValueError(f"num_classes must be a number or auto, not {self.num_classes!r}") from None
+            if self.num_classes < 1:
+                raise ValueError(f"num_classes must be at least 1, not {self.num_classes}")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -182,18 +191,18 @@ def demo(smoke: bool = False) -> Config:
     """A small DETR-DC5 trained from scratch on the synthetic shapes (`detrax data synth`), on a CPU in minutes.
     From scratch, its frozen batch norm is calibrated on the data, every stage trains, the backbone at a fifth of
     the transformer's learning rate, without dropout or augmentation (the toy task has no pretrained features).
-    Made for `detrax demo`'s 3000 training images: 12 epochs (4500 steps of 8), the learning rate x0.1 after 10.
-    Fresh images matter more than repeats: 432 images for 60 epochs reached AP50 0.14; 3000 for 9, 0.42-0.55."""
-    model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_classes=4,
-                        num_queries=16, hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128,
-                        dropout=0.0, frozen_stages=0)
+    Made for `detrax demo`'s 3000 training images: 12 epochs (4500 steps of 8), the learning rate x0.1 after 10
+    (fresh images matter more than repeats: benchmarks/README.md). The class count follows the data."""
+    model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_queries=16,
+                        hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128, dropout=0.0,
+                        frozen_stages=0)
     data = DataConfig(scales=(112, 128, 144, 160), max_size=192, crop_scales=(128, 144), crop_size=(96, 128),
                       val_size=128, max_targets=16, bucket_step=64, augment=False)
     train = TrainConfig(batch_size=8, lr=5e-4, lr_backbone=1e-4, epochs=12, lr_drop=10, ckpt_every=500,
                         eval_every=3, log_every=10, calibrate_bn=True)
     if smoke:
         train = dataclasses.replace(train, epochs=1, eval_every=1)
-    # the on-device exact matcher: for a model this small, scipy's host round trip is 13% of the step
+    # the on-device exact matcher: for a model this small, scipy's host round trip costs (benchmarks/README.md)
     return Config("demo", model, loss=LossConfig(matcher="hungarian_jax"), data=data, train=train)
 
 
@@ -236,7 +245,9 @@ def from_dict(d: dict) -> Config:
     return Config(**kwargs)
 
 
-def _parse(value: str, like: Any) -> Any:
+def _parse(value: str, like: Any, annotation: Any) -> Any:
+    if "str" in str(annotation):  # a field that takes text (num_classes: a number or auto) checks it itself
+        return value
     if isinstance(like, bool):
         if value.lower() in ("1", "true", "yes"):
             return True
@@ -274,7 +285,7 @@ def _set(obj: Any, path: list[str], value: str, full: str) -> Any:
         if dataclasses.is_dataclass(current):
             raise ValueError(f"config key {full!r} is a section; set one of its fields")
         try:
-            new = _parse(value, current)
+            new = _parse(value, current, fields[head].type)
         except ValueError as e:
             raise ValueError(f"bad value for {full!r}: {e}") from None
     else:

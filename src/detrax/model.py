@@ -41,6 +41,9 @@ class DETR(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
+        if not isinstance(c.num_classes, int):
+            raise ValueError(f"model.num_classes is {c.num_classes!r}: a training run sets it from its data; to build "
+                             "a model outside training, give the number of classes")
         dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
         self.config = c
         self.dtype = dtype
