@@ -1,5 +1,5 @@
 """Extension points: a toy matcher, backbone and data source, each registered from outside the package, is
-validated by the configs and trains."""
+validated by the configs and trains; a toy export format is taken by `detrax export`."""
 
 import io
 import json
@@ -129,3 +129,26 @@ def test_a_registered_data_source_trains_evaluates_and_checks(tmp_path, capsys):
     assert set(summary["eval"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     rows, losses = _losses(tmp_path / "run")
     assert len(losses) == 2 and rows[0]["record"]["data"]["path"] == "shapes:8"
+
+
+def test_a_registered_export_format_is_taken_by_the_cli(tmp_path, capsys):
+    """A toy export format (the weights as .npz, the input shape beside them) through `detrax export`."""
+    from detrax import export
+    from detrax.model import weight_arrays
+
+    def arrays(detector, path, shape):
+        np.savez(path, **{k: np.asarray(v) for k, v in weight_arrays(detector.model).items()},
+                 input_shape=np.array([shape.batch, shape.height, shape.width]))
+
+    import detrax
+
+    detrax.load("random:tiny").save(tmp_path / "w.safetensors")
+    export.register_format("arrays", arrays)
+    try:
+        assert cli.main(["export", str(tmp_path / "w.safetensors"), str(tmp_path / "out.npz"), "--format", "arrays",
+                         "--batch", "2"]) == 0
+    finally:
+        del export.FORMATS["arrays"]
+    assert json.loads(capsys.readouterr().out)["format"] == "arrays"
+    saved = np.load(tmp_path / "out.npz")
+    assert saved["input_shape"].tolist() == [2, 1344, 1344] and "class_embed/kernel" in saved.files

@@ -142,9 +142,8 @@ def _exit_status(summary) -> int:
 def cmd_eval(args) -> int:
     import detrax
     from detrax import configs
-    from detrax.data.sources import read_split
+    from detrax.data.sources import read_split, resolve_split
     from detrax.evaluate import evaluate
-    from detrax.train import resolve_split
 
     detector = detrax.load(args.checkpoint)
     # the run's own data config (its val transform), else the preset's, else the official 800/1333
@@ -154,6 +153,22 @@ def cmd_eval(args) -> int:
     ds = read_split(args.data, split)
     metrics = evaluate(detector.infer, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out)
     print(json.dumps(metrics))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import dataclasses
+
+    import detrax
+    from detrax.export import FORMATS, default_shape, export
+
+    if args.format not in FORMATS:  # before the weights are read
+        raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(sorted(FORMATS))}")
+    detector = detrax.load(args.checkpoint)
+    given = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    shape = dataclasses.replace(default_shape(detector, args.batch), **given)
+    export(detector, args.out, args.format, shape)
+    print(json.dumps({"out": args.out, "format": args.format, "shape": dataclasses.asdict(shape)}))
     return 0
 
 
@@ -214,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
     s.add_argument("--num-heads", type=int, default=8, help="attention heads (weights cannot tell; official: 8)")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="a detector for serving: its inference function (pixels in, detections out) "
+                       "with the weights inside, at a fixed input shape")
+    s.add_argument("checkpoint", help="a training workdir, detrax weights, or an official/HF checkpoint")
+    s.add_argument("out", help="the file to write")
+    s.add_argument("--format", default="stablehlo", help="a registered export format (detrax.export.FORMATS)")
+    s.add_argument("--batch", type=int, default=1, help="images per call")
+    s.add_argument("--height", type=int, default=None, help="canvas height (default: the longest side the "
+                   "detector's val transform makes, rounded up to its bucket step)")
+    s.add_argument("--width", type=int, default=None, help="canvas width (default: as --height)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
     s.add_argument("--config", default=None, help="a preset of detrax.configs (default: detr_r50; with --resume, "

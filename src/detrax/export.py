@@ -1,0 +1,84 @@
+"""Export formats: a detector written out for serving without detrax. Every format exports the one inference
+function (`infer.make_infer`: uint8 pixels, padding mask and original sizes in; scores, labels and absolute boxes
+out, normalisation and post-processing included) at a fixed input shape, with the weights inside.
+
+A format is a function (detector, path, shape) -> None, registered with `register_format(name, fn)`; `export`
+and `detrax export` take any registered one. Built in:
+- `stablehlo`: `jax.export`'s serialized StableHLO; `load_stablehlo(path)` runs it with JAX alone (on any
+  platform it was exported for), no detrax or Flax needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The exported function's input: `batch` images padded into a `height` x `width` canvas."""
+
+    batch: int
+    height: int
+    width: int
+
+    def inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """(pixels uint8 [B, H, W, 3], mask bool [B, H, W], orig_size int32 [B, 2])."""
+        b, h, w = self.batch, self.height, self.width
+        return (jax.ShapeDtypeStruct((b, h, w, 3), np.uint8), jax.ShapeDtypeStruct((b, h, w), np.bool_),
+                jax.ShapeDtypeStruct((b, 2), np.int32))
+
+
+FORMATS: dict[str, Callable] = {}
+
+
+def register_format(name: str, fn: Callable) -> None:
+    """`fn(detector, path, shape)` writes `detector` to `path` for inputs of `shape` (a `Shape`)."""
+    FORMATS[name] = fn
+
+
+def default_shape(detector, batch: int = 1) -> Shape:
+    """The canvas that holds any image of the detector's val transform: its longest side (max_size, else the
+    shorter side's size) rounded up to the bucket step, square."""
+    prep = detector.preprocess
+    side = -(-(prep.max_size or prep.size) // prep.step) * prep.step
+    return Shape(batch, side, side)
+
+
+def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: Shape | None = None) -> str:
+    """Write `detector` (a `detrax.Detector`) to `path` in a registered format; returns the path."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; formats: {', '.join(sorted(FORMATS))}")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FORMATS[format](detector, path, shape or default_shape(detector))
+    return path
+
+
+def serving_function(detector):
+    """(pixels, mask, orig_size) -> (scores, labels, boxes), with the detector's weights inside."""
+    return jax.jit(detector.infer)  # its weights become constants of the traced function
+
+
+def _stablehlo(detector, path: str, shape: Shape) -> None:
+    exported = jax.export.export(serving_function(detector))(*shape.inputs())
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+
+
+def load_stablehlo(path: str | os.PathLike) -> Callable:
+    """The function a `stablehlo` export holds: (pixels, mask, orig_size) -> (scores, labels, boxes)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        exported = jax.export.deserialize(bytearray(data))
+    except Exception as e:  # noqa: BLE001 - flatbuffers raise many kinds for bytes that are not an export
+        raise ValueError(f"{os.fspath(path)}: not a detrax stablehlo export ({type(e).__name__})") from None
+    return exported.call
+
+
+register_format("stablehlo", _stablehlo)
