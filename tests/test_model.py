@@ -140,16 +140,17 @@ def test_layer_dropout_masks_keep_the_right_fraction_independently():
     from detrax.transformer import _dropout_masks
 
     drop = nnx.Dropout(0.25, rngs=nnx.Rngs(3))
-    shapes = [(2, 50, 300), (2, 4, 50, 50), (2, 50, 64)]
+    shapes = {"dropout": (2, 50, 300), "self_attn": (2, 4, 50, 50), "dropout1": (2, 50, 64)}
     first, second = _dropout_masks(drop, shapes), _dropout_masks(drop, shapes)
-    for m, s in zip(first, shapes):
-        assert m.shape == s and m.dtype == jnp.bool_
-        assert abs(float(m.mean()) - 0.75) < 0.01
-    assert float((first[0] == second[0]).mean()) < 0.7  # fresh masks on each call (0.625 expected)
-    a, b = first[2].reshape(-1), first[0].reshape(-1)[: first[2].size]
+    assert list(first) == list(shapes)  # by site name
+    for site, s in shapes.items():
+        assert first[site].shape == s and first[site].dtype == jnp.bool_
+        assert abs(float(first[site].mean()) - 0.75) < 0.01
+    assert float((first["dropout"] == second["dropout"]).mean()) < 0.7  # fresh masks on each call (0.625 expected)
+    a, b = first["dropout1"].reshape(-1), first["dropout"].reshape(-1)[: first["dropout1"].size]
     assert abs(float((a & b).mean()) - 0.75**2) < 0.01  # sites independent
     drop.eval()
-    assert _dropout_masks(drop, shapes) == [None] * 3
+    assert _dropout_masks(drop, shapes) == dict.fromkeys(shapes)
 
 
 def test_bfloat16_compute_is_close_to_float32(tiny):
