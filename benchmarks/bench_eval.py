@@ -59,7 +59,8 @@ def main():
     detector = []
 
     def previous(pixels, mask, sizes):  # the replaced path, step by step
-        normalised = np.asarray(normalize_batch(pixels, mask))  # float32 on the device, back to the host
+        c = cfg.model
+        normalised = np.asarray(normalize_batch(pixels, mask, c.pixel_mean, c.pixel_std))  # float32, back to the host
         out = detector[0](normalised, mask)  # sent again
         return postprocess(jax.device_get(out), sizes)
 

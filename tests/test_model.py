@@ -28,6 +28,41 @@ def test_mask_resize_equals_torch_interpolate(size, out):
     np.testing.assert_array_equal(np.asarray(resize_mask(jnp.asarray(mask), out)), want.numpy())
 
 
+@pytest.mark.parametrize("size,out", [((37, 53), (2, 2)), ((100, 30), (7, 3)), ((800, 1216), (25, 38)),
+                                      ((803, 1199), (26, 38)), ((33, 33), (33, 33)), ((5, 7), (10, 14))])
+def test_half_pixel_mask_resize_equals_jax_image_resize(size, out):
+    """`mask_resize=half_pixel`: the padding mask as MasterSkepticista/detr brings it to the feature map."""
+    import jax
+
+    rs = np.random.default_rng(sum(size))
+    mask = rs.random((2,) + size) > 0.5
+    want = jax.image.resize(jnp.asarray(mask, jnp.float32), (2,) + out, method="nearest").astype(bool)
+    got = resize_mask(jnp.asarray(mask), out, "half_pixel")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if size != out:  # the two rules differ
+        assert not np.array_equal(np.asarray(got), np.asarray(resize_mask(jnp.asarray(mask), out)))
+
+
+def test_model_options_reach_the_layers_and_travel_in_weights_files(tmp_path):
+    """norm_eps sets every transformer LayerNorm; pixel_mean / pixel_std / mask_resize are kept by a weights file
+    and parse from overrides."""
+    import dataclasses
+
+    import detrax
+    from detrax import configs
+
+    cfg = configs.override(configs.tiny(), ["model.norm_eps=1e-6", "model.pixel_mean=0.48,0.456,0.406",
+                                            "model.mask_resize=half_pixel"]).model
+    assert cfg.pixel_mean == (0.48, 0.456, 0.406)
+    model = DETR(cfg, rngs=nnx.Rngs(0))
+    norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.LayerNorm)]
+    assert len(norms) == 3 * 2 + 2 * 2 + 1 and {n.epsilon for n in norms} == {1e-6}
+    detrax.Detector(model).save(tmp_path / "w.safetensors")
+    assert detrax.load(tmp_path / "w.safetensors").config == cfg
+    with pytest.raises(ValueError, match="mask_resize must be torch or half_pixel"):
+        dataclasses.replace(cfg, mask_resize="bilinear")
+
+
 def test_sine_position_embedding_equals_hf():
     transformers = require("transformers")
     emb = transformers.models.detr.modeling_detr.DetrSinePositionEmbedding(64, normalize=True)

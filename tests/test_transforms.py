@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detrax.configs import DataConfig
+from detrax.configs import DataConfig, ModelConfig
 from detrax.data import transforms as T
 
 
@@ -48,9 +48,12 @@ def test_to_model_input_normalises():
     canvas[0, :50, :100] = pixels
     mask = np.zeros((1, 64, 128), bool)
     mask[0, :50, :100] = True
-    x = np.asarray(T.normalize_batch(canvas, mask))
-    np.testing.assert_allclose(x[0, :50, :100], T.normalize(image), rtol=1e-6)  # as the official Normalize
-    np.testing.assert_allclose(x[0, 0, 0], (1 - T.IMAGENET_MEAN) / T.IMAGENET_STD, rtol=1e-6)
+    c = ModelConfig(backbone="resnet50", num_classes=1)  # the official (ImageNet) mean and std
+    mean, std = np.array(c.pixel_mean, np.float32), np.array(c.pixel_std, np.float32)
+    x = np.asarray(T.normalize_batch(canvas, mask, c.pixel_mean, c.pixel_std))
+    official = (np.asarray(image, np.float32) / 255.0 - mean) / std  # ToTensor, then Normalize
+    np.testing.assert_allclose(x[0, :50, :100], official, rtol=1e-6)
+    np.testing.assert_allclose(x[0, 0, 0], (1 - mean) / std, rtol=1e-6)
     assert (x[0, 50:] == 0).all() and (x[0, :, 100:] == 0).all()  # padding is zero after normalisation
 
 

@@ -68,12 +68,12 @@ def attention_panels(model, image: Image.Image, batch: dict, det: dict, points=N
     """batch: the image alone, as the inference path pads it (`infer.batches([image], prep, 1)`); det: its
     detections with `queries`. One row per detection (decoder cross-attention of its query), then one per point
     (x, y in image pixels; encoder self-attention at that cell)."""
-    from detrax.data.transforms import normalize_batch
+    from detrax.infer import normalized
 
     rh, rw = (int(v) for v in batch["size"][0])
     ch, cw = batch["pixels"].shape[1:3]
     mask = batch["mask"][:1]
-    _, cross, selfa = forward_with_attention(model, normalize_batch(batch["pixels"][:1], mask), mask)
+    _, cross, selfa = forward_with_attention(model, normalized(model, batch["pixels"][:1], mask), mask)
     cross, selfa = np.asarray(cross[0]), np.asarray(selfa[0])
     fh, fw = cross.shape[1:]
     vh, vw = valid_cells((rh, rw), (ch, cw), (fh, fw))

@@ -36,6 +36,14 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     attention: str = "xla"  # xla | dot_product (jax.nn.dot_product_attention: cuDNN flash on GPU) | auto
     frozen_stages: int = 1  # 1: stem and layer1 not trained (official, for a pretrained backbone); 0: train all
+    # where a model differs from the official one without changing its weights' shapes (weights converted from
+    # MasterSkepticista/detr record theirs): the input's normalisation (mean and std of [0, 1] RGB), the
+    # transformer's LayerNorm epsilon, and how the padding mask is brought to the feature map: torch (as
+    # F.interpolate's nearest) | half_pixel (as jax.image.resize's nearest: pixel centres)
+    pixel_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    norm_eps: float = 1e-5
+    mask_resize: str = "torch"
 
     def __post_init__(self):
         from detrax import backbones  # the registry: built-in backbones and registered ones
@@ -56,6 +64,11 @@ class ModelConfig:
                 raise ValueError(f"num_classes must be at least 1, not {self.num_classes}")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        if self.mask_resize not in ("torch", "half_pixel"):
+            raise ValueError(f"mask_resize must be torch or half_pixel, not {self.mask_resize!r}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_mean and pixel_std are three numbers (RGB; std > 0), not {self.pixel_mean} and "
+                             f"{self.pixel_std}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
         from detrax.attention import KERNELS
@@ -255,7 +268,8 @@ def _parse(value: str, like: Any, annotation: Any) -> Any:
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
     if isinstance(like, tuple):
-        return tuple(int(v) for v in value.strip("()[] ").split(",") if v.strip())
+        kind = type(like[0]) if like else int
+        return tuple(kind(v) for v in value.strip("()[] ").split(",") if v.strip())
     return type(like)(value)
 
 

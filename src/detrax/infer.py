@@ -53,6 +53,11 @@ def run_model(model, pixels, mask, per_image: bool | None = None):
     return model(pixels, mask)
 
 
+def normalized(model, pixels, mask):
+    """uint8 pixels -> the model's input, normalised as its config says (on the device, inside a jitted call)."""
+    return T.normalize_batch(pixels, mask, model.config.pixel_mean, model.config.pixel_std)
+
+
 def make_infer(graphdef, per_image: bool | None = None):
     """A jitted (model state, pixels uint8 [B, H, W, 3], mask [B, H, W], orig_size [B, 2]) -> (scores [B, Q],
     labels [B, Q], boxes [B, Q, 4] absolute (x0, y0, x1, y1) in the original image). `graphdef` is a model's in
@@ -61,7 +66,7 @@ def make_infer(graphdef, per_image: bool | None = None):
     @jax.jit
     def infer(state, pixels, mask, orig_size):
         model = nnx.merge(graphdef, state)
-        return postprocess(run_model(model, T.normalize_batch(pixels, mask), mask, per_image), orig_size)
+        return postprocess(run_model(model, normalized(model, pixels, mask), mask, per_image), orig_size)
 
     return infer
 

@@ -51,7 +51,7 @@ class DETR(nnx.Module):
         self.input_proj = nnx.Linear(self.backbone.out_channels, c.hidden_dim, dtype=dtype, rngs=rngs)  # 1x1 conv
         self.query_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_queries, c.hidden_dim)))
         self.transformer = Transformer(c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers, c.ffn_dim,
-                                       c.dropout, c.pre_norm, c.attention, dtype, rngs=rngs)
+                                       c.dropout, c.pre_norm, c.attention, dtype, c.norm_eps, rngs=rngs)
         self.class_embed = nnx.Linear(c.hidden_dim, c.num_classes + 1, dtype=dtype, rngs=rngs)
         self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3, dtype, rngs=rngs)
 
@@ -60,7 +60,7 @@ class DETR(nnx.Module):
         mask = jnp.ones(pixels.shape[:3], bool) if mask is None else jnp.asarray(mask, bool)  # [B, H, W]
         features = self.backbone(pixels, mask)  # [B, h, w, C]
         b, h, w, _ = features.shape
-        mask = resize_mask(mask, (h, w))  # [B, h, w]
+        mask = resize_mask(mask, (h, w), self.config.mask_resize)  # [B, h, w]
         pos = sine_position_embedding(mask, self.config.hidden_dim // 2).astype(self.dtype)  # [B, h, w, D]
         src = self.input_proj(features)  # [B, h, w, D]
         d = src.shape[-1]

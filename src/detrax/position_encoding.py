@@ -6,20 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def resize_mask(mask, size):
-    """Nearest-neighbour resize of a [B, H, W] bool mask to `size`, exactly as
-    `F.interpolate(mask[None].float(), size).bool()`: source index floor(dst * (in / out)) in float32."""
+def resize_mask(mask, size, how: str = "torch"):
+    """Nearest-neighbour resize of a [B, H, W] bool mask to `size`. `torch`: exactly as
+    `F.interpolate(mask[None].float(), size).bool()`, source index floor(dst * (in / out)) in float32 (the
+    official model); `half_pixel`: exactly as `jax.image.resize(mask, size, "nearest")`, source index
+    floor((dst + 0.5) * (in / out)) (MasterSkepticista/detr)."""
     _, h, w = mask.shape
-    rows = _nearest_index(h, size[0])
-    cols = _nearest_index(w, size[1])
+    rows = _nearest_index(h, size[0], how == "half_pixel")
+    cols = _nearest_index(w, size[1], how == "half_pixel")
     return mask[:, rows][:, :, cols]  # [B, h, w]
 
 
-def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+def _nearest_index(n_in: int, n_out: int, half_pixel: bool = False) -> np.ndarray:
     if n_in == n_out:
         return np.arange(n_out)
     scale = np.float32(n_in) / np.float32(n_out)
-    idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    idx = np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5 if half_pixel else 0)) * scale)
+    idx = idx.astype(np.int64)
     return np.minimum(idx, n_in - 1)
 
 

@@ -142,7 +142,8 @@ def calibrate(model, records, dc: configs.DataConfig) -> None:
 
     augment = Augment(False, dc)
     batch = Collate(dc.max_targets, dc.bucket_step)([augment(r) for r in records])  # one batch, all images
-    model.backbone.stages(normalize_batch(batch["pixels"], batch["mask"]), batch["mask"], calibrate=True)
+    pixels = normalize_batch(batch["pixels"], batch["mask"], model.config.pixel_mean, model.config.pixel_std)
+    model.backbone.stages(pixels, batch["mask"], calibrate=True)
 
 
 def resolve_classes(cfg: configs.Config, train_ds, workdir: str, resume: bool) -> tuple[configs.Config, list[str]]:

@@ -29,7 +29,8 @@ def make_train_step(graphdef, loss_fn):
     def step(state, batch, i):
         old = jax.tree.leaves(state)  # the arrays themselves: merge's variables are updated in place below
         model, opt = nnx.merge(graphdef, state)
-        pixels = normalize_batch(batch["pixels"], batch["mask"])  # [B, H, W, 3] float32
+        c = model.config
+        pixels = normalize_batch(batch["pixels"], batch["mask"], c.pixel_mean, c.pixel_std)  # [B, H, W, 3] float32
         targets = {k: batch[k] for k in ("labels", "boxes", "valid")}
 
         def objective(model):

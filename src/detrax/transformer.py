@@ -21,8 +21,8 @@ def _linear(cin, cout, dtype, rngs):
     return nnx.Linear(cin, cout, dtype=dtype, kernel_init=_xavier, rngs=rngs)
 
 
-def _norm(d, dtype, rngs):
-    return nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+def _norm(d, dtype, eps, rngs):
+    return nnx.LayerNorm(d, epsilon=eps, dtype=dtype, rngs=rngs)
 
 
 def _dropout_masks(drop: nnx.Dropout, shapes: dict) -> dict:
@@ -68,10 +68,10 @@ class MultiHeadAttention(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, d, num_heads, ffn, dropout, pre_norm, kernel, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, d, num_heads, ffn, dropout, pre_norm, kernel, dtype, eps, *, rngs: nnx.Rngs):
         self.self_attn = MultiHeadAttention(d, num_heads, dropout, kernel, dtype, rngs=rngs)
         self.linear1, self.linear2 = _linear(d, ffn, dtype, rngs), _linear(ffn, d, dtype, rngs)
-        self.norm1, self.norm2 = _norm(d, dtype, rngs), _norm(d, dtype, rngs)
+        self.norm1, self.norm2 = _norm(d, dtype, eps, rngs), _norm(d, dtype, eps, rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.pre_norm = pre_norm
 
@@ -91,11 +91,11 @@ class EncoderLayer(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, d, num_heads, ffn, dropout, pre_norm, kernel, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, d, num_heads, ffn, dropout, pre_norm, kernel, dtype, eps, *, rngs: nnx.Rngs):
         self.self_attn = MultiHeadAttention(d, num_heads, dropout, kernel, dtype, rngs=rngs)
         self.cross_attn = MultiHeadAttention(d, num_heads, dropout, kernel, dtype, rngs=rngs)
         self.linear1, self.linear2 = _linear(d, ffn, dtype, rngs), _linear(ffn, d, dtype, rngs)
-        self.norm1, self.norm2, self.norm3 = (_norm(d, dtype, rngs) for _ in range(3))
+        self.norm1, self.norm2, self.norm3 = (_norm(d, dtype, eps, rngs) for _ in range(3))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.pre_norm = pre_norm
 
@@ -119,13 +119,15 @@ class DecoderLayer(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, d=256, num_heads=8, enc_layers=6, dec_layers=6, ffn=2048, dropout=0.1, pre_norm=False,
-                 kernel="xla", dtype=jnp.float32, *, rngs: nnx.Rngs):
-        args = (d, num_heads, ffn, dropout, pre_norm, kernel, dtype)
+    """The encoder and decoder stacks; the sizes are a `ModelConfig`'s (hidden_dim, num_heads, ...)."""
+
+    def __init__(self, d, num_heads, enc_layers, dec_layers, ffn, dropout, pre_norm, kernel, dtype, eps, *,
+                 rngs: nnx.Rngs):
+        args = (d, num_heads, ffn, dropout, pre_norm, kernel, dtype, eps)
         self.encoder = nnx.List([EncoderLayer(*args, rngs=rngs) for _ in range(enc_layers)])
         self.decoder = nnx.List([DecoderLayer(*args, rngs=rngs) for _ in range(dec_layers)])
-        self.encoder_norm = _norm(d, dtype, rngs) if pre_norm else None  # the official has it with pre-norm only
-        self.decoder_norm = _norm(d, dtype, rngs)
+        self.encoder_norm = _norm(d, dtype, eps, rngs) if pre_norm else None  # the official: with pre-norm only
+        self.decoder_norm = _norm(d, dtype, eps, rngs)
 
     def __call__(self, src, key_mask, query_embed, pos):
         """src, pos [B, S, D]; key_mask [B, S] (True: real); query_embed [Q, D] -> hs [L, B, Q, D], memory."""

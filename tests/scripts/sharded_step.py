@@ -35,7 +35,7 @@ def main(data_dir):
         @jax.jit
         def f(state, b):
             def objective(m):
-                out = m(normalize_batch(b["pixels"], b["mask"]), b["mask"])
+                out = m(normalize_batch(b["pixels"], b["mask"], m.config.pixel_mean, m.config.pixel_std), b["mask"])
                 return loss_fn(out, {k: b[k] for k in ("labels", "boxes", "valid")}, mesh=mesh)["loss"]
 
             return nnx.value_and_grad(objective)(nnx.merge(graphdef, state))

@@ -7,9 +7,6 @@ from PIL import Image
 
 from detrax.configs import DataConfig
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
 
 def resized_size(width: int, height: int, size: int, max_size: int | None = None) -> tuple[int, int]:
     """(height, width) with the shorter side `size` and the longer at most `max_size`, as the official
@@ -28,12 +25,6 @@ def resized_size(width: int, height: int, size: int, max_size: int | None = None
 def resize(image: Image.Image, size: int, max_size: int | None = None) -> Image.Image:
     h, w = resized_size(image.width, image.height, size, max_size)
     return image if (h, w) == (image.height, image.width) else image.resize((w, h), Image.Resampling.BILINEAR)
-
-
-def normalize(image: Image.Image) -> np.ndarray:
-    """An RGB PIL image -> [H, W, 3] float32 normalised with the ImageNet mean and std."""
-    x = np.asarray(image, np.float32) / 255.0
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
 # ---------------------------------------------------------------- the official augmentations, on (image, target)
@@ -92,13 +83,15 @@ def train_plan(height: int, width: int, rng, cfg: DataConfig):
     return steps, (h, w)
 
 
-def normalize_batch(pixels, mask):
-    """uint8 pixels [B, H, W, 3] and mask [B, H, W] -> float32 normalised pixels, zero on padding, as the official
-    ToTensor + Normalize then zero padding. Runs wherever its inputs live (jit it to run on device): batches
-    cross process boundaries and host-device transfers as uint8, four times smaller than float32."""
+def normalize_batch(pixels, mask, mean, std):
+    """uint8 pixels [B, H, W, 3] and mask [B, H, W] -> float32 pixels normalised with `mean` and `std` (of [0, 1]
+    RGB: a model config's pixel_mean / pixel_std), zero on padding, as the official ToTensor + Normalize then zero
+    padding. Runs wherever its inputs live (jit it to run on device): batches cross process boundaries and
+    host-device transfers as uint8, four times smaller than float32."""
     import jax.numpy as jnp
 
-    x = (jnp.asarray(pixels, jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    x = (jnp.asarray(pixels, jnp.float32) / 255.0 - mean) / std
     return jnp.where(jnp.asarray(mask)[..., None], x, 0.0)
 
 
