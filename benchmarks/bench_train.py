@@ -34,7 +34,7 @@ def worker_detrax(size, iters):
     from detrax.loss import set_loss
     from detrax.model import DETR
     from detrax.optim import optimizer
-    from detrax.train import make_train_step
+    from detrax.train_step import make_train_step
 
     cfg = configs.override(configs.get("detr_r50"), ["model.num_classes=91"])  # COCO
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
@@ -42,8 +42,7 @@ def worker_detrax(size, iters):
     graphdef, state = nnx.split((model, opt))
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    loss_fn = lambda o, t: set_loss(o, t, cfg.loss)
-    step = make_train_step(graphdef, lambda o, t: loss_fn(o, t, mesh=mesh))
+    step = make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss, mesh=mesh))
     pixels, boxes, labels = batch(size)
     m = 100
     b = {"pixels": pixels, "mask": np.ones(pixels.shape[:3], bool), "labels": np.zeros((B, m), np.int32),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from detrax.configs import DataConfig
-from detrax.data.batching import Collate, bucket_shape
+from detrax.data.batching import Collate, bucket_shape, fill_size
 from detrax.data.coco import DataError, read_coco
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.synthetic import write_dataset
@@ -27,15 +27,19 @@ def test_collate_pads_images_and_targets():
     x1, x2 = np.ones((50, 70, 3), np.uint8), 2 * np.ones((90, 30, 3), np.uint8)
     t = lambda n, i: {"labels": np.arange(n), "boxes": np.full((n, 4), 0.25, np.float32), "image_id": i,
                       "orig_size": (10, 20)}
-    b = Collate(max_targets=4, step=32, batch_size=3)([(x1, t(2, 5)), (x2, t(4, 6))])
-    assert b["pixels"].shape == (3, 96, 96, 3) and b["mask"].shape == (3, 96, 96)
+    b = Collate(max_targets=4, step=32, batch_size=4)([(x1, t(2, 5)), (x2, t(4, 6)), (x1, t(0, 7))])
+    assert b["pixels"].shape == (4, 96, 96, 3) and b["mask"].shape == (4, 96, 96)
     assert b["mask"][0, :50, :70].all() and b["mask"][0].sum() == 50 * 70
     assert b["mask"][1].sum() == 90 * 30 and (b["pixels"][1, :90, :30] == 2).all()
     assert (b["pixels"][0, 50:] == 0).all()
-    np.testing.assert_array_equal(b["valid"], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(b["real"], [True, True, False])
-    assert b["mask"][2].sum() == 1  # a blank keeps one pixel so that attention stays finite
-    np.testing.assert_array_equal(b["image_id"], [5, 6, -1])
+    np.testing.assert_array_equal(b["valid"], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["real"], [True, True, True, False])
+    assert b["mask"][3].sum() == 1  # a blank keeps one pixel so that attention stays finite
+    np.testing.assert_array_equal(b["image_id"], [5, 6, 7, -1])
+    # a short batch is filled to a power of two times the devices, at most the batch size
+    assert [fill_size(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert [fill_size(n, 12, multiple=3) for n in (1, 3, 4, 7, 12)] == [3, 3, 6, 12, 12]
+    assert len(Collate(4, 32, batch_size=8)([(x1, t(2, 5))])["real"]) == 1  # one image: no blanks
     with pytest.raises(DataError, match="image 6 has 4 boxes, more than max_targets=3"):
         Collate(max_targets=3, step=32)([(x2, t(4, 6))])
 

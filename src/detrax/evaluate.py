@@ -16,11 +16,13 @@ from detrax.data.sources import ground_truth
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def predict_dataset(infer, records, data_cfg, batch_size: int) -> list[dict]:
+def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1) -> list[dict]:
     """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
-    `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives."""
+    `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives; its batches
+    hold a multiple of `multiple` images (the devices they are sharded over)."""
     augment = Augment(False, data_cfg)
-    ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step)
+    ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step,
+                 multiple=multiple)
     results = []
     with Loader(ds) as loader:
         for batch in loader:
@@ -59,10 +61,10 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
     return {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
 
 
-def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None) -> dict:
+def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None, multiple: int = 1) -> dict:
     """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset`; with `out_dir`, writes metrics.json and
     results.json there."""
-    results = predict_dataset(infer, dataset_.records, data_cfg, batch_size)
+    results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple)
     gt = ground_truth(dataset_)
     ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]
     metrics = coco_ap(gt, results, ids)

@@ -223,10 +223,11 @@ def _evaluator(infer, val_ds, cfg: configs.Config, sharded) -> Callable:
         if jax.process_count() == 1:
             put = lambda x: jax.device_put(x, sharded)
             live = lambda *batch: infer(weights, *map(put, batch))
+            devices = jax.device_count()
         else:
             mine = jax.tree.map(local_copy, weights)
-            live = lambda *batch: infer(mine, *batch)
-        return evaluate(live, val_ds, cfg.data, batch_size=cfg.train.batch_size)
+            live, devices = (lambda *batch: infer(mine, *batch)), 1
+        return evaluate(live, val_ds, cfg.data, batch_size=cfg.train.batch_size, multiple=devices)
 
     return run
 

@@ -29,19 +29,28 @@ def group_by_shape(shapes, step: int, batch_size: int) -> list[list[int]]:
     return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
 
 
+def fill_size(n: int, batch_size: int, multiple: int = 1) -> int:
+    """How many examples a short batch of `n` is filled to: `multiple` (the devices it is sharded over) times a
+    power of two, at most `batch_size`. Few sizes to compile per bucket (log2 of the batch), and a bucket that
+    holds one image does not pay for a batch of blanks (on a CPU each blank costs a whole forward)."""
+    k = -(-n // multiple)
+    return min(batch_size, multiple * (1 << (k - 1).bit_length()))
+
+
 class Collate:
     """[(pixels [h, w, 3] uint8, target)] -> one batch dict of NumPy arrays:
       pixels [B, H, W, 3] uint8 (see transforms.normalize_batch), mask [B, H, W] bool (True on real pixels),
       labels [B, M] int32, boxes [B, M, 4] float32 normalised (cx, cy, w, h), valid [B, M] bool,
       image_id [B] int64, orig_size [B, 2] and size [B, 2] (height, width), real [B] bool.
-    With `batch_size`, a short batch is filled with blank examples (real False, no valid target)."""
+    With `batch_size`, a short batch is filled with blank examples (real False, no valid target) to
+    `fill_size(n, batch_size, multiple)`."""
 
-    def __init__(self, max_targets: int, step: int, batch_size: int | None = None):
-        self.max_targets, self.step, self.batch_size = max_targets, step, batch_size
+    def __init__(self, max_targets: int, step: int, batch_size: int | None = None, multiple: int = 1):
+        self.max_targets, self.step, self.batch_size, self.multiple = max_targets, step, batch_size, multiple
 
     def __call__(self, examples, shape: tuple[int, int] | None = None):
         """`shape`: the least (height, width) to pad to (the bucket of the largest image, by default)."""
-        n = self.batch_size or len(examples)
+        n = fill_size(len(examples), self.batch_size, self.multiple) if self.batch_size else len(examples)
         h, w = max(x.shape[0] for x, _ in examples), max(x.shape[1] for x, _ in examples)
         if shape is not None:
             h, w = max(h, shape[0]), max(w, shape[1])

@@ -42,12 +42,14 @@ class Augment:
 
 
 def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, step: int = 128, seed: int = 0,
-            shard: tuple[int, int] = (0, 1), epochs: int | None = None, group: int = 64) -> grain.MapDataset:
+            shard: tuple[int, int] = (0, 1), epochs: int | None = None, group: int = 64,
+            multiple: int = 1) -> grain.MapDataset:
     """Training (`augment.train`): this process's shard, reshuffled every epoch, repeated `epochs` times (None:
     forever), full batches of images of like shapes (`ShapeGroupedBatches` over windows of `group` batches; 1:
     batches in the shuffled order), an epoch's remainder dropped. Evaluation: once, each image padded to its own
     shape bucket (`batching.group_by_shape`, as `infer.batches` does for image files), images of one bucket
-    batched together in order, a short batch filled with blanks."""
+    batched together in order, a short batch filled with blanks to `multiple` (the devices) times a power of two
+    (`batching.fill_size`)."""
     index, count = shard
     source = lambda i: grain.MapDataset.source(records)[i::count]  # host i's shard
     if augment.train:  # every host's batches are planned, for one padded shape per step (see ShapeGroupedBatches)
@@ -60,7 +62,7 @@ def dataset(records, augment: Augment, batch_size: int, *, max_targets: int, ste
     ids = list(range(index, len(records), count))
     groups = group_by_shape([augment.planned_size(records[i]) for i in ids], step, batch_size)
     return grain.MapDataset.source([[ids[j] for j in g] for g in groups]).map(
-        EvalBatch(records, augment, Collate(max_targets, step, batch_size)))
+        EvalBatch(records, augment, Collate(max_targets, step, batch_size, multiple)))
 
 
 @dataclasses.dataclass(frozen=True)
