@@ -66,6 +66,8 @@ class ModelConfig:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.mask_resize not in ("torch", "half_pixel"):
             raise ValueError(f"mask_resize must be torch or half_pixel, not {self.mask_resize!r}")
+        for name in ("pixel_mean", "pixel_std"):  # tuples of floats, also when read back from JSON lists
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
             raise ValueError(f"pixel_mean and pixel_std are three numbers (RGB; std > 0), not {self.pixel_mean} and "
                              f"{self.pixel_std}")
