@@ -106,14 +106,13 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
     path = os.fspath(path)
     if path.startswith("random:"):
         cfg = dataclasses.replace(configs.get(path.split(":", 1)[1]).model, **config_overrides)
-        if cfg.num_classes == "auto":  # no training data to follow: COCO's classes
-            cfg = dataclasses.replace(cfg, num_classes=91)
-        return Detector(DETR(cfg, rngs=nnx.Rngs(0)))
+        return Detector(DETR(cfg.with_classes(), rngs=nnx.Rngs(0)))
     if os.path.isdir(path):
         from detrax import checkpoint
 
         model, meta = checkpoint.load_run(path, with_meta=True)
-        names = {int(c["id"]): c["name"] for c in meta.get("categories", [])} or None
+        names = ({int(c["id"]): c["name"] for c in meta["categories"]} if "categories" in meta else
+                 {int(k): v for k, v in meta.get("names", {}).items()}) or None  # runs written before categories
         return Detector(model, names=names, data=configs.from_dict(meta["config"]).data)  # the run's val transform
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")

@@ -78,6 +78,10 @@ class ModelConfig:
         if self.attention not in KERNELS:
             raise ValueError(f"attention must be one of {', '.join(KERNELS)}, not {self.attention!r}")
 
+    def with_classes(self) -> ModelConfig:
+        """This config with a number of classes: `auto` with no training data to follow becomes COCO's 91."""
+        return self if self.num_classes != "auto" else dataclasses.replace(self, num_classes=91)
+
     @property
     def backbone_channels(self) -> int:
         return self.width * 2 ** (len(self.depths) - 1) * 4

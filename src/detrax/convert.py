@@ -199,9 +199,7 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
     cannot tell (`dilation`, `num_heads`, `dtype`, ...). A torchvision ResNet or a BiT .npz fills the backbone
     only; the rest is freshly initialised from `seed`."""
     fmt = checkpoint_layout(sd)
-    cfg = infer_config(sd, fmt, base or ModelConfig(), **overrides)
-    if cfg.num_classes == "auto":  # a backbone alone: a fresh head of COCO's classes (training replaces it)
-        cfg = dataclasses.replace(cfg, num_classes=91)
+    cfg = infer_config(sd, fmt, base or ModelConfig(), **overrides).with_classes()  # a backbone alone: COCO's
     if fmt == "official":
         table = official_table(cfg)
     elif fmt == "hf":
