@@ -52,7 +52,8 @@ def test_export_cli_and_bad_input(detector, tmp_path, capsys):
     out = tmp_path / "served" / "model.bin"
     assert cli.main(["export", str(tmp_path / "w.safetensors"), str(out), "--height", "128"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["shape"] == {"batch": 1, "height": 128, "width": 1344}  # a weights file: the official 800/1333
+    # the weights file carries the detector's val transform: longer side at most 150, padded to a multiple of 32
+    assert printed["shape"] == {"batch": 1, "height": 128, "width": 160}
     assert load_stablehlo(out) is not None
     assert cli.main(["export", str(tmp_path / "w.safetensors"), str(out), "--format", "tflite"]) == 2
     assert "unknown export format 'tflite'; formats: stablehlo" in capsys.readouterr().err

@@ -10,7 +10,7 @@ FLOORS = [
     {"keys", "backbone", "bit", "backbones", "transformer", "model"},
     {"matching", "loss", "postprocess"},
     {"data"},
-    {"weights", "convert", "checkpoint"},
+    {"weights", "convert", "flax_detr", "checkpoint"},
     {"optim", "infer", "export", "start", "train_step", "reporting", "evaluate", "actions", "train", "predict",
      "attention_maps"},
     {"api", "cli", "__init__", "__main__"},

@@ -85,9 +85,13 @@ class Detector:
         return attention_panels(self.model, image, batch, det, points)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Detrax weights with this detector's class names and val transform."""
         from detrax.weights import save_weights
 
-        save_weights(self.model, path)
+        categories = [{"id": i, "name": n} for i, n in sorted(self.names.items())]
+        p = self.preprocess
+        data = {"val_size": p.size, "max_size": p.max_size, "bucket_step": p.step} if self.data else None
+        save_weights(self.model, path, categories=categories, data=data)
 
 
 def _image(im) -> Image.Image:
@@ -101,8 +105,9 @@ def _image(im) -> Image.Image:
 
 def load(path: str | os.PathLike, **config_overrides) -> Detector:
     """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
-    `detrax convert` or `Detector.save`), an official / HF / torchvision / BiT checkpoint (converted on the fly), or
-    `random:PRESET` for random weights."""
+    `detrax convert` or `Detector.save`, with the class names and val transform they carry), an official / HF /
+    torchvision / BiT / MasterSkepticista/detr checkpoint (converted on the fly), or `random:PRESET` for random
+    weights."""
     path = os.fspath(path)
     if path.startswith("random:"):
         cfg = dataclasses.replace(configs.get(path.split(":", 1)[1]).model, **config_overrides)
@@ -118,4 +123,7 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
         raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
     from detrax.weights import load_model
 
-    return Detector(load_model(path, **config_overrides))
+    model, meta = load_model(path, with_meta=True, **config_overrides)
+    names = {int(c["id"]): c["name"] for c in meta.get("categories", [])} or None
+    data = configs.DataConfig(**meta["data"]) if "data" in meta else None
+    return Detector(model, names=names, data=data)

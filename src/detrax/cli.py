@@ -67,17 +67,26 @@ def cmd_predict(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from detrax import configs
     from detrax.convert import convert_file
 
-    overrides = {"num_heads": args.num_heads}
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     if args.dilation:
         overrides["dilation"] = True
-    report = convert_file(args.src, args.dst, **overrides)
+    data = None
+    if args.preset:
+        d = configs.get(args.preset).data
+        data = {"val_size": d.val_size, "max_size": d.max_size, "bucket_step": d.bucket_step}
+    report = convert_file(args.src, args.dst, data=data, **overrides)
     cfg = report["config"]
     print(f"{args.src}: {report['format']} checkpoint -> {args.dst}")
     print(f"  model: {cfg.backbone}{' DC5' if cfg.dilation else ''} depths {cfg.depths}, {cfg.num_classes} classes, "
           f"{cfg.num_queries} queries, {cfg.enc_layers}+{cfg.dec_layers} layers, "
           f"{'pre' if cfg.pre_norm else 'post'}-norm; {report['filled']} weights converted")
+    if report["categories"]:
+        print(f"  classes: {len(report['categories'])} categories by id ({report['categories'][0]['name']}, ...)")
+    if data:
+        print(f"  val transform of {args.preset}: shorter side {data['val_size']}, longer at most {data['max_size']}")
     if report["fresh"]:
         print(f"  freshly initialised ({len(report['fresh'])} weights): transformer and heads")
     return 0
@@ -223,11 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT weights -> detrax weights")
-    s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra), .safetensors, or BiT's .npz")
+    s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
+                       "weights -> detrax weights")
+    s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra), .safetensors, BiT's .npz, or a Flax msgpack "
+                   "checkpoint of MasterSkepticista/detr (checkpoint_<step>)")
     s.add_argument("dst", help="output .safetensors")
     s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
-    s.add_argument("--num-heads", type=int, default=8, help="attention heads (weights cannot tell; official: 8)")
+    s.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, where the weights cannot tell (official, HF: 8)")
+    s.add_argument("--preset", default=None, help="record this preset's val transform in the file (e.g. "
+                   "detr_r50_640 for weights trained at 640), which `detrax.load`, eval and predict then use")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("export", help="a detector for serving: its inference function (pixels in, detections out) "
@@ -278,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--split", default=None, help="default: the split named val*")
     s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use (default: "
-                   "a run's own; the official 800/1333 for weights files)")
+                   "a run's own, or the one a weights file records; else the official 800/1333)")
     s.add_argument("--out", default=None, help="write metrics.json and results.json here")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")

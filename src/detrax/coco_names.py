@@ -15,6 +15,9 @@ COCO_NAMES = {
     87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
 
+# COCO 2017's category ids in the order of its annotation files' `categories`: TFDS's label order
+COCO_2017_IDS = tuple(sorted(COCO_NAMES))
+
 
 def class_names(num_classes: int) -> dict[int, str]:
     """COCO's names for the official 91-way head; plain numbers for any other head."""

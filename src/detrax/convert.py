@@ -1,4 +1,5 @@
-"""Weights in: official DETR, Hugging Face DetrForObjectDetection, torchvision ResNet and BiT (.npz) -> detrax.
+"""Weights in: official DETR, Hugging Face DetrForObjectDetection, torchvision ResNet, BiT (.npz) and the Flax
+checkpoints of MasterSkepticista/detr (its detector, ResNet and BiT trees; see `flax_detr`) -> detrax.
 
 Each source has an explicit key table, target path -> (source key, transform), built below. Conversion fails,
 naming the keys, when a source key is left unused or a parameter is left unfilled, and names both shapes when
@@ -16,7 +17,7 @@ import zipfile
 import numpy as np
 from flax import nnx
 
-from detrax import backbones, keys
+from detrax import backbones, flax_detr, keys
 from detrax.backbone import weights_table as resnet_table
 from detrax.configs import ModelConfig
 from detrax.model import DETR, WEIGHTS, assemble
@@ -105,7 +106,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ValueError as e:
         raise ConversionError(str(e)) from None
     if kind == "msgpack":
-        raise ConversionError(f"{path}: a Flax msgpack checkpoint; reading those is not supported yet")
+        try:
+            return flax_detr.read(path)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
     if kind == "npz":
         try:
             with np.load(path) as z:
@@ -138,10 +142,13 @@ def checkpoint_layout(sd) -> str:
         return "official"
     if "class_labels_classifier.weight" in sd or any(k.startswith("model.backbone.") for k in sd):
         return "hf"
+    if (flax := flax_detr.layout(sd)) is not None:
+        return flax
     for fmt in _backbone_formats():  # a backbone's published weights: torchvision ResNet, BiT, registered ones
         if fmt.recognise(sd):
             return fmt.name
-    known = ", ".join(["official DETR", "HF DETR", *(f.name for f in _backbone_formats())])
+    known = ", ".join(["official DETR", "HF DETR", *(f.name for f in _backbone_formats()),
+                       "MasterSkepticista/detr's detector, ResNet or BiT"])
     raise ConversionError(f"unrecognised checkpoint layout (not one of: {known}); first keys: {sorted(sd)[:5]}")
 
 
@@ -159,6 +166,11 @@ _count = backbones.count
 def infer_config(sd, fmt: str, base: ModelConfig, **overrides) -> ModelConfig:
     """What the weights fix (depths, widths, layer counts, classes, queries); the rest from `base`."""
     names = list(sd)
+    if fmt.startswith("flax_"):
+        try:
+            return dataclasses.replace(base, **{**flax_detr.read_config(sd, fmt), **overrides})
+        except ValueError as e:
+            raise ConversionError(f"{fmt} checkpoint: {e}") from None
     backbone_format = _backbone_format(fmt)
     if backbone_format is not None:
         try:
@@ -206,16 +218,19 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
         if cfg.pre_norm:
             raise ConversionError("HF DETR has no pre-norm variant")
         table = hf_table(cfg, sd)
+    elif fmt.startswith("flax_"):
+        table = flax_detr.table(cfg, fmt)
     else:
         backbone_format = _backbone_format(fmt)
         assert backbone_format is not None, fmt  # detect named a backbone's format
         table = backbone_format.table(cfg)
-    backbone_only = fmt not in ("official", "hf")
+    backbone_only = fmt not in ("official", "hf", "flax_detr")
     shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(
         nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(seed))), WEIGHTS))}
     assert not set(table) - set(shapes), f"key table names unknown weights: {sorted(set(table) - set(shapes))[:5]}"
     missing = sorted(k for k in {src for src, _ in table.values()} if k not in sd)
-    unused = sorted(k for k in set(sd) - {src for src, _ in table.values()} if not IGNORED.match(k))
+    unused = sorted(k for k in set(sd) - {src for src, _ in table.values()}
+                    if not IGNORED.match(k) and not flax_detr.IGNORED.match(k))
     unfilled = sorted(set(shapes) - set(table)) if not backbone_only else sorted(
         k for k in set(shapes) - set(table) if k.startswith("backbone/"))
     if missing or unused or unfilled:
@@ -235,11 +250,14 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
         model = assemble(cfg, arrays, seed=seed, init_rest=backbone_only, sources=sources)
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    return model, {"format": fmt, "config": cfg, "filled": len(table), "fresh": sorted(set(shapes) - set(table))}
+    return model, {"format": fmt, "config": cfg, "filled": len(table), "fresh": sorted(set(shapes) - set(table)),
+                   "categories": flax_detr.categories(cfg)}
 
 
-def convert_file(src: str | os.PathLike, dst: str | os.PathLike, **overrides) -> dict:
-    """Read `src` (official / HF / torchvision, `.pth` or `.safetensors`), convert, write detrax weights to `dst`.
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, data: dict | None = None, **overrides) -> dict:
+    """Read `src` (any layout above, told by content), convert, write detrax weights to `dst`, with the categories
+    of its class outputs where the source knows them and `data` ({val_size, max_size, bucket_step}: the val
+    transform the weights were trained at, for `detrax.load`) when given.
 
     DC5 cannot be read off the weights: it is taken from `dilation=`, else from a file name holding "dc5"
     (as the official detr-r50-dc5-*.pth), and the report says which.
@@ -250,5 +268,5 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, **overrides) ->
     model, report = convert(sd, **overrides)
     from detrax.weights import save_weights
 
-    save_weights(model, dst)
+    save_weights(model, dst, categories=report["categories"], data=data)
     return report

@@ -60,13 +60,14 @@ def normalized(model, pixels, mask):
 
 def make_infer(graphdef, per_image: bool | None = None):
     """A jitted (model state, pixels uint8 [B, H, W, 3], mask [B, H, W], orig_size [B, 2]) -> (scores [B, Q],
-    labels [B, Q], boxes [B, Q, 4] absolute (x0, y0, x1, y1) in the original image). `graphdef` is a model's in
-    eval mode; the state may be a training run's live, sharded one."""
+    labels [B, Q] (category ids), boxes [B, Q, 4] absolute (x0, y0, x1, y1) in the original image). `graphdef` is
+    a model's in eval mode; the state may be a training run's live, sharded one."""
 
     @jax.jit
     def infer(state, pixels, mask, orig_size):
         model = nnx.merge(graphdef, state)
-        return postprocess(run_model(model, normalized(model, pixels, mask), mask, per_image), orig_size)
+        outputs = run_model(model, normalized(model, pixels, mask), mask, per_image)
+        return postprocess(outputs, orig_size, model.config.class_ids)
 
     return infer
 

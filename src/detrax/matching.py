@@ -1,4 +1,4 @@
-"""Bipartite matching of predictions to targets: the official cost, and three solvers with one index format.
+"""Bipartite matching of predictions to targets: the official cost, and its solvers, one index format.
 
 Every matcher takes a cost [..., N, M] (N queries, M target slots) and `valid` [..., M] and returns
 `query_for_target` [..., M] int32: the query matched to each valid target, -1 for padded targets. Padded
@@ -7,7 +7,8 @@ targets never match. Matching is not differentiated: the cost goes through `stop
 - `hungarian`: exact, scipy's `linear_sum_assignment` on the host, every decoder layer and image in ONE
   `jax.pure_callback`, so a batch's matching costs one device-host round trip.
 - `hungarian_jax`: exact, on device, jit- and vmap-able (shortest augmenting paths, as scipy's solver).
-- `sinkhorn`: entropic optimal transport with epsilon annealing, rounded greedily to a one-to-one matching.
+- `sinkhorn`: entropic optimal transport with epsilon annealing, rounded greedily to a one-to-one matching;
+  `sinkhorn_ott`, the same with MasterSkepticista/detr's settings (ott-jax's epsilon schedule, raw cost).
 """
 
 from __future__ import annotations
@@ -130,32 +131,33 @@ def hungarian_jax(cost, valid):
 
 # --------------------------------------------------------------------------------------- sinkhorn
 
-def _sinkhorn_one(cost, valid, eps_start, eps_end, stages, iters):
+def _sinkhorn_one(cost, valid, eps_at, max_iters: int, threshold: float, normalise: bool):
     n, m = cost.shape
     finite = jnp.isfinite(cost) & valid[None, :]
     lo = jnp.where(finite, cost, jnp.inf).min()
     hi = jnp.where(finite, cost, -jnp.inf).max()
-    c = (jnp.where(finite, cost, hi) - lo) / jnp.maximum(hi - lo, 1e-9)  # [N, M] in [0, 1]
+    c = jnp.where(finite, cost, hi) - lo  # [N, M], least 0 (a shift leaves the plan as it is)
+    if normalise:
+        c = c / jnp.maximum(hi - lo, 1e-9)  # in [0, 1]: epsilon relative to the cost's range
     c = jnp.concatenate([c, jnp.zeros((n, 1), c.dtype)], axis=1)  # a no-object column takes the rest
     n_valid = valid.sum()
     log_a = jnp.full(n, -jnp.log(n), c.dtype)  # queries: mass 1/N each
     b = jnp.concatenate([valid.astype(c.dtype), (n - n_valid)[None].astype(c.dtype)]) / n  # [M + 1]
     log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1)), -jnp.inf)
 
-    def stage(s, fg):
-        f, g = fg
-        eps = eps_start * (eps_end / eps_start) ** (s / max(stages - 1, 1))
+    def step(s):
+        t, f, g, _ = s
+        eps = eps_at(t)
+        lse = jax.nn.logsumexp((g[None, :] - c) / eps, axis=1)  # [N]
+        err = jnp.abs(jnp.exp(f / eps + lse) - jnp.exp(log_a)).sum()  # the queries' marginal, before this step
+        f = eps * log_a - eps * lse
+        g = eps * log_b - eps * jax.nn.logsumexp((f[:, None] - c) / eps, axis=0)
+        return t + 1, f, jnp.where(jnp.isfinite(g), g, -1e9), err
 
-        def step(_, fg):
-            f, g = fg
-            f = eps * log_a - eps * jax.nn.logsumexp((g[None, :] - c) / eps, axis=1)
-            g = eps * log_b - eps * jax.nn.logsumexp((f[:, None] - c) / eps, axis=0)
-            return f, jnp.where(jnp.isfinite(g), g, -1e9)
-
-        return jax.lax.fori_loop(0, iters, step, (f, g))
-
-    f, g = jax.lax.fori_loop(0, stages, stage, (jnp.zeros(n, c.dtype), jnp.zeros(m + 1, c.dtype)))
-    plan = jnp.where(valid[None, :], (f[:, None] + g[None, :m] - c[:, :m]) / eps_end, -jnp.inf)  # log-plan [N, M]
+    go = lambda s: (s[0] < max_iters) & (s[3] > threshold)
+    init = (jnp.int32(0), jnp.zeros(n, c.dtype), jnp.zeros(m + 1, c.dtype), jnp.asarray(jnp.inf, c.dtype))
+    _, f, g, _ = jax.lax.while_loop(go, step, init)
+    plan = jnp.where(valid[None, :], f[:, None] + g[None, :m] - c[:, :m], -jnp.inf)  # log-plan x eps [N, M]
 
     def pick(_, s):  # greedy rounding: the largest remaining entry, then strike its row and column
         plan, out = s
@@ -170,19 +172,39 @@ def _sinkhorn_one(cost, valid, eps_start, eps_end, stages, iters):
     return jnp.where(valid, out, -1).astype(jnp.int32)
 
 
-def sinkhorn(cost, valid, eps_start=1.0, eps_end=1e-3, stages=6, iters=10):
-    """Approximate matching by entropic optimal transport; any leading dims are vmapped."""
+def _solve_sinkhorn(cost, valid, eps_at, max_iters, threshold, normalise):
     cost = jax.lax.stop_gradient(cost)
     valid = jnp.broadcast_to(valid, cost.shape[:-2] + cost.shape[-1:])
-    fn = lambda c, v: _sinkhorn_one(c, v, eps_start, eps_end, stages, iters)
+    fn = lambda c, v: _sinkhorn_one(c, v, eps_at, max_iters, threshold, normalise)
     for _ in range(cost.ndim - 2):
         fn = jax.vmap(fn)
     return fn(cost, valid)
 
 
+def sinkhorn(cost, valid, eps_start=1.0, eps_end=1e-3, stages=6, iters=10):
+    """Approximate matching by entropic optimal transport on the cost scaled to [0, 1]: `stages` values of
+    epsilon from `eps_start` to `eps_end` (geometric), `iters` iterations each; any leading dims are vmapped."""
+    ratio = eps_end / eps_start
+
+    def eps_at(t):
+        return eps_start * ratio ** (jnp.minimum(t // iters, stages - 1) / max(stages - 1, 1))
+
+    return _solve_sinkhorn(cost, valid, eps_at, stages * iters, -1.0, normalise=True)
+
+
+def sinkhorn_ott(cost, valid, epsilon=1e-3, init=50.0, decay=0.9, max_iters=1000, threshold=1e-2):
+    """The Sinkhorn settings of MasterSkepticista/detr (its `configs/sinkhorn.py`, through ott-jax): epsilon
+    `epsilon * max(init * decay**t, 1)` at iteration t on the cost as it is (not rescaled), until the queries'
+    marginal is within `threshold` (L1) or `max_iters`. That project also turns on ott's momentum after 100
+    iterations (an acceleration: the same fixed point) and rounds by sampling 100 permutations from the plan;
+    here the plan is rounded greedily, as `sinkhorn`'s."""
+    eps_at = lambda t: epsilon * jnp.maximum(init * decay ** t.astype(jnp.float32), 1.0)
+    return _solve_sinkhorn(cost, valid, eps_at, max_iters, threshold, normalise=False)
+
+
 # The matchers by name: what `LossConfig.matcher` names. A new one is a function (cost [..., N, M], valid [..., M])
 # -> query_for_target [..., M] int32 (as above) and one `register_matcher` call.
-MATCHERS = {"hungarian": hungarian, "hungarian_jax": hungarian_jax, "sinkhorn": sinkhorn}
+MATCHERS = {"hungarian": hungarian, "hungarian_jax": hungarian_jax, "sinkhorn": sinkhorn, "sinkhorn_ott": sinkhorn_ott}
 
 
 def register_matcher(name: str, fn) -> None:

@@ -116,13 +116,13 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
 
     notes, init = [], start.record.get("init")
     if init:
-        arrays = weights.read_arrays(init["path"])
+        arrays, class_ids = weights.read_init(init["path"])
         init["weights_sha256"] = digest = weights.digest(arrays)
         if start.expect_init and digest != start.expect_init and not allow_changes:
             raise ResumeConflict(f"--resume: {init['path']} now holds other weights (sha256 {digest[:12]}) than the "
                                  f"run started from (sha256 {start.expect_init[:12]}); give --init the run's "
                                  "weights, or pass --allow-changes to start it again from these")
-        init["fresh"] = fresh = weights.init_from(model, arrays, init["path"])
+        init["fresh"] = fresh = weights.init_from(model, arrays, init["path"], class_ids)
         notes.append(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
                      + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     elif cfg.train.calibrate_bn and backbones.get(cfg.model.backbone).calibrates:
@@ -151,6 +151,9 @@ def resolve_classes(cfg: configs.Config, train_ds, workdir: str, resume: bool) -
     + 1) on a fresh start and keeps the run's own on `--resume`; an explicit number stays. Fails, naming the
     annotation file, when the data's category ids do not fit. Returns (config, notes)."""
     where = train_ds.annotation_file or train_ds.root
+    if cfg.model.class_ids:
+        raise ValueError(f"model.class_ids={cfg.model.class_ids[:4]}...: training reads class i as category id i "
+                         "(detrax's layout); leave class_ids empty (--init maps such weights' outputs by their ids)")
     n, notes = cfg.model.num_classes, []
     if n == "auto":
         recorded = recorded_config(workdir) if resume else None

@@ -62,28 +62,38 @@ def is_detrax(path: str | os.PathLike) -> bool:
     return True
 
 
-def load_model(path: str | os.PathLike, **config_overrides) -> DETR:
+def load_model(path: str | os.PathLike, with_meta: bool = False, **config_overrides):
     """The model of any weights file detrax reads, told by its content: its own format (whatever the file's
-    name), or an official / HF / torchvision / BiT checkpoint, converted on the fly."""
+    name), or an official / HF / torchvision / BiT / MasterSkepticista/detr checkpoint, converted on the fly.
+    `with_meta`: (model, {"categories": [{id, name}], "data": {val_size, max_size, bucket_step}}: what the file
+    knows)."""
     if is_detrax(path):
-        return load_weights(path, **config_overrides)
-    from detrax.convert import convert, read_state_dict
+        model, meta = load_weights(path, **config_overrides), read_meta(path)
+    else:
+        from detrax.convert import convert, read_state_dict
 
-    return convert(read_state_dict(path), **config_overrides)[0]
+        model, report = convert(read_state_dict(path), **config_overrides)
+        meta = {"categories": report["categories"]} if report["categories"] else {}
+    return (model, meta) if with_meta else model
 
 
-def save_weights(model: DETR, path: str | os.PathLike) -> None:
-    """Every weight of `model` (trained and frozen) and its config, written atomically."""
+def save_weights(model: DETR, path: str | os.PathLike, categories: list | None = None,
+                 data: dict | None = None) -> None:
+    """Every weight of `model` (trained and frozen) and its config, written atomically; `categories` ([{id,
+    name}] of its class outputs) and `data` ({val_size, max_size, bucket_step}: the val transform it was trained
+    at) travel alongside for `detrax.load`."""
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
     arrays = {k: np.asarray(v) for k, v in weight_arrays(model).items()}
+    meta = {"format": FORMAT, "config": model_config_to_json(model.config)}
+    meta.update({k: json.dumps(v) for k, v in (("categories", categories), ("data", data)) if v})
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(arrays, tmp, metadata={"format": FORMAT, "config": model_config_to_json(model.config)})
+    save_file(arrays, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
+def _metadata(path: str | os.PathLike) -> dict:
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -97,7 +107,17 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a detrax weights file (metadata format {meta.get('format')!r}); "
                          "convert other checkpoints with `detrax convert`")
-    return model_config_from_dict(json.loads(meta["config"]))
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    return model_config_from_dict(json.loads(_metadata(path)["config"]))
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """What a detrax weights file says beside its config: `categories` and `data` (see `save_weights`)."""
+    meta = _metadata(path)
+    return {k: json.loads(meta[k]) for k in ("categories", "data") if k in meta}
 
 
 def load_weights(path: str | os.PathLike, **config_overrides) -> DETR:
@@ -115,10 +135,15 @@ def load_weights(path: str | os.PathLike, **config_overrides) -> DETR:
 
 def read_arrays(path: str) -> dict:
     """{name: array} of every weight of the detector in `path` (any format `detrax.load` reads)."""
+    return read_init(path)[0]
+
+
+def read_init(path: str) -> tuple[dict, tuple]:
+    """(`read_arrays(path)`, the category id of each class output when the weights name them: `class_ids`)."""
     from detrax.checkpoint import load_run
 
     model = load_run(path) if os.path.isdir(path) else load_model(path)
-    return {k: np.asarray(v) for k, v in weight_arrays(model).items()}
+    return {k: np.asarray(v) for k, v in weight_arrays(model).items()}, tuple(model.config.class_ids)
 
 
 def digest(arrays: dict) -> str:
@@ -132,18 +157,27 @@ def digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def init_from(model, source: dict, path: str) -> list[str]:
-    """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree; the class
-    head may differ (another number of classes) and is then left freshly initialised. Returns the names left
-    fresh."""
+def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
+    """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree. The class
+    head may differ (another number of classes) and is then left freshly initialised, unless `class_ids` (the
+    category id of each source class output, as MasterSkepticista/detr's 80 COCO classes) all fit this model's
+    head (whose output i is category i): then each output moves to its id, and the ids the source has no output
+    for stay fresh. Returns the names left fresh (wholly or in part)."""
     from flax import nnx
 
     from detrax.model import WEIGHTS
 
     fresh, arrays = [], {}
+    n = int(model.config.num_classes)
+    by_id = len(class_ids) > 0 and not model.config.class_ids and max(class_ids) < n
     for name, value in weight_arrays(model).items():
         src = source.get(name)
-        if src is not None and src.shape == value.shape:
+        if by_id and name.startswith("class_embed") and src is not None:
+            cols = [*class_ids, n]  # the source's outputs, no-object last, to theirs here
+            arrays[name] = np.asarray(value).copy()
+            arrays[name][..., cols] = src
+            fresh.append(f"{name} (outputs of {n + 1 - len(cols)} ids without a source class)")
+        elif src is not None and src.shape == value.shape:
             arrays[name] = src
         elif name.startswith("class_embed"):
             arrays[name] = value

@@ -16,13 +16,11 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from detrax.coco_names import COCO_2017_IDS
 from detrax.data.coco import DataError, Dataset
 
 PREFIX = "tfds:"
 SPLITS = ("train", "validation")
-# COCO 2017's category ids in the order of its annotation files' `categories`, which is TFDS's label order.
-COCO_2017_IDS = (*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
-                 *range(84, 91))
 
 
 def is_tfds(data: str) -> bool:
