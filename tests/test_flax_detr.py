@@ -202,3 +202,17 @@ def test_init_maps_its_class_outputs_to_their_ids(post_norm):
     assert any("11 ids without a source class" in f for f in fresh)
     assert json.dumps(fresh)
 
+
+
+def test_its_workdir_gives_its_newest_checkpoint(tmp_path, post_norm):
+    import shutil
+
+    workdir = tmp_path / "artifacts" / "run"
+    workdir.mkdir(parents=True)
+    shutil.copy(post_norm[2], workdir / "checkpoint_1000")
+    (workdir / "checkpoint_500").write_bytes(b"\x80")  # older, and not a checkpoint: never read
+    sd = read_state_dict(workdir)
+    assert sd.keys() == read_state_dict(post_norm[2]).keys()
+    assert detrax.load(workdir).config.class_ids == COCO_2017_IDS
+    with pytest.raises(ConversionError, match=r"empty: a directory, not a weights file"):
+        read_state_dict((tmp_path / "empty").mkdir() or tmp_path / "empty")

@@ -112,17 +112,17 @@ def load(path: str | os.PathLike, **config_overrides) -> Detector:
     if path.startswith("random:"):
         cfg = dataclasses.replace(configs.get(path.split(":", 1)[1]).model, **config_overrides)
         return Detector(DETR(cfg.with_classes(), rngs=nnx.Rngs(0)))
-    if os.path.isdir(path):
+    from detrax.weights import is_run, load_model
+
+    if is_run(path):
         from detrax import checkpoint
 
         model, meta = checkpoint.load_run(path, with_meta=True)
         names = ({int(c["id"]): c["name"] for c in meta["categories"]} if "categories" in meta else
                  {int(k): v for k, v in meta.get("names", {}).items()}) or None  # runs written before categories
         return Detector(model, names=names, data=configs.from_dict(meta["config"]).data)  # the run's val transform
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
-    from detrax.weights import load_model
-
     model, meta = load_model(path, with_meta=True, **config_overrides)
     names = {int(c["id"]): c["name"] for c in meta.get("categories", [])} or None
     data = configs.DataConfig(**meta["data"]) if "data" in meta else None

@@ -99,6 +99,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from detrax.weights import file_kind
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        newest = flax_detr.latest(path)  # MasterSkepticista/detr's workdir: its newest checkpoint_<step>
+        if newest is None:
+            raise ConversionError(f"{path}: a directory, not a weights file (a detrax training run loads with "
+                                  "detrax.load; MasterSkepticista/detr's workdir holds checkpoint_<step> files)")
+        path = newest
     try:
         kind = file_kind(path)
     except FileNotFoundError:

@@ -22,6 +22,7 @@ which keeps BiT's, as a start for training.
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -33,6 +34,15 @@ P, S = "params/", "batch_stats/"  # the flat keys of `read`: params/... and batc
 IGNORED = re.compile(r"^params/(fc|head)/(kernel|bias)$")  # an ImageNet classifier beside a backbone
 FORWARD = dict(norm_eps=1e-6, mask_resize="half_pixel", pixel_mean=(0.48, 0.456, 0.406),
                pixel_std=(0.229, 0.224, 0.225))
+
+
+def latest(path: str) -> str | None:
+    """Its workdir -> the newest `checkpoint_<step>` file in it (as flax's restore_checkpoint picks); None for
+    anything else (a file, or a detrax run: one with a `checkpoints/` folder)."""
+    if not os.path.isdir(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return None
+    steps = {int(m.group(1)): f for f in os.listdir(path) if (m := re.fullmatch(r"checkpoint_(\d+)", f))}
+    return os.path.join(path, steps[max(steps)]) if steps else None
 
 
 def read(path: str) -> dict[str, np.ndarray]:

@@ -67,6 +67,9 @@ def load_model(path: str | os.PathLike, with_meta: bool = False, **config_overri
     name), or an official / HF / torchvision / BiT / MasterSkepticista/detr checkpoint, converted on the fly.
     `with_meta`: (model, {"categories": [{id, name}], "data": {val_size, max_size, bucket_step}}: what the file
     knows)."""
+    from detrax.flax_detr import latest
+
+    path = latest(os.fspath(path)) or path  # MasterSkepticista/detr's workdir: its newest checkpoint
     if is_detrax(path):
         model, meta = load_weights(path, **config_overrides), read_meta(path)
     else:
@@ -142,8 +145,15 @@ def read_init(path: str) -> tuple[dict, tuple]:
     """(`read_arrays(path)`, the category id of each class output when the weights name them: `class_ids`)."""
     from detrax.checkpoint import load_run
 
-    model = load_run(path) if os.path.isdir(path) else load_model(path)
+    model = load_run(path) if is_run(path) else load_model(path)
     return {k: np.asarray(v) for k, v in weight_arrays(model).items()}, tuple(model.config.class_ids)
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a detrax training run's workdir (not another project's folder of checkpoints)."""
+    from detrax.flax_detr import latest
+
+    return os.path.isdir(path) and latest(os.fspath(path)) is None
 
 
 def digest(arrays: dict) -> str:
