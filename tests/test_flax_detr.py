@@ -117,6 +117,12 @@ def test_backbone_only_start_fills_the_resnet(tmp_path):
     del variables["params"]["fc"]
     want = jax.jit(backbone.apply)(variables, x)
     np.testing.assert_allclose(model.backbone(jnp.asarray(x)), want, atol=1e-4)
+    # the same tree as its resnet.load() reads it: an .npz of "params/..." and "batch_stats/..." arrays
+    np.savez(tmp_path / "r50.npz", **read_state_dict(path))
+    from_npz, report = convert(read_state_dict(tmp_path / "r50.npz"), base=SMALL)
+    assert report["format"] == "flax_resnet"
+    np.testing.assert_array_equal(weight_arrays(from_npz)["backbone/layer2/1/bn2/var"],
+                                  weight_arrays(model)["backbone/layer2/1/bn2/var"])
 
 
 def test_bit_tree_fills_the_bit_backbone(tmp_path):

@@ -9,7 +9,8 @@ model_state {batch_stats}, rng, metadata), one file per step (`WORKDIR/checkpoin
   kernels, `MlpBlock_0`, `LayerNorm_k`), `transformer/LayerNorm_*` (the encoder norm when pre-norm, then the
   decoder's), `ObjectClassPredictor_0` (class 0 its background, class i its TFDS label i - 1) and
   `BBoxCoordPredictor_0`, shared by the decoder layers;
-- `flax_resnet`, its backbone-only start (`artifacts/r50x1_i1k_torch`): the bare ResNet at the root;
+- `flax_resnet`, its backbone-only start (`artifacts/r50x1_i1k_torch`): the bare ResNet at the root (also as the
+  `.npz` of "params/..." and "batch_stats/..." arrays that its `resnet.load` reads);
 - `flax_bit`, its BiT ResNet (`root_block/conv_root`, `block{1-4}/unit{01..}`, `norm-pre-head`).
 
 Its detector's forward differs from the official one in three ways, which a converted detector keeps in its
