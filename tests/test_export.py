@@ -47,6 +47,25 @@ def test_stablehlo_export_equals_the_inference_path(detector, tmp_path):
     assert np.asarray(got[2]).shape == (2, detector.config.num_queries, 4)
 
 
+def test_onnx_export_runs_in_onnxruntime_with_the_models_outputs(detector, tmp_path):
+    from conftest import require
+
+    ort = require("onnxruntime")
+    shape = default_shape(detector, batch=2)
+    path = export(detector, tmp_path / "tiny.onnx", "onnx", shape)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixels", "mask"]
+    assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]
+    rng = np.random.default_rng(1)
+    images = [scene(rng, 120, 90)[0], scene(rng, 70, 140)[0]]
+    pixels, mask, _ = _on_canvas(next(batches(images, detector.preprocess, 2)), shape)  # padded
+    got = session.run(None, {"pixels": pixels, "mask": mask})
+    normalised = (pixels / 255.0 - np.array(detector.config.pixel_mean)) / np.array(detector.config.pixel_std)
+    want = detector(normalised.astype(np.float32) * mask[..., None], mask)
+    np.testing.assert_allclose(got[0], want["pred_logits"], atol=1e-4)
+    np.testing.assert_allclose(got[1], want["pred_boxes"], atol=1e-4)
+
+
 def test_export_cli_and_bad_input(detector, tmp_path, capsys):
     detector.save(tmp_path / "w.safetensors")
     out = tmp_path / "served" / "model.bin"
@@ -56,8 +75,8 @@ def test_export_cli_and_bad_input(detector, tmp_path, capsys):
     assert printed["shape"] == {"batch": 1, "height": 128, "width": 160}
     assert load_stablehlo(out) is not None
     assert cli.main(["export", str(tmp_path / "w.safetensors"), str(out), "--format", "tflite"]) == 2
-    assert "unknown export format 'tflite'; formats: stablehlo" in capsys.readouterr().err
+    assert "unknown export format 'tflite'; formats: onnx, stablehlo" in capsys.readouterr().err
     (tmp_path / "junk.bin").write_bytes(b"not an export")
     with pytest.raises(ValueError, match="junk.bin: not a detrax stablehlo export"):
         load_stablehlo(tmp_path / "junk.bin")
-    assert set(FORMATS) == {"stablehlo"}
+    assert set(FORMATS) == {"onnx", "stablehlo"}  # the built-ins only

@@ -135,8 +135,8 @@ class ResNet(nnx.Module):
         With `calibrate` (eagerly, outside jit), every frozen batch norm first takes the mean and variance of its
         input over this batch: a normalised start for a backbone trained from scratch."""
         x = jax.nn.relu(_conv_bn(self.conv1, self.bn1, x, calibrate))
-        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),  # differentiable max pool
-                                  [(0, 0), (1, 1), (1, 1), (0, 0)])
+        x = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=-jnp.inf)  # torch's max pool padding
+        x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")  # exports to ONNX's MaxPool
         outs = []
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):

@@ -113,7 +113,7 @@ class BiTResNet(nnx.Module):
         x = self.root(x * mask[..., None].astype(x.dtype))  # [B, H/2, W/2, C]
         x = x * mask[:, ::2, ::2, None].astype(x.dtype)
         x = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])  # BiT pads with zeros, not -inf, before its max pool
-        x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
+        x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         mask = mask[:, ::4, ::4]
         outs = []
         for i in range(self.num_stages):

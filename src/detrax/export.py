@@ -6,6 +6,10 @@ A format is a function (detector, path, shape) -> None, registered with `registe
 and `detrax export` take any registered one. Built in:
 - `stablehlo`: `jax.export`'s serialized StableHLO; `load_stablehlo(path)` runs it with JAX alone (on any
   platform it was exported for), no detrax or Flax needed.
+- `onnx` (the `onnx` extra: jax2onnx): the model's own outputs for the runtimes people deploy with (ONNX Runtime,
+  OpenVINO): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image), normalised inside;
+  outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to each image), as
+  `Detector.__call__` gives them. Post-processing stays with the caller.
 """
 
 from __future__ import annotations
@@ -81,4 +85,34 @@ def load_stablehlo(path: str | os.PathLike) -> Callable:
     return exported.call
 
 
+def model_function(detector):
+    """(pixels uint8, mask) -> (pred_logits, pred_boxes), normalised inside, with the detector's weights."""
+    from flax import nnx
+
+    from detrax.infer import normalized
+
+    graphdef, state = nnx.split(detector.model)
+
+    def forward(pixels, mask):
+        model = nnx.merge(graphdef, state)
+        out = model(normalized(model, pixels, mask), mask)
+        return out["pred_logits"], out["pred_boxes"]
+
+    return forward
+
+
+def _onnx(detector, path: str, shape: Shape) -> None:
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise ValueError("the onnx format needs jax2onnx: pip install 'detrax[onnx]'") from None
+    pixels, mask, _ = shape.inputs()
+    try:
+        to_onnx(model_function(detector), [pixels, mask], model_name="detr", input_names=["pixels", "mask"],
+                output_names=["pred_logits", "pred_boxes"], return_mode="file", output_path=path)
+    except NotImplementedError as e:  # jax2onnx names the primitive it has no rule for
+        raise ValueError(f"this model cannot be exported to ONNX: {e}") from None
+
+
 register_format("stablehlo", _stablehlo)
+register_format("onnx", _onnx)
