@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -23,10 +24,11 @@ class Detector:
     weights that do not say)."""
 
     def __init__(self, model: DETR, names: dict | None = None, per_image: bool | None = None,
-                 data: configs.DataConfig | None = None):
+                 data: configs.DataConfig | None = None, runtime: str = "xla", runtime_options: dict | None = None):
         """`per_image`: see `infer.run_model` (image by image inside one compiled call: the CPU default for large
         images; results are the same either way, a test). `data`: the data config the model was trained with
-        (a run's), whose val transform inference uses; None: the official 800/1333."""
+        (a run's), whose val transform inference uses; None: the official 800/1333. `runtime`: what runs
+        `infer` and `predict` (`detrax.runtimes`: xla, onnxruntime, openvino), with its `runtime_options`."""
         model.eval()
         self.model = model
         self.config = model.config
@@ -39,6 +41,25 @@ class Detector:
         self._forward = jax.jit(lambda state, pixels, mask: run_model(nnx.merge(graphdef, state), pixels, mask,
                                                                       per_image))
         self._infer = make_infer(graphdef, per_image)
+        self.runtime, self.runtime_options = runtime, dict(runtime_options or {})
+        self._run = None  # the runtime's infer, made at first use
+
+    def with_runtime(self, runtime: str, **options) -> Detector:
+        """This detector (the same model and weights) run by another runtime."""
+        from detrax import runtimes
+
+        if runtime not in runtimes.RUNTIMES:  # named now, not at the first image
+            raise ValueError(f"unknown runtime {runtime!r}; runtimes: {', '.join(sorted(runtimes.RUNTIMES))}")
+        other = copy.copy(self)
+        other.runtime, other.runtime_options, other._run = runtime, options, None
+        return other
+
+    def with_config(self, **overrides) -> Detector:
+        """A detector of the same weights whose model config differs (e.g. `dtype="bfloat16"`)."""
+        from detrax.model import assemble, weight_arrays
+
+        model = assemble(dataclasses.replace(self.config, **overrides), weight_arrays(self.model))
+        return Detector(model, self.names, self.per_image, self.data, self.runtime, self.runtime_options)
 
     def set_weights(self, arrays: dict) -> None:
         """New weights ({"backbone/conv1/kernel": array, ...}, all of them) of the same shapes: the compiled
@@ -47,6 +68,7 @@ class Detector:
 
         nnx.update(self.model, nnx.state(assemble(self.config, arrays), WEIGHTS))
         self._state = nnx.state(self.model)
+        self._run = None  # an exported model holds the old weights
 
     def __call__(self, pixels, mask=None) -> dict:
         pixels = np.asarray(pixels, np.float32)
@@ -55,8 +77,12 @@ class Detector:
 
     def infer(self, pixels, mask, orig_size):
         """uint8 pixels [B, H, W, 3], mask [B, H, W], orig_size [B, 2] -> (scores, labels, boxes) for every query
-        (see `infer.make_infer`)."""
-        return self._infer(self._state, pixels, mask, orig_size)
+        (see `infer.make_infer`), by the detector's runtime."""
+        if self._run is None:
+            from detrax import runtimes
+
+            self._run = runtimes.make(self.runtime, self, **self.runtime_options)
+        return self._run(pixels, mask, orig_size)
 
     def _prep(self, size, max_size) -> Preprocess:
         """The model's own preprocessing, with the sizes given here (None: its own)."""
@@ -103,12 +129,16 @@ def _image(im) -> Image.Image:
     return im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8))
 
 
-def load(path: str | os.PathLike, **config_overrides) -> Detector:
+def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> Detector:
     """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
     `detrax convert` or `Detector.save`, with the class names and val transform they carry), an official / HF /
     torchvision / BiT / MasterSkepticista/detr checkpoint (converted on the fly), or `random:PRESET` for random
-    weights."""
-    path = os.fspath(path)
+    weights; run by `runtime` (`detrax.runtimes`)."""
+    detector = _load(os.fspath(path), **config_overrides)
+    return detector if runtime == "xla" else detector.with_runtime(runtime)
+
+
+def _load(path: str, **config_overrides) -> Detector:
     if path.startswith("random:"):
         cfg = dataclasses.replace(configs.get(path.split(":", 1)[1]).model, **config_overrides)
         return Detector(DETR(cfg.with_classes(), rngs=nnx.Rngs(0)))

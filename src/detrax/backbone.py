@@ -39,11 +39,25 @@ def conv2d(x, kernel, stride: int = 1, dilation: int = 1, padding: int = 0):
     matrix product over the channels (of every `stride`-th pixel): the same numbers, and on the CPU its weight
     gradient is a plain GEMM instead of XLA's transposed convolution (several times faster in training)."""
     if kernel.shape[:2] == (1, 1) and padding == 0:
-        x = x[:, ::stride, ::stride] if stride > 1 else x  # [B, H', W', Cin]
+        if stride > 1:  # every stride-th pixel; the stops spell out the size as the convolution's (H - 1) // s + 1
+            h, w = ((n - 1) // stride * stride + 1 for n in x.shape[1:3])  # so symbolic sizes agree (export)
+            x = x[:, :h:stride, :w:stride]  # [B, H', W', Cin]
         return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))  # [B, H', W', Cout]
     p = padding
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)],
                                         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def max_pool(x, pad_value):
+    """The stem's 3x3 max pool, stride 2, padding 1 (filled with `pad_value`) as the maximum of nine strided
+    slices: the same values as a reduce_window (its gradient too, up to ties), its backward pass ~3x faster on the
+    CPU, and it exports to ONNX with symbolic image sizes."""
+    x = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=pad_value)  # [B, H + 2, W + 2, C]
+    h, w = (x.shape[1] - 1) // 2, (x.shape[2] - 1) // 2
+    rows = [x[:, i:i + 2 * h - 1:2] for i in range(3)]  # [B, h, W + 2, C] each
+    x = jnp.maximum(jnp.maximum(rows[0], rows[1]), rows[2])
+    cols = [x[:, :, j:j + 2 * w - 1:2] for j in range(3)]  # [B, h, w, C] each
+    return jnp.maximum(jnp.maximum(cols[0], cols[1]), cols[2])
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -135,8 +149,7 @@ class ResNet(nnx.Module):
         With `calibrate` (eagerly, outside jit), every frozen batch norm first takes the mean and variance of its
         input over this batch: a normalised start for a backbone trained from scratch."""
         x = jax.nn.relu(_conv_bn(self.conv1, self.bn1, x, calibrate))
-        x = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=-jnp.inf)  # torch's max pool padding
-        x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")  # exports to ONNX's MaxPool
+        x = max_pool(x, -jnp.inf)  # torch's max pool pads with -inf
         outs = []
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from detrax import keys
-from detrax.backbone import Conv, Frozen
+from detrax.backbone import Conv, Frozen, max_pool
 
 ROOT_KEY = "resnet/root_block/standardized_conv2d/kernel"  # the root conv of BiT's published .npz
 
@@ -112,8 +112,7 @@ class BiTResNet(nnx.Module):
         mask = jnp.ones(x.shape[:3], bool) if mask is None else mask
         x = self.root(x * mask[..., None].astype(x.dtype))  # [B, H/2, W/2, C]
         x = x * mask[:, ::2, ::2, None].astype(x.dtype)
-        x = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])  # BiT pads with zeros, not -inf, before its max pool
-        x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+        x = max_pool(x, 0.0)  # BiT pads with zeros, not -inf, before its max pool
         mask = mask[:, ::4, ::4]
         outs = []
         for i in range(self.num_stages):

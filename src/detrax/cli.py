@@ -47,7 +47,7 @@ def cmd_predict(args) -> int:
             skipped.append(f)
             print(f"skipped: {e}", file=sys.stderr)
     t0 = time.time()
-    detector = detrax.load(args.checkpoint)
+    detector = detrax.load(args.checkpoint, runtime=args.runtime)
     if args.checkpoint.startswith("random:"):
         print(f"{args.checkpoint}: RANDOM weights, so the boxes mean nothing; pass a converted or trained "
               "checkpoint for real detections")
@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     from detrax.data.sources import read_split, resolve_split
     from detrax.evaluate import evaluate
 
-    detector = detrax.load(args.checkpoint)
+    detector = detrax.load(args.checkpoint, runtime=args.runtime)
     # the run's own data config (its val transform), else the preset's, else the official 800/1333
     data_cfg = configs.get(args.config).data if args.config else detector.data or configs.DataConfig()
     data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
@@ -169,16 +169,26 @@ def cmd_export(args) -> int:
     import dataclasses
 
     import detrax
-    from detrax.export import FORMATS, default_shape, export
+    from detrax.export import FORMATS, Shape, export
 
     if args.format not in FORMATS:  # before the weights are read
         raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(sorted(FORMATS))}")
+    shape = Shape(args.batch, *_size(args.size))
     detector = detrax.load(args.checkpoint)
-    given = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
-    shape = dataclasses.replace(default_shape(detector, args.batch), **given)
-    export(detector, args.out, args.format, shape)
-    print(json.dumps({"out": args.out, "format": args.format, "shape": dataclasses.asdict(shape)}))
+    export(detector, args.out, args.format, shape, dtype=args.dtype)
+    print(json.dumps({"out": args.out, "format": args.format, "shape": dataclasses.asdict(shape),
+                      "dtype": args.dtype or detector.config.dtype}))
     return 0
+
+
+def _size(text: str | None) -> tuple[int | None, int | None]:
+    """`HxW` (or one number for a square) -> (H, W); None -> any size."""
+    if text is None:
+        return None, None
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--size {text!r}: expected HxW, e.g. 800x1216, or one number for a square")
+    return int(parts[0]), int(parts[-1])
 
 
 def cmd_demo(args) -> int:
@@ -230,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoder cross-attention, and encoder self-attention at the first detections' centres")
     s.add_argument("--attention-points", type=int, default=2, help="encoder self-attention points (box centres)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
+                   "(detrax.runtimes; the latter two export it to ONNX first)")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
@@ -244,15 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "detr_r50_640 for weights trained at 640), which `detrax.load`, eval and predict then use")
     s.set_defaults(func=cmd_convert)
 
-    s = sub.add_parser("export", help="a detector for serving: its inference function (pixels in, detections out) "
-                       "with the weights inside, at a fixed input shape")
+    s = sub.add_parser("export", help="a detector for serving, with the weights inside: stablehlo (pixels in, "
+                       "detections out) or onnx (pixels in, model outputs out); any batch and size unless fixed")
     s.add_argument("checkpoint", help="a training workdir, detrax weights, or an official/HF checkpoint")
     s.add_argument("out", help="the file to write")
     s.add_argument("--format", default="stablehlo", help="a registered export format (detrax.export.FORMATS)")
-    s.add_argument("--batch", type=int, default=1, help="images per call")
-    s.add_argument("--height", type=int, default=None, help="canvas height (default: the longest side the "
-                   "detector's val transform makes, rounded up to its bucket step)")
-    s.add_argument("--width", type=int, default=None, help="canvas width (default: as --height)")
+    s.add_argument("--batch", type=int, default=None, help="images per call (default: any)")
+    s.add_argument("--size", default=None, help="HxW: the padded canvas (default: any size)")
+    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype of the exported model (default: the model's)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
@@ -296,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write metrics.json and results.json here")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
+    s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
+                   "(detrax.runtimes; the latter two export it to ONNX first)")
     s.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(

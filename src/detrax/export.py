@@ -1,20 +1,22 @@
-"""Export formats: a detector written out for serving without detrax. Every format exports the one inference
-function (`infer.make_infer`: uint8 pixels, padding mask and original sizes in; scores, labels and absolute boxes
-out, normalisation and post-processing included) at a fixed input shape, with the weights inside.
+"""Export formats: a detector written out for serving without detrax, with its weights inside. Input sizes are
+dynamic (symbolic batch, height and width) unless a `Shape` fixes them.
 
 A format is a function (detector, path, shape) -> None, registered with `register_format(name, fn)`; `export`
 and `detrax export` take any registered one. Built in:
-- `stablehlo`: `jax.export`'s serialized StableHLO; `load_stablehlo(path)` runs it with JAX alone (on any
-  platform it was exported for), no detrax or Flax needed.
+- `stablehlo`: `jax.export`'s serialized StableHLO of the one inference function (`infer.make_infer`: uint8
+  pixels, padding mask and original sizes in; scores, labels and absolute boxes out, normalisation and
+  post-processing included); `load_stablehlo(path)` runs it with JAX alone (on any platform it was exported for).
 - `onnx` (the `onnx` extra: jax2onnx): the model's own outputs for the runtimes people deploy with (ONNX Runtime,
-  OpenVINO): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image), normalised inside;
-  outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to each image), as
-  `Detector.__call__` gives them. Post-processing stays with the caller.
+  OpenVINO; `detrax.runtimes`): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image),
+  normalised inside; outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to
+  each image), as `Detector.__call__` gives them. Post-processing stays with the caller (`postprocess`).
+`dtype="bfloat16"` exports the model computing in bfloat16 (weights stored in float32).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 
@@ -24,15 +26,23 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """The exported function's input: `batch` images padded into a `height` x `width` canvas."""
+    """The exported function's input: `batch` images padded into a `height` x `width` canvas; None: any size
+    (a symbolic dimension)."""
 
-    batch: int
-    height: int
-    width: int
+    batch: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+    def dims(self) -> tuple:
+        """(B, H, W) with a symbolic dimension for each one left free."""
+        given = dataclasses.astuple(self)
+        free = [name for name, v in zip("BHW", given) if v is None]
+        symbols = dict(zip(free, jax.export.symbolic_shape(", ".join(free)))) if free else {}
+        return tuple(symbols.get(name, v) for name, v in zip("BHW", given))
 
     def inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
         """(pixels uint8 [B, H, W, 3], mask bool [B, H, W], orig_size int32 [B, 2])."""
-        b, h, w = self.batch, self.height, self.width
+        b, h, w = self.dims()
         return (jax.ShapeDtypeStruct((b, h, w, 3), np.uint8), jax.ShapeDtypeStruct((b, h, w), np.bool_),
                 jax.ShapeDtypeStruct((b, 2), np.int32))
 
@@ -45,27 +55,29 @@ def register_format(name: str, fn: Callable) -> None:
     FORMATS[name] = fn
 
 
-def default_shape(detector, batch: int = 1) -> Shape:
-    """The canvas that holds any image of the detector's val transform: its longest side (max_size, else the
-    shorter side's size) rounded up to the bucket step, square."""
-    prep = detector.preprocess
-    side = -(-(prep.max_size or prep.size) // prep.step) * prep.step
-    return Shape(batch, side, side)
-
-
-def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: Shape | None = None) -> str:
-    """Write `detector` (a `detrax.Detector`) to `path` in a registered format; returns the path."""
+def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: Shape | None = None,
+           dtype: str | None = None) -> str:
+    """Write `detector` (a `detrax.Detector`) to `path` in a registered format, for inputs of `shape` (default:
+    any batch and size), computing in `dtype` (default: the model's); returns the path."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; formats: {', '.join(sorted(FORMATS))}")
+    if dtype not in (None, detector.config.dtype):
+        detector = detector.with_config(dtype=dtype)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    FORMATS[format](detector, path, shape or default_shape(detector))
+    FORMATS[format](detector, path, shape or Shape())
     return path
 
 
 def serving_function(detector):
     """(pixels, mask, orig_size) -> (scores, labels, boxes), with the detector's weights inside."""
-    return jax.jit(detector.infer)  # its weights become constants of the traced function
+    from flax import nnx
+
+    from detrax.infer import make_infer
+
+    graphdef, state = nnx.split(detector.model)
+    infer = make_infer(graphdef, per_image=False)  # no shape-dependent choice: sizes may be symbolic
+    return jax.jit(lambda pixels, mask, orig_size: infer(state, pixels, mask, orig_size))  # weights: constants
 
 
 def _stablehlo(detector, path: str, shape: Shape) -> None:
@@ -107,11 +119,16 @@ def _onnx(detector, path: str, shape: Shape) -> None:
     except ImportError:
         raise ValueError("the onnx format needs jax2onnx: pip install 'detrax[onnx]'") from None
     pixels, mask, _ = shape.inputs()
+    quiet = logging.getLogger("onnx_ir")  # its serializer warns about every shape constant
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         to_onnx(model_function(detector), [pixels, mask], model_name="detr", input_names=["pixels", "mask"],
                 output_names=["pred_logits", "pred_boxes"], return_mode="file", output_path=path)
     except NotImplementedError as e:  # jax2onnx names the primitive it has no rule for
         raise ValueError(f"this model cannot be exported to ONNX: {e}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 register_format("stablehlo", _stablehlo)

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,14 +13,22 @@ def resize_mask(mask, size, how: str = "torch"):
     official model); `half_pixel`: exactly as `jax.image.resize(mask, size, "nearest")`, source index
     floor((dst + 0.5) * (in / out)) (MasterSkepticista/detr)."""
     _, h, w = mask.shape
-    rows = _nearest_index(h, size[0], how == "half_pixel")
-    cols = _nearest_index(w, size[1], how == "half_pixel")
-    return mask[:, rows][:, :, cols]  # [B, h, w]
+    half_pixel = how == "half_pixel"
+    return _resize_axis(_resize_axis(mask, 1, h, size[0], half_pixel), 2, w, size[1], half_pixel)  # [B, h, w]
+
+
+def _resize_axis(mask, axis: int, n_in, n_out, half_pixel: bool):
+    """Nearest-neighbour resize of one axis: static sizes take NumPy's indices, symbolic ones (an export with
+    dynamic image sizes) the same float32 formula on the device."""
+    if isinstance(n_in, int) and isinstance(n_out, int):
+        return mask if n_in == n_out else jnp.take(mask, _nearest_index(n_in, n_out, half_pixel), axis=axis)
+    size_in, size_out = (jnp.array(n).astype(jnp.float32) for n in (n_in, n_out))
+    dst = jax.lax.iota(jnp.float32, n_out) + jnp.float32(0.5 if half_pixel else 0)
+    idx = jnp.floor(dst * (size_in / size_out)).astype(jnp.int32)
+    return jnp.take(mask, jnp.minimum(idx, jnp.array(n_in) - 1), axis=axis)
 
 
 def _nearest_index(n_in: int, n_out: int, half_pixel: bool = False) -> np.ndarray:
-    if n_in == n_out:
-        return np.arange(n_out)
     scale = np.float32(n_in) / np.float32(n_out)
     idx = np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5 if half_pixel else 0)) * scale)
     idx = idx.astype(np.int64)

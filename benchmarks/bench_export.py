@@ -1,0 +1,178 @@
+"""DETR-R50 inference on the CPU in the runtimes people deploy with: detrax's XLA, and detrax exported to ONNX
+(`detrax export --format onnx`, any batch and size) run by ONNX Runtime and OpenVINO (fp32; bf16 where the CPU
+has bfloat16 instructions), against HF transformers' DETR in PyTorch (fp32 NCHW, fp32 channels_last, bf16
+autocast). Same architecture, random weights (speed does not depend on their values), 91 classes.
+
+    .venv/bin/python benchmarks/bench_export.py [--sizes 800x1216,640x640] [--batches 1,4] [--iters 3]
+
+Each framework runs in its own process (using every core), over every size and batch. Prints one line per
+measurement (median seconds per call), the CPU model, how far each detrax runtime's outputs are from XLA's, and
+last one JSON object whose `ratio_<size>_b<batch>` keys are detrax's best runtime over PyTorch's best setting
+(any precision), and `ratio_fp32_<size>_b<batch>` the same against PyTorch's best fp32.
+PyTorch's bf16 autocast on a CPU without bfloat16 instructions is several times slower than its fp32: there it
+runs once per shape (`--slow-iters`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def cpu() -> dict:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    info = dict(line.split(":", 1) for line in out if ":" in line)
+    flags = info.get("Flags", "").split()
+    return {"model": info.get("Model name", platform.processor()).strip(),
+            "bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")), "cores": os.cpu_count()}
+
+
+def inputs(b, h, w):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+    return pixels, np.ones((b, h, w), bool)
+
+
+def timed(fn, iters):
+    fn()  # compile / warm up
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def detector():
+    import dataclasses
+
+    from flax import nnx
+
+    import detrax
+    from detrax import configs
+
+    cfg = dataclasses.replace(configs.detr_r50().model, num_classes=91)
+    return detrax.Detector(detrax.DETR(cfg, rngs=nnx.Rngs(0)))
+
+
+def worker_detrax(shapes, iters, bf16_cpu):
+    import jax
+
+    from detrax.export import export
+    from detrax.infer import normalized, run_model
+
+    det = detector()
+    onnx = os.path.join(tempfile.mkdtemp(), "detr.onnx")
+    t0 = time.perf_counter()
+    export(det, onnx, "onnx")
+    rows = {"export_s": round(time.perf_counter() - t0, 1), "onnx_mib": round(os.path.getsize(onnx) / 2**20)}
+    model = det.model
+    heads = lambda o: (o["pred_logits"], o["pred_boxes"])
+    xla = jax.jit(lambda p, m: heads(run_model(model, normalized(model, p, m), m)))  # Detector's forward
+
+    import onnxruntime as ort
+    import openvino as ov
+
+    session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    core = ov.Core()
+    compiled = {p: core.compile_model(onnx, "CPU", {"INFERENCE_PRECISION_HINT": p})
+                for p in (("f32", "bf16") if bf16_cpu else ("f32",))}
+    runs = {"detrax_xla": lambda p, m: jax.block_until_ready(xla(p, m)),
+            "detrax_onnxruntime": lambda p, m: session.run(None, {"pixels": p, "mask": m}),
+            **{f"detrax_openvino_{k}": (lambda c: lambda p, m: list(c({"pixels": p, "mask": m}).values()))(c)
+               for k, c in compiled.items()}}
+    for b, h, w in shapes:
+        p, m = inputs(b, h, w)
+        want = [np.asarray(a) for a in runs["detrax_xla"](p, m)]
+        for name, fn in runs.items():
+            got = fn(p, m)
+            err = max(float(np.abs(np.asarray(g, np.float32) - x).max()) for g, x in zip(got, want))
+            rows[f"{name} {h}x{w} b{b}"] = {"s": round(timed(lambda: fn(p, m), iters), 4), "max_diff_vs_xla": err}
+            print(name, h, w, b, rows[f"{name} {h}x{w} b{b}"], file=sys.stderr, flush=True)
+    return rows
+
+
+def worker_torch(shapes, iters, slow_iters, bf16_cpu):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DetrConfig(use_timm_backbone=False, num_labels=91, backbone_config=transformers.ResNetConfig(
+        depths=[3, 4, 6, 3], out_features=["stage4"]))
+    model = transformers.DetrForObjectDetection(cfg).eval()
+    rows = {}
+    for kind in ("torch_fp32_nchw", "torch_fp32_channels_last", "torch_bf16_autocast"):
+        channels_last = kind != "torch_fp32_nchw"
+        m = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        bf16 = kind == "torch_bf16_autocast"
+        for b, h, w in shapes:
+            x = torch.from_numpy(np.random.default_rng(0).standard_normal((b, 3, h, w)).astype(np.float32))
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            mask = torch.ones((b, h, w), dtype=torch.long)
+
+            def run():
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    m(pixel_values=x, pixel_mask=mask)
+
+            n = slow_iters if bf16 and not bf16_cpu else iters
+            rows[f"{kind} {h}x{w} b{b}"] = {"s": round(timed(run, n), 4)}
+            print(kind, h, w, b, rows[f"{kind} {h}x{w} b{b}"], file=sys.stderr, flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="800x1216,640x640")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--slow-iters", type=int, default=1)
+    p.add_argument("--worker", choices=("detrax", "torch"))
+    args = p.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    shapes = [(b, h, w) for h, w in sizes for b in map(int, args.batches.split(","))]
+    info = cpu()
+    if args.worker == "detrax":
+        print(json.dumps(worker_detrax(shapes, args.iters, info["bf16"])))
+        return
+    if args.worker == "torch":
+        print(json.dumps(worker_torch(shapes, args.iters, args.slow_iters, info["bf16"])))
+        return
+    print(f"CPU: {info['model']}, {info['cores']} cores, bfloat16 instructions: {info['bf16']}", flush=True)
+    rows = {}
+    for worker in ("detrax", "torch"):
+        cmd = [sys.executable, __file__, "--worker", worker, "--sizes", args.sizes, "--batches", args.batches,
+               "--iters", str(args.iters), "--slow-iters", str(args.slow_iters)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise SystemExit(f"{worker} failed:\n{out.stderr[-3000:]}")
+        rows.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    figures = {"cpu": info["model"], "bf16_instructions": info["bf16"], "export_s": rows.pop("export_s"),
+               "onnx_mib": rows.pop("onnx_mib")}
+    print(f"ONNX export {figures['export_s']} s, {figures['onnx_mib']} MiB")
+    for b, h, w in shapes:
+        key = f"{h}x{w} b{b}"
+        here = {k.split()[0]: v for k, v in rows.items() if k.endswith(key)}
+        for name, v in here.items():
+            diff = f"  outputs within {v['max_diff_vs_xla']:.1e} of XLA's" if "max_diff_vs_xla" in v else ""
+            print(f"{key:14s} {name:28s} {v['s']:8.3f} s{diff}")
+        ours = min((v["s"], k) for k, v in here.items() if k.startswith("detrax"))
+        torch_any = min((v["s"], k) for k, v in here.items() if k.startswith("torch"))
+        torch_fp32 = min((v["s"], k) for k, v in here.items() if k.startswith("torch_fp32"))
+        tag = f"{h}x{w}_b{b}"
+        figures[f"ratio_{tag}"] = round(ours[0] / torch_any[0], 3)
+        figures[f"ratio_fp32_{tag}"] = round(ours[0] / torch_fp32[0], 3)
+        figures.update({f"{k}_{tag}_s": v["s"] for k, v in here.items()})
+        print(f"{key:14s} detrax best ({ours[1]}) / PyTorch best ({torch_any[1]}): {figures[f'ratio_{tag}']}; "
+              f"/ PyTorch best fp32 ({torch_fp32[1]}): {figures[f'ratio_fp32_{tag}']}", flush=True)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
