@@ -146,9 +146,39 @@ def test_a_registered_export_format_is_taken_by_the_cli(tmp_path, capsys):
     export.register_format("arrays", arrays)
     try:
         assert cli.main(["export", str(tmp_path / "w.safetensors"), str(tmp_path / "out.npz"), "--format", "arrays",
-                         "--batch", "2"]) == 0
+                         "--batch", "2", "--size", "96x128"]) == 0
     finally:
         del export.FORMATS["arrays"]
     assert json.loads(capsys.readouterr().out)["format"] == "arrays"
     saved = np.load(tmp_path / "out.npz")
-    assert saved["input_shape"].tolist() == [2, 1344, 1344] and "class_embed/kernel" in saved.files
+    assert saved["input_shape"].tolist() == [2, 96, 128] and "class_embed/kernel" in saved.files
+
+
+def test_a_registered_runtime_runs_predict(tmp_path, capsys):
+    """A toy runtime (XLA's, counting the images it sees) through `detrax predict --runtime`."""
+    from detrax import runtimes
+
+    seen = []
+
+    def counting(detector):
+        xla = runtimes.make("xla", detector)
+
+        def infer(pixels, mask, orig_size):
+            seen.append(int(np.asarray(mask).any((1, 2)).sum()))
+            return xla(pixels, mask, orig_size)
+
+        return infer
+
+    import detrax
+
+    detrax.load("random:tiny").save(tmp_path / "w.safetensors")
+    runtimes.register_runtime("counting", counting)
+    try:
+        assert cli.main(["predict", str(tmp_path / "w.safetensors"), "--generate", "3", "--out", str(tmp_path / "p"),
+                         "--size", "96", "--max-size", "128", "--runtime", "counting"]) == 0
+    finally:
+        del runtimes.RUNTIMES["counting"]
+    assert sum(seen) == 3  # every generated scene went through it
+    assert cli.main(["predict", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "q"), "--generate", "1",
+                     "--runtime", "counting"]) == 2
+    assert "unknown runtime 'counting'" in capsys.readouterr().err

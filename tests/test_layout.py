@@ -11,8 +11,8 @@ FLOORS = [
     {"matching", "loss", "postprocess"},
     {"data"},
     {"weights", "convert", "flax_detr", "checkpoint"},
-    {"optim", "infer", "export", "start", "train_step", "reporting", "evaluate", "actions", "train", "predict",
-     "attention_maps"},
+    {"optim", "infer", "export", "runtimes", "start", "train_step", "reporting", "evaluate", "actions", "train",
+     "predict", "attention_maps"},
     {"api", "cli", "__init__", "__main__"},
 ]
 CONFIG_REGISTRIES = {"backbones", "matching", "attention"}  # what configs imports to validate a name

@@ -9,7 +9,8 @@ and `detrax export` take any registered one. Built in:
 - `onnx` (the `onnx` extra: jax2onnx): the model's own outputs for the runtimes people deploy with (ONNX Runtime,
   OpenVINO; `detrax.runtimes`): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image),
   normalised inside; outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to
-  each image), as `Detector.__call__` gives them. Post-processing stays with the caller (`postprocess`).
+  each image), as `Detector.__call__` gives them. Post-processing stays with the caller (`postprocess`). Large
+  weights are written beside the graph as `<path>.data` (ONNX's external data; the runtimes read it from there).
 `dtype="bfloat16"` exports the model computing in bfloat16 (weights stored in float32).
 """
 
