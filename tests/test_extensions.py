@@ -164,7 +164,7 @@ def test_a_registered_runtime_runs_predict(tmp_path, capsys):
         xla = runtimes.make("xla", detector)
 
         def infer(pixels, mask, orig_size):
-            seen.append(int(np.asarray(mask).any((1, 2)).sum()))
+            seen.append(len(mask))
             return xla(pixels, mask, orig_size)
 
         return infer
@@ -178,7 +178,8 @@ def test_a_registered_runtime_runs_predict(tmp_path, capsys):
                          "--size", "96", "--max-size", "128", "--runtime", "counting"]) == 0
     finally:
         del runtimes.RUNTIMES["counting"]
-    assert sum(seen) == 3  # every generated scene went through it
+    assert sum(seen) >= 3  # the generated scenes went through it (short batches are filled with blanks)
+    assert len(list((tmp_path / "p").glob("scene*.jpg"))) == 3
     assert cli.main(["predict", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "q"), "--generate", "1",
                      "--runtime", "counting"]) == 2
     assert "unknown runtime 'counting'" in capsys.readouterr().err
