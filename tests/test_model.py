@@ -263,3 +263,23 @@ def test_fast_conv_and_folded_batch_norm_equal_the_plain_formulation(k, stride, 
     gg = jax.vjp(fast, kernel, x)[1](dy)
     for a, b in zip(gg, gw):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_stem_max_pool_is_the_padded_reduce_window_and_its_symbolic_form_too():
+    """Static sizes: values and gradient bitwise those of the padded reduce_window (training unchanged by export
+    work), ties included; symbolic sizes (an export of any size): the nine-slice form, the same values."""
+    from detrax.backbone import max_pool
+
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 19, 24, 4)))
+    x = jnp.round(x * 4) / 4  # many ties
+    ref = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                          [(0, 0), (1, 1), (1, 1), (0, 0)])
+    w = jax.random.normal(jax.random.key(1), ref(x).shape)
+    assert np.array_equal(max_pool(x, -jnp.inf), ref(x))
+    grad = lambda f: jax.grad(lambda x: (f(x) * w).sum())(x)
+    assert np.array_equal(grad(lambda x: max_pool(x, -jnp.inf)), grad(ref))
+    b, h, wd = jax.export.symbolic_shape("b, h, w")
+    spec = jax.ShapeDtypeStruct((b, h, wd, 4), jnp.float32)
+    symbolic = jax.export.export(jax.jit(lambda x: max_pool(x, -jnp.inf)))(spec)
+    for y in (x, x[:1, :16, :15]):  # odd and even sizes
+        assert np.array_equal(symbolic.call(y), ref(y))

@@ -49,10 +49,13 @@ def conv2d(x, kernel, stride: int = 1, dilation: int = 1, padding: int = 0):
 
 
 def max_pool(x, pad_value):
-    """The stem's 3x3 max pool, stride 2, padding 1 (filled with `pad_value`) as the maximum of nine strided
-    slices: the same values as a reduce_window (its gradient too, up to ties), its backward pass ~3x faster on the
-    CPU, and it exports to ONNX with symbolic image sizes."""
+    """The stem's 3x3 max pool, stride 2, padding 1 (filled with `pad_value`). With static sizes (training,
+    inference, fixed-shape exports) a reduce_window: the numbers, and their gradient, bitwise those of the
+    padded reduce_window before (a test); with symbolic sizes (exports of any size) the maximum of nine strided
+    slices, whose output size jax2onnx gets right: the same values."""
     x = jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=pad_value)  # [B, H + 2, W + 2, C]
+    if all(isinstance(d, int) for d in x.shape):
+        return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")  # [B, h, w, C]
     h, w = (x.shape[1] - 1) // 2, (x.shape[2] - 1) // 2
     rows = [x[:, i:i + 2 * h - 1:2] for i in range(3)]  # [B, h, W + 2, C] each
     x = jnp.maximum(jnp.maximum(rows[0], rows[1]), rows[2])
