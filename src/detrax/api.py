@@ -48,8 +48,7 @@ class Detector:
         """This detector (the same model and weights) run by another runtime."""
         from detrax import runtimes
 
-        if runtime not in runtimes.RUNTIMES:  # named now, not at the first image
-            raise ValueError(f"unknown runtime {runtime!r}; runtimes: {', '.join(sorted(runtimes.RUNTIMES))}")
+        runtimes.check(runtime)  # named now, not at the first image
         other = copy.copy(self)
         other.runtime, other.runtime_options, other._run = runtime, options, None
         return other

@@ -4,7 +4,7 @@ A runtime is a function (detector, **options) -> infer, where `infer(pixels uint
 orig_size [B, 2])` returns (scores, labels, boxes) as `infer.make_infer` does; `register_runtime(name, fn)` adds
 one. Built in:
 - `xla`: the detector's own jitted inference path (JAX on whatever device it has).
-- `onnxruntime`, `openvino` (the `onnx` extra, and `pip install openvino`): the detector exported to ONNX once
+- `onnxruntime`, `openvino` (the `onnx` extra): the detector exported to ONNX once
   (`export`, format `onnx`, dynamic batch and size; weights inside), run by that runtime on the CPU; the model's
   outputs are post-processed by the same `postprocess` as `xla`'s. Options: `onnx`, a file `detrax export
   --format onnx` wrote of this detector (default: export now, into a temporary folder); for openvino,
@@ -31,10 +31,15 @@ def register_runtime(name: str, fn: Callable) -> None:
     RUNTIMES[name] = fn
 
 
-def make(name: str, detector, **options) -> Callable:
+def check(name: str) -> str:
+    """`name` if it is a registered runtime, else a ValueError listing them."""
     if name not in RUNTIMES:
         raise ValueError(f"unknown runtime {name!r}; runtimes: {', '.join(sorted(RUNTIMES))}")
-    return RUNTIMES[name](detector, **options)
+    return name
+
+
+def make(name: str, detector, **options) -> Callable:
+    return RUNTIMES[check(name)](detector, **options)
 
 
 def _xla(detector, **options):
@@ -86,7 +91,7 @@ def _onnxruntime(detector, onnx: str | None = None, threads: int = 0):
 
 
 def _openvino(detector, onnx: str | None = None, precision: str = "f32"):
-    ov = _need("openvino", "pip install openvino")
+    ov = _need("openvino", "pip install 'detrax[onnx]'")
     if precision not in ("f32", "bf16"):
         raise ValueError(f"openvino precision must be f32 or bf16, not {precision!r}")
     compiled = ov.Core().compile_model(onnx_file(detector, onnx), "CPU", {"INFERENCE_PRECISION_HINT": precision})
