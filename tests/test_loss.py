@@ -117,3 +117,23 @@ def test_loss_from_config_and_no_aux():
     assert float(out["loss"]) == pytest.approx(float(out["loss_ce"] + 5 * out["loss_bbox"] + 2 * out["loss_giou"]))
     with pytest.raises(ValueError, match="matcher must be"):
         configs.override(configs.get("tiny"), ["loss.matcher=auction"])
+
+
+@pytest.mark.parametrize("aux", [True, False])
+def test_query_groups_loss_is_the_sum_of_each_group_alone(aux):
+    """Group DETR: each extra group is matched one-to-one on its own; `loss` adds their losses to the first
+    group's, whose terms keep their names."""
+    rs = np.random.default_rng(5)
+    groups = [_problem(rs) for _ in range(3)]
+    labels, tboxes, valid = groups[0][2:]
+    targets = {"labels": labels, "boxes": tboxes, "valid": valid}
+    cfg = LossConfig(aux_loss=aux, matcher="hungarian_jax")
+    outputs = {**_outputs(*groups[0][:2]), "group_outputs": [_outputs(*g[:2]) for g in groups[1:]]}
+    out = detrax.set_loss(outputs, targets, cfg)
+    alone = [detrax.set_loss(_outputs(*g[:2]), targets, cfg) for g in groups]
+    for k, v in alone[0].items():  # the first group's terms, as without groups; `loss` is the sum
+        if k != "loss":
+            assert float(out[k]) == pytest.approx(float(v), rel=1e-6), k
+    assert float(out["loss_groups"]) == pytest.approx(sum(float(a["loss"]) for a in alone[1:]), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(sum(float(a["loss"]) for a in alone), rel=1e-5)
+    assert float(out["loss_groups"]) > 0

@@ -283,3 +283,46 @@ def test_stem_max_pool_is_the_padded_reduce_window_and_its_symbolic_form_too():
     symbolic = jax.export.export(jax.jit(lambda x: max_pool(x, -jnp.inf)))(spec)
     for y in (x, x[:1, :16, :15]):  # odd and even sizes
         assert np.array_equal(symbolic.call(y), ref(y))
+
+
+def test_query_groups_train_only_each_group_decodes_alone():
+    """Group DETR: in eval mode a model with query groups is the official DETR (its first group); in training
+    every group decodes the same image on its own: group g's outputs are those of a one-group model whose
+    queries are group g's (self-attention never crosses groups)."""
+    from detrax.model import weight_arrays
+
+    c = configs.override(configs.tiny(), ["model.dropout=0.0", "model.query_groups=3"]).model
+    grouped = DETR(c, rngs=nnx.Rngs(1))
+    one = DETR(configs.override(configs.tiny(), ["model.dropout=0.0"]).model, rngs=nnx.Rngs(2))
+    arrays = weight_arrays(grouped)
+    assert arrays["group_queries"].shape == (2, c.num_queries, c.hidden_dim)
+    assert "group_queries" not in weight_arrays(one)
+    pixels, mask = _batch()
+
+    def as_one(queries):
+        nnx.update(one, nnx.state(detrax_assemble({**{k: v for k, v in arrays.items() if k != "group_queries"},
+                                                   "query_embed": queries}, one.config)))
+        return one(pixels, mask)
+
+    grouped.eval()
+    out = grouped(pixels, mask)
+    assert "group_outputs" not in out
+    ref = as_one(arrays["query_embed"])
+    np.testing.assert_allclose(np.asarray(out["pred_logits"]), np.asarray(ref["pred_logits"]), atol=1e-5)
+    grouped.train()
+    out = grouped(pixels, mask)
+    assert len(out["group_outputs"]) == 2
+    np.testing.assert_allclose(np.asarray(out["pred_boxes"]), np.asarray(ref["pred_boxes"]), atol=1e-5)
+    for g, group in enumerate(out["group_outputs"]):
+        ref = as_one(arrays["group_queries"][g])
+        for key in ("pred_logits", "pred_boxes"):
+            np.testing.assert_allclose(np.asarray(group[key]), np.asarray(ref[key]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(group["aux_outputs"][0][key]),
+                                       np.asarray(ref["aux_outputs"][0][key]), atol=1e-5)
+    assert not np.allclose(np.asarray(out["group_outputs"][0]["pred_logits"]), np.asarray(out["pred_logits"]))
+
+
+def detrax_assemble(arrays, config):
+    from detrax.model import assemble
+
+    return assemble(config, arrays)

@@ -29,6 +29,11 @@ class ModelConfig:
     # layout). Weights converted from MasterSkepticista/detr keep its 80 outputs and name their COCO ids here
     class_ids: tuple[int, ...] = ()
     num_queries: int = 100
+    # Group DETR (Chen et al. 2023), training only: query groups of num_queries each, every group decoded on its
+    # own (self-attention within the group) and matched one-to-one to the targets on its own, their losses summed.
+    # Inference runs the first group, the official `query_embed`; the others (`group_queries`) are training-only
+    # weights. 1: the official DETR
+    query_groups: int = 1
     hidden_dim: int = 256
     num_heads: int = 8
     enc_layers: int = 6
@@ -74,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if self.mask_resize not in ("torch", "half_pixel"):
             raise ValueError(f"mask_resize must be torch or half_pixel, not {self.mask_resize!r}")
+        if self.query_groups < 1:
+            raise ValueError(f"query_groups must be at least 1, not {self.query_groups}")
         for name in ("pixel_mean", "pixel_std"):  # tuples of floats, also when read back from JSON lists
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:

@@ -5,6 +5,9 @@ queries (no-object weighted `eos_coef`), and L1 and GIoU over matched pairs divi
 and hosts this is the count over all of them, as the official all-reduce. Inside `shard_map`, pass `axis_name`.
 Names follow the official ones: `loss_ce`, `loss_bbox`, `loss_giou`, `cardinality_error`, `class_error` for
 the last layer, with `_i` for decoder layer i of the auxiliary outputs (no `class_error_i`, as the official).
+With Group DETR's extra query groups (the model's `group_outputs`, in training), every layer of every group is
+matched on its own in the same batched call; `loss` adds the groups' weighted losses, also reported alone as
+`loss_groups`.
 """
 
 from __future__ import annotations
@@ -53,24 +56,29 @@ def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None,
     `loss`, the weighted total."""
     cfg = cfg or LossConfig()
     weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
-    layers = (list(outputs.get("aux_outputs", [])) if cfg.aux_loss else []) + [outputs]
+    groups = [outputs, *outputs.get("group_outputs", [])]
+    per_group = len(outputs.get("aux_outputs", [])) * cfg.aux_loss + 1  # decoder layers scored in each group
+    layers = [o for g in groups for o in (list(g.get("aux_outputs", [])) if cfg.aux_loss else []) + [g]]
     logits = jnp.stack([o["pred_logits"] for o in layers])  # [L, B, N, C+1]
     boxes = jnp.stack([o["pred_boxes"] for o in layers])  # [L, B, N, 4]
     labels, tgt_boxes = jnp.asarray(targets["labels"], jnp.int32), jnp.asarray(targets["boxes"], jnp.float32)
     valid = jnp.asarray(targets["valid"], bool)
-    cost = cost_matrix(logits, boxes, labels, tgt_boxes, cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)  # [L, B, N, M]
-    query_for_target = match(cost, valid, cfg.matcher, mesh)  # [L, B, M]
+    cost = cost_matrix(logits, boxes, labels, tgt_boxes, cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)  # [G*L, B, N, M]
+    query_for_target = match(cost, valid, cfg.matcher, mesh)  # [G*L, B, M]
     num_boxes = valid.sum().astype(jnp.float32)
     if axis_name is not None:
         num_boxes = jax.lax.psum(num_boxes, axis_name)
     num_boxes = jnp.maximum(num_boxes, 1.0)
     terms = layer_losses(logits, boxes, labels, tgt_boxes, valid, query_for_target, num_boxes, cfg.eos_coef)
-    last = len(layers) - 1
+    last = per_group - 1
     out = {}
     for name, values in terms.items():
         out[name] = values[last]
         if name != "class_error":
             out.update({f"{name}_{i}": values[i] for i in range(last)})
     out["loss"] = sum(w * out[k] + sum(w * out[f"{k}_{i}"] for i in range(last)) for k, w in weights.items())
+    if len(groups) > 1:
+        out["loss_groups"] = sum(w * terms[k][per_group:].sum() for k, w in weights.items())
+        out["loss"] = out["loss"] + out["loss_groups"]
     return out
 

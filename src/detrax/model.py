@@ -36,6 +36,8 @@ class DETR(nnx.Module):
       pred_logits [B, Q, C + 1]  class logits; the last class is no-object
       pred_boxes  [B, Q, 4]      normalised (cx, cy, w, h) in [0, 1], relative to each image's unpadded size
       aux_outputs                list over the first L - 1 decoder layers of dicts with the same two keys
+      group_outputs              in training with `query_groups` G > 1 only: a list over the G - 1 extra query
+                                 groups of dicts with the three keys above
     Outputs are float32 whatever the compute dtype.
     """
 
@@ -50,6 +52,10 @@ class DETR(nnx.Module):
         self.backbone = backbones.get(c.backbone).build(c, rngs)
         self.input_proj = nnx.Linear(self.backbone.out_channels, c.hidden_dim, dtype=dtype, rngs=rngs)  # 1x1 conv
         self.query_embed = nnx.Param(jax.random.normal(rngs.params(), (c.num_queries, c.hidden_dim)))
+        if c.query_groups > 1:  # Group DETR's extra groups: weights of training only
+            self.group_queries = nnx.Param(jax.random.normal(rngs.params(), (c.query_groups - 1, c.num_queries,
+                                                                             c.hidden_dim)))
+        self.deterministic = False  # set by nnx's train() / eval(): the extra query groups run in training only
         self.transformer = Transformer(c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers, c.ffn_dim,
                                        c.dropout, c.pre_norm, c.attention, dtype, c.norm_eps, rngs=rngs)
         self.class_embed = nnx.Linear(c.hidden_dim, c.num_classes + 1, dtype=dtype, rngs=rngs)
@@ -64,12 +70,20 @@ class DETR(nnx.Module):
         pos = sine_position_embedding(mask, self.config.hidden_dim // 2).astype(self.dtype)  # [B, h, w, D]
         src = self.input_proj(features)  # [B, h, w, D]
         d = src.shape[-1]
-        hs, _ = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), self.query_embed[...],
-                                 pos.reshape(b, h * w, d))  # [L, B, Q, D]
-        logits = self.class_embed(hs).astype(jnp.float32)  # [L, B, Q, C + 1]
-        boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, B, Q, 4]
-        return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-                "aux_outputs": [{"pred_logits": a, "pred_boxes": bb} for a, bb in zip(logits[:-1], boxes[:-1])]}
+        queries = self.query_embed[...]  # [Q, D]
+        groups = self.config.query_groups if not self.deterministic else 1
+        if groups > 1:
+            queries = jnp.concatenate([queries[None], self.group_queries[...]])  # [G, Q, D]
+        hs, _ = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), queries,
+                                 pos.reshape(b, h * w, d))  # [L, G * B, Q, D]
+        logits = self.class_embed(hs).astype(jnp.float32)  # [L, G * B, Q, C + 1]
+        boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, G * B, Q, 4]
+        out = [{"pred_logits": logits[-1, g * b:(g + 1) * b], "pred_boxes": boxes[-1, g * b:(g + 1) * b],
+                "aux_outputs": [{"pred_logits": a[g * b:(g + 1) * b], "pred_boxes": bb[g * b:(g + 1) * b]}
+                                for a, bb in zip(logits[:-1], boxes[:-1])]} for g in range(groups)]
+        if groups > 1:
+            out[0]["group_outputs"] = out[1:]
+        return out[0]
 
 
 def path_key(path) -> str:

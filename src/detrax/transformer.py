@@ -130,16 +130,22 @@ class Transformer(nnx.Module):
         self.decoder_norm = _norm(d, dtype, eps, rngs)
 
     def __call__(self, src, key_mask, query_embed, pos):
-        """src, pos [B, S, D]; key_mask [B, S] (True: real); query_embed [Q, D] -> hs [L, B, Q, D], memory."""
+        """src, pos [B, S, D]; key_mask [B, S] (True: real); query_embed [Q, D] -> hs [L, B, Q, D], memory.
+        With query groups, query_embed [G, Q, D] -> hs [L, G * B, Q, D] (group-major): each group decodes the same
+        memory on its own, so self-attention stays within a group (Group DETR)."""
         memory = src
         for layer in self.encoder:
             memory = layer(memory, key_mask, pos)
         if self.encoder_norm is not None:
             memory = self.encoder_norm(memory)
-        query_pos = jnp.broadcast_to(query_embed.astype(src.dtype), (src.shape[0],) + query_embed.shape)
-        tgt = jnp.zeros_like(query_pos)  # [B, Q, D]
+        b, queries = src.shape[0], query_embed.reshape((-1,) + query_embed.shape[-2:])  # [G, Q, D]
+        g = queries.shape[0]
+        query_pos = jnp.repeat(queries.astype(src.dtype), b, axis=0)  # [G * B, Q, D]
+        dec_memory, dec_mask, dec_pos = (jnp.tile(x, (g,) + (1,) * (x.ndim - 1)) if g > 1 else x
+                                         for x in (memory, key_mask, pos))  # [G * B, S, ...]
+        tgt = jnp.zeros_like(query_pos)  # [G * B, Q, D]
         hs = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, key_mask, pos, query_pos)
+            tgt = layer(tgt, dec_memory, dec_mask, dec_pos, query_pos)
             hs.append(self.decoder_norm(tgt))
-        return jnp.stack(hs), memory  # [L, B, Q, D], [B, S, D]
+        return jnp.stack(hs), memory  # [L, G * B, Q, D], [B, S, D]

@@ -189,8 +189,8 @@ def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
             fresh.append(f"{name} (outputs of {n + 1 - len(cols)} ids without a source class)")
         elif src is not None and src.shape == value.shape:
             arrays[name] = src
-        elif name.startswith("class_embed"):
-            arrays[name] = value
+        elif name.startswith("class_embed") or (name == "group_queries" and src is None):
+            arrays[name] = value  # another class count; Group DETR's training-only queries the source lacks
             fresh.append(name)
         else:
             raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
