@@ -326,3 +326,35 @@ def detrax_assemble(arrays, config):
     from detrax.model import assemble
 
     return assemble(config, arrays)
+
+
+def test_cli_runs_cpu_convolutions_through_eigen_with_the_same_numbers(monkeypatch):
+    """`detrax` adds the Eigen-convolution flag to XLA_FLAGS (a user's own YNNPACK setting wins); a DETR-sized
+    convolution's output and kernel gradient under it equal the default's within float32 noise."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from detrax.devices import EIGEN_CONVOLUTIONS, prefer_eigen_convolutions
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert prefer_eigen_convolutions()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=1 {EIGEN_CONVOLUTIONS}"
+    assert not prefer_eigen_convolutions()  # already set: unchanged
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert not prefer_eigen_convolutions() and os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    code = ("import jax, jax.numpy as jnp, numpy as np, json\n"
+            "rs = np.random.default_rng(0)\n"
+            "x, w = (jnp.asarray(rs.normal(size=s), jnp.float32) for s in ((2, 48, 48, 64), (3, 3, 64, 64)))\n"
+            "conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
+            "dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+            "y, vjp = jax.vjp(conv, x, w)\n"
+            "dx, dw = vjp(jnp.cos(y))\n"
+            "print(json.dumps([np.asarray(a).ravel()[::97].tolist() for a in (y, dx, dw)]))\n")
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLA_FLAGS": flags},
+                                      capture_output=True, text=True, check=True).stdout)
+            for flags in ("", EIGEN_CONVOLUTIONS)]
+    for a, b in zip(*runs):  # sums of up to 4608 float32 products in another order
+        a, b = np.array(a), np.array(b)
+        assert np.abs(b - a).max() <= 1e-4 * np.abs(a).max()

@@ -84,6 +84,26 @@ def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
     assert "initialised from" in err and "fresh: class_embed/bias, class_embed/kernel" in err
 
 
+def test_query_groups_start_fresh_from_one_group_weights_and_train(synth, tmp_path, capsys):
+    """Group DETR from official-layout weights: the extra groups start fresh, the loss logs them, and the run's
+    weights load and infer (first group only)."""
+    from flax import nnx
+
+    import detrax
+
+    one = configs.override(configs.get("demo"), ["model.num_classes=4", "model.query_groups=1"]).model
+    detrax.Detector(detrax.DETR(one, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
+    fit(_cfg("train.steps=2", "model.query_groups=3"), Run(synth, str(tmp_path / "run"),
+                                                           init=str(tmp_path / "w.safetensors")))
+    assert "fresh: group_queries" in capsys.readouterr().err
+    rows = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert len(rows) == 2 and all(r["loss_groups"] > 0 and r["loss"] > r["loss_groups"] for r in rows)
+    detector = detrax.load(str(tmp_path / "run"))
+    assert detector.model.config.query_groups == 3
+    image = np.full((96, 128, 3), 120, np.uint8)
+    assert len(detector.predict([image], threshold=0.0)[0]["scores"]) == one.num_queries
+
+
 def test_the_class_count_follows_the_data(synth, tmp_path, capsys):
     """model.num_classes=auto (the presets' default): the training data's largest category id + 1, recorded with
     the category names in the checkpoint; an explicit number wins; a resumed run keeps its own."""

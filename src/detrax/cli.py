@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the `detrax` command owns its process: CPU convolutions through Eigen (devices.py)
+        from detrax.devices import prefer_eigen_convolutions
+
+        prefer_eigen_convolutions()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (argparse takes one block of positionals)

@@ -1,11 +1,33 @@
-"""Arrays over devices and hosts: the 1-D data-parallel mesh, replication, sharded batches, a host's copy."""
+"""Arrays over devices and hosts: the 1-D data-parallel mesh, replication, sharded batches, a host's copy; the CPU
+backend's convolution library (XLA_FLAGS, set before JAX starts)."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+# XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK, whose gradient with respect to the kernel took 1.6-6x
+# Eigen's time on an AMD EPYC (AVX2), its forward no less (benchmarks/README.md): the CLI runs CPU convolutions
+# through Eigen (matrix products stay on YNNPACK). It touches nothing but the CPU backend.
+EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def prefer_eigen_convolutions() -> bool:
+    """Add `EIGEN_CONVOLUTIONS` to XLA_FLAGS, unless XLA_FLAGS already sets YNNPACK's fusion types or jaxlib is
+    older than 0.10 (which does not know the flag). Call it before JAX's first computation: a started backend
+    keeps its flags. Returns whether the flag was added."""
+    import jaxlib
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit())
+    if "xla_cpu_experimental_ynn_fusion_type" in flags or version < (0, 10):
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS}".strip()
+    return True
 
 
 def data_mesh() -> jax.sharding.Mesh:
