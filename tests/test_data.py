@@ -190,6 +190,18 @@ def test_data_cli_synth_and_check(tmp_path, capsys):
     assert cli.main(["data", "check", str(tmp_path / "nothing")]) == 2
 
 
+def test_data_cli_synth_size_fixes_every_image(tmp_path, capsys):
+    """`--size HxW`: every image that size (the demo's: one batch shape, one compilation)."""
+    assert cli.main(["data", "synth", str(tmp_path / "s"), "--num-images", "5", "--size", "40x56"]) == 0
+    for split in ("train", "val"):
+        images = json.load(open(tmp_path / "s" / "annotations" / f"instances_{split}.json"))["images"]
+        assert images and {(i["height"], i["width"]) for i in images} == {(40, 56)}
+        assert {Image.open(tmp_path / "s" / split / i["file_name"]).size for i in images} == {(56, 40)}
+    capsys.readouterr()
+    assert cli.main(["data", "synth", str(tmp_path / "t"), "--size", "40x"]) == 2
+    assert "--size '40x': expected HxW" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+
 def test_synthetic_dataset_is_deterministic(tmp_path):
     write_dataset(str(tmp_path / "a"), 6, seed=4)
     write_dataset(str(tmp_path / "b"), 6, seed=4)

@@ -257,6 +257,38 @@ def test_k_bad_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(synt
     _assert_same(_weights(tmp_path / "bad"), _weights(tmp_path / "good"))
 
 
+def test_the_finiteness_watch_reads_a_step_only_once_the_next_is_queued():
+    """WatchFinite never waits on the step just dispatched (the host would idle the device while it loads the next
+    batch): it reads step k's flag at step k + 1, and `finish` reads the last; the counting is unchanged."""
+    from detrax.actions import WatchFinite
+
+    read, lines = [], []
+
+    class Flag:
+        def __init__(self, step, value):
+            self.step, self.value = step, value
+
+        def __array__(self, dtype=None, copy=None):
+            read.append(self.step)
+            return np.asarray(self.value, dtype)
+
+    class Ckpts:
+        directory = "ckpts"
+
+        def latest_step(self):
+            return 2
+
+    watch = WatchFinite(2, lines.append, Ckpts())
+    for step, bad in [(1, 0), (2, 1)]:
+        watch(step, None, {"skipped": Flag(step, bad)})
+    assert read == [1] and lines == []
+    watch.finish()
+    assert read == [1, 2] and lines == ["step 2: loss or gradient not finite; step skipped (1 in a row)"]
+    watch(3, None, {"skipped": Flag(3, 1)})
+    with pytest.raises(BadSteps, match=r"steps 2\.\.3: .* 2 times in a row .*step 2, is kept in ckpts"):
+        watch.finish()
+
+
 def test_a_failed_checkpoint_write_is_a_clear_error_and_the_previous_one_is_intact(synth, tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 

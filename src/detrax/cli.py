@@ -95,7 +95,8 @@ def cmd_convert(args) -> int:
 def cmd_data_synth(args) -> int:
     from detrax.data.synthetic import write_dataset
 
-    counts = write_dataset(args.out, args.num_images, args.seed)
+    h, w = _size(args.size)
+    counts = write_dataset(args.out, args.num_images, args.seed, shape=(h, w) if h and w else None)
     print(json.dumps({"out": args.out, **counts}))
     return 0
 
@@ -194,6 +195,7 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 def cmd_demo(args) -> int:
     """Synthetic data -> train the `demo` preset -> COCO AP -> predictions drawn on val images."""
     import detrax
+    from detrax import configs
     from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
     from detrax.predict import read_image, write_results
@@ -203,7 +205,7 @@ def cmd_demo(args) -> int:
     data = os.path.join(args.workdir, "data")
     if not os.path.isdir(os.path.join(data, "annotations")):
         total = args.num_images + args.num_val
-        counts = write_dataset(data, total, args.seed, val_fraction=args.num_val / total)
+        counts = write_dataset(data, total, args.seed, val_fraction=args.num_val / total, shape=configs.DEMO_SHAPE)
         print(f"synthetic dataset: {counts['train']} train and {counts['val']} val images in {data}")
     cfg = _config(args, "demo")
     summary = fit(cfg, Run(data, args.workdir, resume=args.resume, allow_changes=args.allow_changes))
@@ -318,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--num-images", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default=None, help="HxW of every image (default: each 128-192 on either side)")
     s.set_defaults(func=cmd_data_synth)
     s = data.add_parser("check", help="read a dataset as training would; print a JSON report; exit 1 if bad")
     s.add_argument("dir")

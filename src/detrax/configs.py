@@ -242,21 +242,25 @@ def tiny(smoke: bool = True) -> Config:
                                       ffn_dim=64))
 
 
+DEMO_SHAPE = (128, 160)  # (height, width) of `detrax demo`'s synthetic images: one batch shape, one compilation
+
+
 def demo(smoke: bool = False) -> Config:
     """A small DETR-DC5 trained from scratch on the synthetic shapes (`detrax data synth`), on a CPU in minutes.
     From scratch, its frozen batch norm is calibrated on the data, every stage trains, the backbone at a fifth of
     the transformer's learning rate, without dropout or augmentation (the toy task has no pretrained features).
-    Made for `detrax demo`'s 3000 training images: 12 epochs (4500 steps of 8), the learning rate x0.1 after 10
-    (fresh images matter more than repeats: benchmarks/README.md). The class count follows the data. Four
-    training-only query groups (Group DETR) at about the same wall time per step: AP50 0.66 instead of 0.49 after
-    the 12 epochs, 0.45 instead of 0.37 after an 8-epoch run (benchmarks/README.md)."""
+    Made for `detrax demo`'s 3000 training images of `DEMO_SHAPE` (one batch shape: one compilation): 8 epochs
+    (3000 steps of 8), the learning rate x0.1 after 7 (fresh images matter more than repeats:
+    benchmarks/README.md). The class count follows the data. Four training-only query groups (Group DETR) at
+    about the same wall time per step: AP50 0.66 instead of 0.49 after 12 epochs of the earlier mixed-size
+    images, 0.45 instead of 0.37 after 8 (benchmarks/README.md)."""
     model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_queries=16,
                         hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128, dropout=0.0,
                         frozen_stages=0, query_groups=4)
-    # buckets of 32: most images (shorter side 128, longer 128-192) pad to 128x160 instead of 128x192
+    # buckets of 32: the demo's 128x160 images need no padding; other sizes pad less than with 64
     data = DataConfig(scales=(112, 128, 144, 160), max_size=192, crop_scales=(128, 144), crop_size=(96, 128),
                       val_size=128, max_targets=16, bucket_step=32, augment=False)
-    train = TrainConfig(batch_size=8, lr=5e-4, lr_backbone=1e-4, epochs=12, lr_drop=10, ckpt_every=500,
+    train = TrainConfig(batch_size=8, lr=5e-4, lr_backbone=1e-4, epochs=8, lr_drop=7, ckpt_every=500,
                         eval_every=3, log_every=10, calibrate_bn=True)
     if smoke:
         train = dataclasses.replace(train, epochs=1, eval_every=1)

@@ -77,6 +77,8 @@ def fit(cfg: configs.Config, run: Run) -> dict:
             if stopped := stop.requested():
                 end = i + 1
                 break
+        for action in t.actions:
+            getattr(action, "finish", lambda: None)()  # e.g. the last step's finiteness, read late
         if t.checkpoints.latest_step() != end:
             t.save(end, state)
         if stopped:

@@ -189,7 +189,7 @@ class Loader:
         batch = next(self._iter)
         self.shapes.add(batch["pixels"].shape)
         real = batch["real"]
-        self._real += int(batch["mask"][real].sum())
+        self._real += int(np.prod(batch["size"][real], axis=-1).sum())  # each image's own (unpadded) pixels
         self._canvas += int(real.sum()) * batch["mask"][0].size
         return batch
 

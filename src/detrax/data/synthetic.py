@@ -46,9 +46,11 @@ def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 
 
 
 def write_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: float = 0.25,
-                  sizes: tuple[int, int] = (128, 192), max_objects: int = 4) -> dict:
+                  sizes: tuple[int, int] = (128, 192), max_objects: int = 4,
+                  shape: tuple[int, int] | None = None) -> dict:
     """A COCO-layout folder (`annotations/instances_{train,val}.json`, images in `train/` and `val/`) of
-    synthetic scenes, categories 1..3 (rectangle, ellipse, triangle). Deterministic from `seed`. Returns
+    synthetic scenes, categories 1..3 (rectangle, ellipse, triangle). Deterministic from `seed`. Each image's
+    height and width are drawn from `sizes` (inclusive), or are `shape` (height, width) for all. Returns
     {split: number of images}."""
     rng = np.random.default_rng(seed)
     n_val = max(1, int(round(num_images * val_fraction)))
@@ -59,7 +61,7 @@ def write_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: f
         os.makedirs(os.path.join(out, split), exist_ok=True)
         images, annotations = [], []
         for image_id in range(first, first + n):
-            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+            h, w = shape or (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
             image, boxes, labels = scene(rng, h, w, max_objects)
             name = f"{image_id:06d}.png"
             image.save(os.path.join(out, split, name))
