@@ -5,20 +5,23 @@ from conftest import require
 
 
 def build_hf_detr(depths=(3, 4, 6, 3), num_labels=91, d_model=256, layers=6, ffn=2048, heads=8, queries=100,
-                  hidden_sizes=None, embedding_size=64, seed=0):
-    """A DetrForObjectDetection with HF's own ResNet backbone (no timm, no download) in eval mode, its frozen
+                  hidden_sizes=None, embedding_size=64, seed=0, segmentation=False):
+    """A DetrForObjectDetection (DetrForSegmentation with `segmentation`: its mask head's biases and GroupNorm
+    affines randomised too) with HF's own ResNet backbone (no timm, no download) in eval mode, its frozen
     batch-norm statistics randomised so that they are not the identity."""
     torch = require("torch")
     transformers = require("transformers")
     torch.manual_seed(seed)
     hidden_sizes = hidden_sizes or [embedding_size * 4 * 2**i for i in range(len(depths))]
     backbone = transformers.ResNetConfig(depths=list(depths), hidden_sizes=hidden_sizes,
-                                         embedding_size=embedding_size, out_features=[f"stage{len(depths)}"])
+                                         embedding_size=embedding_size,
+                                         out_features=[f"stage{i + 1}" for i in range(len(depths))][
+                                             0 if segmentation else -1:])
     cfg = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, num_labels=num_labels,
                                   d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                                   encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_attention_heads=heads,
                                   decoder_attention_heads=heads, num_queries=queries, auxiliary_loss=False)
-    model = transformers.DetrForObjectDetection(cfg).eval()
+    model = (transformers.DetrForSegmentation if segmentation else transformers.DetrForObjectDetection)(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, buf in model.named_buffers():
@@ -31,6 +34,11 @@ def build_hf_detr(depths=(3, 4, 6, 3), num_labels=91, d_model=256, layers=6, ffn
                 buf.copy_(0.5 + torch.rand(n, generator=g))
             elif name.endswith(".bias") and "normalization" in name:
                 buf.copy_(0.1 * torch.randn(n, generator=g))
+        for name, param in model.named_parameters():
+            if name.startswith(("mask_head.", "bbox_attention.")) and name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+            elif name.startswith("mask_head.") and ".norm.weight" in name:
+                param.copy_(0.5 + torch.rand(param.shape, generator=g))
     return model
 
 
@@ -60,3 +68,11 @@ def hf_all_layers(model, pixels, mask):
         logits = model.class_labels_classifier(hs)
         boxes = model.bbox_predictor(hs).sigmoid()
     return logits.numpy(), boxes.numpy()
+
+
+def hf_segmentation(model, pixels, mask):
+    """DetrForSegmentation's pred_logits, pred_boxes and pred_masks (the last decoder layer's) as NumPy."""
+    torch = require("torch")
+    with torch.no_grad():
+        out = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), pixel_mask=torch.from_numpy(mask).long())
+    return out.logits.numpy(), out.pred_boxes.numpy(), out.pred_masks.numpy()

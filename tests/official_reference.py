@@ -156,7 +156,7 @@ class Transformer(nn.Module):
         for layer in self.decoder.layers:
             out = layer(out, memory, mask, pos, query_pos)
             intermediate.append(self.decoder.norm(out))
-        return torch.stack(intermediate).transpose(1, 2)  # [L, B, Q, D]
+        return torch.stack(intermediate).transpose(1, 2), memory  # [L, B, Q, D], [HW, B, D]
 
 
 class Body(nn.Module):
@@ -191,11 +191,81 @@ class DETR(nn.Module):
 
     def forward(self, pixels, mask):
         """pixels [B, 3, H, W]; mask [B, H, W] True on padding (the official NestedTensor). -> [L, B, Q, *]."""
-        x = self.backbone[0].body.stages(pixels)[-1]
+        hs = self.decode(pixels, mask)[0]
+        return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+
+    def decode(self, pixels, mask):
+        """-> hs [L, B, Q, D], memory [B, D, h, w], the feature mask [B, h, w], the projected features, the
+        backbone's stage outputs."""
+        feats = self.backbone[0].body.stages(pixels)
+        x = feats[-1]
         m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
         pos = position_embedding_sine(m, self.query_embed.weight.shape[1] // 2)
-        hs = self.transformer(self.input_proj(x), m, self.query_embed.weight, pos)
-        return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        src = self.input_proj(x)
+        hs, memory = self.transformer(src, m, self.query_embed.weight, pos)
+        return hs, memory.permute(1, 2, 0).reshape(src.shape), m, src, feats
+
+
+class AttentionMap(nn.Module):
+    """The official MHAttentionMap: per-head attention logits of each query over the memory's pixels, one softmax
+    over heads and pixels together."""
+
+    def __init__(self, d, nhead):
+        super().__init__()
+        self.nhead = nhead
+        self.q_linear, self.k_linear = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, q, memory, mask):  # q [B, Q, D]; memory [B, D, h, w]; mask [B, h, w] True on padding
+        b, nq, d = q.shape
+        q = self.q_linear(q).reshape(b, nq, self.nhead, d // self.nhead) / math.sqrt(d / self.nhead)
+        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
+        k = k.reshape(b, self.nhead, d // self.nhead, *k.shape[-2:])
+        w = torch.einsum("bqnc,bnchw->bqnhw", q, k).masked_fill(mask[:, None, None], float("-inf"))
+        return F.softmax(w.flatten(2), -1).reshape(w.shape)
+
+
+class MaskHead(nn.Module):
+    """The official MaskHeadSmallConv: conv3x3-GroupNorm(8)-ReLU stages, nearest upsampling onto 1x1-adapted
+    backbone features (layer3, layer2, layer1), one output channel."""
+
+    def __init__(self, dim, fpn_dims, ctx):
+        super().__init__()
+        widths = [dim, ctx // 2, ctx // 4, ctx // 8, ctx // 16]
+        for i, (a, b) in enumerate(zip([dim] + widths[:4], widths), 1):
+            setattr(self, f"lay{i}", nn.Conv2d(a, b, 3, padding=1))
+            setattr(self, f"gn{i}", nn.GroupNorm(min(8, b), b))
+        self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
+        for i, f in enumerate(fpn_dims, 1):
+            setattr(self, f"adapter{i}", nn.Conv2d(f, widths[i], 1))
+
+    def forward(self, x, att, fpns):  # x [B, D, h, w]; att [B, Q, N, h, w]; fpns [B, C, hi, wi] (layer3, 2, 1)
+        nq = att.shape[1]
+        rep = lambda t: t.repeat_interleave(nq, 0)  # [B * Q, ...]
+        x = torch.cat([rep(x), att.flatten(0, 1)], 1)
+        x = F.relu(self.gn2(self.lay2(F.relu(self.gn1(self.lay1(x))))))
+        for i, fpn in enumerate(fpns, 1):
+            f = rep(getattr(self, f"adapter{i}")(fpn))
+            x = f + F.interpolate(x, size=f.shape[-2:], mode="nearest")
+            x = F.relu(getattr(self, f"gn{i + 2}")(getattr(self, f"lay{i + 2}")(x)))
+        return self.out_lay(x).reshape(-1, nq, *x.shape[-2:])
+
+
+class DETRsegm(nn.Module):
+    """The official panoptic model: a DETR under `detr.`, the attention map and the mask head beside it."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.detr = DETR(**kw)
+        d, nhead = kw.get("d", 256), kw.get("nhead", 8)
+        c5 = self.detr.input_proj.in_channels
+        self.bbox_attention = AttentionMap(d, nhead)
+        self.mask_head = MaskHead(d + nhead, [c5 // 2, c5 // 4, c5 // 8], d)
+
+    def forward(self, pixels, mask):
+        """-> logits [L, B, Q, C + 1], boxes [L, B, Q, 4], masks [B, Q, H / 4, W / 4]."""
+        hs, memory, m, src, feats = self.detr.decode(pixels, mask)
+        masks = self.mask_head(src, self.bbox_attention(hs[-1], memory, m), feats[2::-1])
+        return self.detr.class_embed(hs), self.detr.bbox_embed(hs).sigmoid(), masks
 
 
 def randomise_batch_norm(module, seed=0):

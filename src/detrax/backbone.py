@@ -163,6 +163,10 @@ class ResNet(nnx.Module):
     def __call__(self, x, mask=None):  # x [B, H, W, 3] -> C5 [B, H/32, W/32, C] (H/16 with DC5); mask unused
         return self.stages(x, mask)[-1]
 
+    def pyramid(self, x, mask=None):
+        """layer1..layer3's outputs and the features `__call__` returns, from one pass."""
+        return self.stages(x, mask)
+
 
 def weights_table(depths, prefix: str = "", hf: bool = False) -> dict:
     """The key table of this ResNet from torchvision names (conv1, layer1.0.conv1, ...; behind `prefix` in the

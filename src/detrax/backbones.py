@@ -3,7 +3,8 @@
 normalisation calibrates on data, and `convert` reads the family's published weights through it.
 
 A backbone module has `out_channels`, `__call__(pixels [B, H, W, 3], mask [B, H, W]) -> features [B, h, w, C]`
-(stride 32, 16 with DC5) and `stages(pixels, mask=None, calibrate=False) -> [each stage's output]`.
+(stride 32, 16 with DC5), `stages(pixels, mask=None, calibrate=False) -> [each stage's output]` and
+`pyramid(pixels, mask) -> [the first three stages' outputs, the features]` (the mask head's inputs, one pass).
 """
 
 from __future__ import annotations

@@ -129,8 +129,12 @@ class BiTResNet(nnx.Module):
         return self._body(x, mask)[0]
 
     def __call__(self, x, mask=None):  # x [B, H, W, 3] -> [B, H/32, W/32, C], GN-ReLU'd (H/16 with DC5)
+        return self.pyramid(x, mask)[-1]
+
+    def pyramid(self, x, mask=None):
+        """block1..block3's outputs and the features `__call__` returns, from one pass."""
         outs, mask = self._body(x, mask)
-        return jax.nn.relu(self.norm(outs[-1], mask))
+        return outs[:-1] + [jax.nn.relu(self.norm(outs[-1], mask))]
 
 
 def weights_table(depths) -> dict:

@@ -52,6 +52,9 @@ class ModelConfig:
     pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     norm_eps: float = 1e-5
     mask_resize: str = "torch"
+    # the official mask head (DETRsegm) on top of the detector: `pred_masks` [B, Q, H/4, W/4] from an attention
+    # map of the last decoder layer's queries over the encoder memory and the backbone's layer1-3 features
+    masks: bool = False
 
     def __post_init__(self):
         from detrax import backbones  # the registry: built-in backbones and registered ones
@@ -77,6 +80,12 @@ class ModelConfig:
                              f"output; got {len(self.class_ids)}: {self.class_ids[:8]}")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        if self.masks:  # GroupNorm of 8 groups (fewer below 8 channels) over each of the mask head's widths
+            widths = [self.hidden_dim + self.num_heads] + [self.hidden_dim // 2**i for i in range(1, 5)]
+            if any(c < 1 or (c >= 8 and c % 8) for c in widths):
+                raise ValueError(f"model.masks needs mask-head widths (hidden_dim + num_heads, hidden_dim / 2 ... "
+                                 f"/ 16) that are multiples of 8 or below 8; hidden_dim {self.hidden_dim} and "
+                                 f"num_heads {self.num_heads} give {widths}")
         if self.mask_resize not in ("torch", "half_pixel"):
             raise ValueError(f"mask_resize must be torch or half_pixel, not {self.mask_resize!r}")
         if self.query_groups < 1:

@@ -1,5 +1,6 @@
-"""Weights in: official DETR, Hugging Face DetrForObjectDetection, torchvision ResNet, BiT (.npz) and the Flax
-checkpoints of MasterSkepticista/detr (its detector, ResNet and BiT trees; see `flax_detr`) -> detrax.
+"""Weights in: official DETR and DETRsegm, Hugging Face DetrForObjectDetection and DetrForSegmentation,
+torchvision ResNet, BiT (.npz) and the Flax checkpoints of MasterSkepticista/detr (its detector, ResNet and BiT
+trees; see `flax_detr`) -> detrax.
 
 Each source has an explicit key table, target path -> (source key, transform), built below. Conversion fails,
 naming the keys, when a source key is left unused or a parameter is left unfilled, and names both shapes when
@@ -17,7 +18,7 @@ import zipfile
 import numpy as np
 from flax import nnx
 
-from detrax import backbones, flax_detr, keys
+from detrax import backbones, flax_detr, keys, segmentation
 from detrax.backbone import weights_table as resnet_table
 from detrax.configs import ModelConfig
 from detrax.model import DETR, WEIGHTS, assemble
@@ -216,20 +217,27 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
     """A state dict -> (DETR model in eval mode, report dict). `overrides` set config fields that the weights
     cannot tell (`dilation`, `num_heads`, `dtype`, ...). A torchvision ResNet or a BiT .npz fills the backbone
     only; the rest is freshly initialised from `seed`."""
-    fmt = checkpoint_layout(sd)
-    cfg = infer_config(sd, fmt, base or ModelConfig(), **overrides).with_classes()  # a backbone alone: COCO's
+    masks = any(k.startswith(("mask_head.", "bbox_attention.")) for k in sd)  # DETRsegm: the detector under detr.
+    det = {k.removeprefix("detr."): v for k, v in sd.items() if k.startswith("detr.")} if masks else sd
+    fmt = checkpoint_layout(det)
+    if masks and fmt not in ("official", "hf"):
+        raise ConversionError(f"a mask head over a {fmt} detector: only official and HF segmentation models convert")
+    cfg = infer_config(det, fmt, base or ModelConfig(), **({"masks": True} if masks else {}) | overrides)
+    cfg = cfg.with_classes()  # a backbone alone: COCO's
     if fmt == "official":
         table = official_table(cfg)
     elif fmt == "hf":
         if cfg.pre_norm:
             raise ConversionError("HF DETR has no pre-norm variant")
-        table = hf_table(cfg, sd)
+        table = hf_table(cfg, det)
     elif fmt.startswith("flax_"):
         table = flax_detr.table(cfg, fmt)
     else:
         backbone_format = _backbone_format(fmt)
         assert backbone_format is not None, fmt  # detect named a backbone's format
         table = backbone_format.table(cfg)
+    if masks:
+        table = {dst: (f"detr.{src}", fn) for dst, (src, fn) in table.items()} | segmentation.weights_table(sd)
     backbone_only = fmt not in ("official", "hf", "flax_detr")
     shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(
         nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(seed))), WEIGHTS))}

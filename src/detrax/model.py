@@ -8,6 +8,7 @@ from detrax import backbones
 from detrax.backbone import Frozen
 from detrax.configs import ModelConfig
 from detrax.position_encoding import resize_mask, sine_position_embedding
+from detrax.segmentation import MaskHead, MHAttentionMap
 from detrax.transformer import Transformer
 
 WEIGHTS = (nnx.Param, Frozen)  # what a checkpoint holds: trained parameters and frozen ones
@@ -38,6 +39,8 @@ class DETR(nnx.Module):
       aux_outputs                list over the first L - 1 decoder layers of dicts with the same two keys
       group_outputs              in training with `query_groups` G > 1 only: a list over the G - 1 extra query
                                  groups of dicts with the three keys above
+      pred_masks  [B, Q, H', W'] with `masks` only: mask logits at layer1's size (H' = ceil(H / 4)), from the
+                                 last decoder layer (the official DETRsegm)
     Outputs are float32 whatever the compute dtype.
     """
 
@@ -60,11 +63,16 @@ class DETR(nnx.Module):
                                        c.dropout, c.pre_norm, c.attention, dtype, c.norm_eps, rngs=rngs)
         self.class_embed = nnx.Linear(c.hidden_dim, c.num_classes + 1, dtype=dtype, rngs=rngs)
         self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3, dtype, rngs=rngs)
+        if c.masks:
+            fpn_dims = [self.backbone.out_channels // 2**i for i in (1, 2, 3)]  # layer3, layer2, layer1
+            self.bbox_attention = MHAttentionMap(c.hidden_dim, c.num_heads, dtype, rngs=rngs)
+            self.mask_head = MaskHead(c.hidden_dim + c.num_heads, fpn_dims, c.hidden_dim, dtype, rngs=rngs)
 
     def __call__(self, pixels, mask=None):
         pixels = jnp.asarray(pixels, self.dtype)  # [B, H, W, 3]
         mask = jnp.ones(pixels.shape[:3], bool) if mask is None else jnp.asarray(mask, bool)  # [B, H, W]
-        features = self.backbone(pixels, mask)  # [B, h, w, C]
+        levels = self.backbone.pyramid(pixels, mask) if self.config.masks else [self.backbone(pixels, mask)]
+        features = levels[-1]  # [B, h, w, C]
         b, h, w, _ = features.shape
         mask = resize_mask(mask, (h, w), self.config.mask_resize)  # [B, h, w]
         pos = sine_position_embedding(mask, self.config.hidden_dim // 2).astype(self.dtype)  # [B, h, w, D]
@@ -74,8 +82,8 @@ class DETR(nnx.Module):
         groups = self.config.query_groups if not self.deterministic else 1
         if groups > 1:
             queries = jnp.concatenate([queries[None], self.group_queries[...]])  # [G, Q, D]
-        hs, _ = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), queries,
-                                 pos.reshape(b, h * w, d))  # [L, G * B, Q, D]
+        hs, memory = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), queries,
+                                      pos.reshape(b, h * w, d))  # [L, G * B, Q, D], [B, h * w, D]
         logits = self.class_embed(hs).astype(jnp.float32)  # [L, G * B, Q, C + 1]
         boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, G * B, Q, 4]
         out = [{"pred_logits": logits[-1, g * b:(g + 1) * b], "pred_boxes": boxes[-1, g * b:(g + 1) * b],
@@ -83,6 +91,9 @@ class DETR(nnx.Module):
                                 for a, bb in zip(logits[:-1], boxes[:-1])]} for g in range(groups)]
         if groups > 1:
             out[0]["group_outputs"] = out[1:]
+        if self.config.masks:
+            attention = self.bbox_attention(hs[-1, :b], memory.reshape(b, h, w, d), mask)  # [B, Q, N, h, w]
+            out[0]["pred_masks"] = self.mask_head(src, attention, levels[2::-1])  # [B, Q, H / 4, W / 4]
         return out[0]
 
 
