@@ -10,7 +10,7 @@ from hf_reference import build_hf_detr, hf_segmentation, padded_batch
 from detrax import convert as cv
 from detrax import weights
 from detrax.configs import ModelConfig
-from detrax.segmentation import nearest_indices
+from detrax.segmentation import resize_nearest
 
 torch = require("torch")
 import official_reference as ref  # noqa: E402
@@ -89,11 +89,12 @@ def test_hf_detr_for_segmentation_gives_hf_outputs(tmp_path, hub_names):
     _check(model, pixels, mask, want)
 
 
-def test_nearest_indices_are_torchs():
-    for n_in, n_out in [(3, 5), (5, 10), (7, 13), (4, 4), (10, 21), (2, 7)]:
-        x = torch.arange(n_in, dtype=torch.float32)[None, None, :, None]
-        want = torch.nn.functional.interpolate(x, size=(n_out, 1), mode="nearest")[0, 0, :, 0].long().numpy()
-        np.testing.assert_array_equal(nearest_indices(n_in, n_out), want)
+def test_nearest_upsampling_is_torchs():
+    for size_in, size_out in [((3, 2), (5, 6)), ((5, 4), (10, 8)), ((7, 3), (13, 13)), ((4, 4), (4, 4))]:
+        x = np.random.default_rng(0).standard_normal((2, *size_in, 3)).astype(np.float32)
+        want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size_out,
+                                               mode="nearest").permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(np.asarray(resize_nearest(x, size_out)), want)
 
 
 def test_mask_head_widths_that_group_norm_cannot_split_are_refused():

@@ -14,12 +14,12 @@ def resize_mask(mask, size, how: str = "torch"):
     floor((dst + 0.5) * (in / out)) (MasterSkepticista/detr)."""
     _, h, w = mask.shape
     half_pixel = how == "half_pixel"
-    return _resize_axis(_resize_axis(mask, 1, h, size[0], half_pixel), 2, w, size[1], half_pixel)  # [B, h, w]
+    return resize_axis(resize_axis(mask, 1, h, size[0], half_pixel), 2, w, size[1], half_pixel)  # [B, h, w]
 
 
-def _resize_axis(mask, axis: int, n_in, n_out, half_pixel: bool):
-    """Nearest-neighbour resize of one axis: static sizes take NumPy's indices, symbolic ones (an export with
-    dynamic image sizes) the same float32 formula on the device."""
+def resize_axis(mask, axis: int, n_in, n_out, half_pixel: bool = False):
+    """Nearest-neighbour resize of one axis of any array (`torch` or `half_pixel` as above): static sizes take
+    NumPy's indices, symbolic ones (an export with dynamic image sizes) the same float32 formula on the device."""
     if isinstance(n_in, int) and isinstance(n_out, int):
         return mask if n_in == n_out else jnp.take(mask, _nearest_index(n_in, n_out, half_pixel), axis=axis)
     size_in, size_out = (jnp.array(n).astype(jnp.float32) for n in (n_in, n_out))

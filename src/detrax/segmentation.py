@@ -4,23 +4,17 @@ layer3, layer2 and layer1 features. Names follow the official module (`bbox_atte
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from detrax.position_encoding import resize_axis
 
 _kaiming_uniform_a1 = jax.nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # torch kaiming_uniform_(a=1)
 
 
-def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """The source index of each output index of torch's F.interpolate(mode="nearest", size=n_out): the float32
-    scale n_in / n_out, floored (2x and identity are exact shifts there, which this reproduces)."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
-
-
 def resize_nearest(x, size):
-    """x [N, h, w, C] -> [N, H, W, C] as torch's nearest interpolation to `size` (static sizes)."""
-    rows, cols = (nearest_indices(a, b) for a, b in zip(x.shape[1:3], size))
-    return x[:, rows][:, :, cols]
+    """x [N, h, w, C] -> [N, H, W, C] as torch's F.interpolate(mode="nearest", size=size) (symbolic sizes too)."""
+    x = resize_axis(x, 1, x.shape[1], size[0])
+    return resize_axis(x, 2, x.shape[2], size[1])
 
 
 class MHAttentionMap(nnx.Module):
