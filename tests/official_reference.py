@@ -280,3 +280,47 @@ def randomise_batch_norm(module, seed=0):
                 m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(n, generator=g))
     return module
+
+
+def post_process_panoptic(logits, masks, size, target_size, is_thing, threshold=0.85):
+    """The official PostProcessPanoptic for one unpadded image: logits [Q, C + 1], masks [Q, h / 4, w / 4]
+    (tensors) -> (id map [H, W] with the official 0-based segment ids, segments_info)."""
+    from collections import defaultdict
+
+    import numpy as np
+    from PIL import Image
+
+    from detrax.pq import id2rgb, rgb2id
+
+    scores, labels = logits.softmax(-1).max(-1)
+    keep = labels.ne(logits.shape[-1] - 1) & (scores > threshold)
+    s, c = scores[keep], labels[keep]
+    m = F.interpolate(masks[keep][None], size=size, mode="bilinear").squeeze(0).flatten(1)  # [K, h * w]
+    stuff = defaultdict(list)
+    for k, lab in enumerate(c.tolist()):
+        if not is_thing[lab]:
+            stuff[lab].append(k)
+
+    def ids_area(m, n, dedup):
+        if m.shape[0] == 0:
+            mid = torch.zeros(size, dtype=torch.long)
+        else:
+            mid = m.transpose(0, 1).softmax(-1).argmax(-1).view(*size)
+        if dedup:
+            for eq in stuff.values():
+                for e in eq[1:] if len(eq) > 1 else []:
+                    mid.masked_fill_(mid.eq(e), eq[0])
+        img = Image.fromarray(id2rgb(mid.numpy())).resize(tuple(target_size[::-1]), resample=Image.NEAREST)
+        mid = rgb2id(np.asarray(img))
+        return [int((mid == i).sum()) for i in range(n)], mid
+
+    area, mid = ids_area(m, len(s), True)
+    while c.numel() > 0:
+        small = torch.tensor([a <= 4 for a in area], dtype=torch.bool)
+        if not small.any():
+            break
+        s, c, m = s[~small], c[~small], m[~small]
+        area, mid = ids_area(m, len(s), False)
+    segments = [{"id": i, "category_id": int(c[i]), "isthing": is_thing[int(c[i])], "area": a}
+                for i, a in enumerate(area)]
+    return mid, segments

@@ -4,6 +4,7 @@ layer3, layer2 and layer1 features. Names follow the official module (`bbox_atte
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from detrax.position_encoding import resize_axis
@@ -103,3 +104,26 @@ def weights_table(names) -> dict:
         t[f"mask_head/adapter{i + 1}/kernel"] = (f"{src}.weight", keys.conv1x1)
         t[f"mask_head/adapter{i + 1}/bias"] = (f"{src}.bias", keys.same)
     return t
+
+
+def _bilinear_axis(x, axis: int, n_out: int):
+    """One axis of torch's F.interpolate(mode="bilinear", align_corners=False): source (dst + 0.5) * in / out - 0.5,
+    clamped at 0, between floor and the next index (the last repeats)."""
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / n_out)
+                     - np.float32(0.5), np.float32(0))
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w1 = w1.reshape(shape)
+    return jnp.take(x, i0, axis=axis) * (1 - w1) + jnp.take(x, i1, axis=axis) * w1
+
+
+def resize_bilinear(x, size):
+    """x [..., h, w] -> [..., H, W] as torch's F.interpolate(mode="bilinear", align_corners=False) (static
+    sizes)."""
+    return _bilinear_axis(_bilinear_axis(x, x.ndim - 2, size[0]), x.ndim - 1, size[1])
