@@ -324,3 +324,23 @@ def post_process_panoptic(logits, masks, size, target_size, is_thing, threshold=
     segments = [{"id": i, "category_id": int(c[i]), "isthing": is_thing[int(c[i])], "area": a}
                 for i, a in enumerate(area)]
     return mid, segments
+
+
+def loss_masks(pred_masks, target_masks, indices, num_boxes, alpha=0.25, gamma=2):
+    """The official SetCriterion.loss_masks: pred_masks [B, Q, h, w]; target_masks a list of [n_i, H_i, W_i]
+    (padded together as a NestedTensor); indices a list of (query indices, target indices) per image."""
+    b = len(target_masks)
+    n, hh, ww = (max(m.shape[k] for m in target_masks) for k in range(3))
+    padded = torch.zeros(b, n, hh, ww)
+    for i, m in enumerate(target_masks):
+        padded[i, :m.shape[0], :m.shape[1], :m.shape[2]] = m
+    img = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+    src = pred_masks[img, torch.cat([q for q, _ in indices])]
+    tgt = padded[img, torch.cat([t for _, t in indices])].flatten(1)
+    src = F.interpolate(src[:, None], size=(hh, ww), mode="bilinear", align_corners=False)[:, 0].flatten(1)
+    prob = src.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(src, tgt, reduction="none")
+    p_t = prob * tgt + (1 - prob) * (1 - tgt)
+    focal = (alpha * tgt + (1 - alpha) * (1 - tgt)) * ce * (1 - p_t) ** gamma
+    dice = 1 - (2 * (prob * tgt).sum(1) + 1) / (prob.sum(-1) + tgt.sum(-1) + 1)
+    return focal.mean(1).sum() / num_boxes, dice.sum() / num_boxes

@@ -100,3 +100,37 @@ def test_nearest_upsampling_is_torchs():
 def test_mask_head_widths_that_group_norm_cannot_split_are_refused():
     with pytest.raises(ValueError, match="masks needs mask-head widths"):
         ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=4, masks=True)
+
+
+def test_mask_losses_equal_the_official_loss_masks():
+    import jax.numpy as jnp
+
+    from detrax.loss import mask_losses, set_loss
+
+    rs = np.random.default_rng(0)
+    pred = rs.normal(0, 2, (2, 10, 8, 9)).astype(np.float32)
+    sizes, counts, m = [(30, 36), (25, 33)], [3, 2], 4
+    tgt = np.zeros((2, m, 30, 36), bool)
+    theirs, indices = [], []
+    qft = np.full((2, m), -1, np.int32)
+    for i, ((h, w), n) in enumerate(zip(sizes, counts)):
+        tgt[i, :n, :h, :w] = rs.random((n, h, w)) < 0.3
+        tgt[i, 0, 2:h // 2, 3:w // 2] = True  # a solid object in each image
+        theirs.append(torch.from_numpy(tgt[i, :n, :h, :w].astype(np.float32)))
+        q = rs.permutation(10)[:n]
+        qft[i, :n] = q
+        indices.append((torch.from_numpy(q.astype(np.int64)), torch.arange(n)))
+    valid = qft >= 0
+    want = ref.loss_masks(torch.from_numpy(pred), theirs, indices, 5.0)
+    got = mask_losses(jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(valid), jnp.asarray(qft), 5.0)
+    assert abs(float(got["loss_mask"]) - float(want[0])) < 1e-6 and float(want[0]) > 0.01
+    assert abs(float(got["loss_dice"]) - float(want[1])) < 1e-6 and float(want[1]) > 0.1
+    # in the set loss: the last layer's matches, both terms weighted into the total
+    outputs = {"pred_logits": jnp.asarray(rs.normal(0, 1, (2, 10, 6)), jnp.float32),
+               "pred_boxes": jnp.asarray(rs.uniform(0.2, 0.8, (2, 10, 4)), jnp.float32),
+               "pred_masks": jnp.asarray(pred)}
+    targets = {"labels": np.where(valid, 1, 0), "boxes": np.full((2, m, 4), 0.5, np.float32), "valid": valid}
+    plain = set_loss(outputs, targets)
+    full = set_loss(outputs, dict(targets, masks=tgt))
+    assert "loss_mask" not in plain and float(full["loss_mask"]) > 0
+    assert abs(float(full["loss"]) - float(plain["loss"]) - float(full["loss_mask"]) - float(full["loss_dice"])) < 1e-5

@@ -125,6 +125,9 @@ class LossConfig:
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
     aux_loss: bool = True
+    # with a mask head: sigmoid focal and dice losses of the last layer's matched masks (the official's 1 and 1)
+    mask_weight: float = 1.0
+    dice_weight: float = 1.0
 
     def __post_init__(self):
         from detrax.matching import MATCHERS  # the registry: built-in matchers and registered ones

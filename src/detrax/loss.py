@@ -7,7 +7,8 @@ Names follow the official ones: `loss_ce`, `loss_bbox`, `loss_giou`, `cardinalit
 the last layer, with `_i` for decoder layer i of the auxiliary outputs (no `class_error_i`, as the official).
 With Group DETR's extra query groups (the model's `group_outputs`, in training), every layer of every group is
 matched on its own in the same batched call; `loss` adds the groups' weighted losses, also reported alone as
-`loss_groups`.
+`loss_groups`. With the mask head's `pred_masks` and target `masks`, the official `loss_mask` (sigmoid focal)
+and `loss_dice` of the last layer's matched masks join the sum.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from detrax.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from detrax.configs import LossConfig
 from detrax.matching import cost_matrix, match
+from detrax.segmentation import resize_bilinear
 
 
 def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, num_boxes, eos_coef):
@@ -49,11 +51,29 @@ def layer_losses(logits, boxes, tgt_labels, tgt_boxes, valid, query_for_target, 
             "cardinality_error": cardinality_error, "class_error": class_error}
 
 
+def mask_losses(pred_masks, tgt_masks, valid, query_for_target, num_boxes, alpha: float = 0.25,
+                gamma: float = 2.0):
+    """The official loss_masks: pred_masks [B, N, h, w] logits; tgt_masks [B, M, H, W] (the padded images' size);
+    query_for_target [B, M]. Each matched mask is upsampled (bilinear) to H x W; sigmoid focal loss averaged over
+    the pixels and dice loss, summed over the matched targets and divided by num_boxes."""
+    idx = jnp.clip(query_for_target, 0)[:, :, None, None]  # [B, M, 1, 1]
+    src = jnp.take_along_axis(pred_masks.astype(jnp.float32), idx, axis=1)  # [B, M, h, w]
+    x = resize_bilinear(src, tgt_masks.shape[-2:])  # [B, M, H, W]
+    t = tgt_masks.astype(jnp.float32)  # [B, M, H, W]
+    prob = jax.nn.sigmoid(x)
+    ce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))  # binary cross-entropy with logits
+    p_t = prob * t + (1 - prob) * (1 - t)
+    focal = (alpha * t + (1 - alpha) * (1 - t)) * ce * (1 - p_t) ** gamma  # [B, M, H, W]
+    dice = 1 - (2 * (prob * t).sum((2, 3)) + 1) / (prob.sum((2, 3)) + t.sum((2, 3)) + 1)  # [B, M]
+    vf = valid.astype(jnp.float32)  # [B, M]
+    return {"loss_mask": (focal.mean((2, 3)) * vf).sum() / num_boxes, "loss_dice": (dice * vf).sum() / num_boxes}
+
+
 def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None, mesh=None) -> dict:
     """outputs: the model's dict; targets: `labels` [B, M] int, `boxes` [B, M, 4] normalised (cx, cy, w, h),
-    `valid` [B, M] bool; `cfg`: the matcher, its cost weights, the loss weights, the no-object weight and whether
-    the auxiliary layers count (None: the official `LossConfig()`). Returns every term (see the module doc) and
-    `loss`, the weighted total."""
+    `valid` [B, M] bool, and with a mask head `masks` [B, M, H, W] bool at the padded images' size; `cfg`: the
+    matcher, its cost weights, the loss weights, the no-object weight and whether the auxiliary layers count
+    (None: the official `LossConfig()`). Returns every term (see the module doc) and `loss`, the weighted total."""
     cfg = cfg or LossConfig()
     weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
     groups = [outputs, *outputs.get("group_outputs", [])]
@@ -77,6 +97,10 @@ def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None,
         if name != "class_error":
             out.update({f"{name}_{i}": values[i] for i in range(last)})
     out["loss"] = sum(w * out[k] + sum(w * out[f"{k}_{i}"] for i in range(last)) for k, w in weights.items())
+    if "pred_masks" in outputs and "masks" in targets:  # the official: the last layer only
+        out.update(mask_losses(outputs["pred_masks"], jnp.asarray(targets["masks"]), valid, query_for_target[last],
+                               num_boxes))
+        out["loss"] = out["loss"] + cfg.mask_weight * out["loss_mask"] + cfg.dice_weight * out["loss_dice"]
     if len(groups) > 1:
         out["loss_groups"] = sum(w * terms[k][per_group:].sum() for k, w in weights.items())
         out["loss"] = out["loss"] + out["loss_groups"]
