@@ -24,11 +24,13 @@ class Detector:
     weights that do not say)."""
 
     def __init__(self, model: DETR, names: dict | None = None, per_image: bool | None = None,
-                 data: configs.DataConfig | None = None, runtime: str = "xla", runtime_options: dict | None = None):
+                 data: configs.DataConfig | None = None, runtime: str = "xla", runtime_options: dict | None = None,
+                 things: dict | None = None):
         """`per_image`: see `infer.run_model` (image by image inside one compiled call: the CPU default for large
         images; results are the same either way, a test). `data`: the data config the model was trained with
         (a run's), whose val transform inference uses; None: the official 800/1333. `runtime`: what runs
-        `infer` and `predict` (`detrax.runtimes`: xla, onnxruntime, openvino), with its `runtime_options`."""
+        `infer` and `predict` (`detrax.runtimes`: xla, onnxruntime, openvino), with its `runtime_options`.
+        `things`: {category id: thing (True) or stuff}, for panoptic segmentation (missing: thing)."""
         model.eval()
         self.model = model
         self.config = model.config
@@ -41,6 +43,8 @@ class Detector:
         self._forward = jax.jit(lambda state, pixels, mask: run_model(nnx.merge(graphdef, state), pixels, mask,
                                                                       per_image))
         self._infer = make_infer(graphdef, per_image)
+        self._infer_masks = make_infer(graphdef, per_image, masks=True) if model.config.masks else None
+        self.things = dict(things or {})
         self.runtime, self.runtime_options = runtime, dict(runtime_options or {})
         self._run = None  # the runtime's infer, made at first use
 
@@ -58,7 +62,8 @@ class Detector:
         from detrax.model import assemble, weight_arrays
 
         model = assemble(dataclasses.replace(self.config, **overrides), weight_arrays(self.model))
-        return Detector(model, self.names, self.per_image, self.data, self.runtime, self.runtime_options)
+        return Detector(model, self.names, self.per_image, self.data, self.runtime, self.runtime_options,
+                        self.things)
 
     def set_weights(self, arrays: dict) -> None:
         """New weights ({"backbone/conv1/kernel": array, ...}, all of them) of the same shapes: the compiled
@@ -82,6 +87,46 @@ class Detector:
 
             self._run = runtimes.make(self.runtime, self, **self.runtime_options)
         return self._run(pixels, mask, orig_size)
+
+    def infer_masks(self, pixels, mask, orig_size):
+        """As `infer`, with the mask head's pred_logits and pred_masks after the detections (XLA; a model with a
+        mask head)."""
+        if self._infer_masks is None:
+            raise ValueError("this model has no mask head (model.masks): it detects boxes only")
+        return self._infer_masks(self._state, pixels, mask, orig_size)
+
+    def segment(self, images, task: str = "panoptic", threshold: float | None = None, batch_size: int = 8,
+                size: int | None = None, max_size: int | None = None) -> list[dict] | dict:
+        """Per image (paths, PIL images or arrays, one or a list), with a mask head: for `task` panoptic, `ids`
+        [H, W] uint32 (segment ids from 1, 0 where none) and `segments` [{id, category_id, name, isthing, area,
+        score}] (`panoptic.panoptic_segments`, threshold 0.85 by default); for `segm`, the detections of
+        `predict` (threshold 0.7) with their `masks` [N, H, W] bool (`panoptic.instance_masks`)."""
+        from detrax.panoptic import instance_masks, panoptic_segments
+        from detrax.postprocess import select
+
+        if task not in ("panoptic", "segm"):
+            raise ValueError(f"task must be panoptic or segm, not {task!r}")
+        single = not isinstance(images, (list, tuple))
+        pil = [_image(im) for im in ([images] if single else images)]
+        results: list = [None] * len(pil)
+        for batch in batches(pil, self._prep(size, max_size), batch_size):
+            scores, labels, boxes, logits, masks = (np.asarray(x) for x in self.infer_masks(
+                batch["pixels"], batch["mask"], batch["orig_size"]))
+            for i in np.flatnonzero(batch["real"]):
+                hw, orig = tuple(batch["size"][i]), tuple(batch["orig_size"][i])
+                if task == "panoptic":
+                    ids, segments = panoptic_segments(logits[i], masks[i], hw, orig, self.things, self.config.class_ids,
+                                                      0.85 if threshold is None else threshold)
+                    for seg in segments:
+                        seg["name"] = self.names.get(seg["category_id"], str(seg["category_id"]))
+                    out = {"ids": ids, "segments": segments}
+                else:
+                    out = select(scores[i:i + 1], labels[i:i + 1], boxes[i:i + 1], 0.7 if threshold is None
+                                 else threshold)[0]
+                    out["masks"] = instance_masks(masks[i][out["queries"]], hw, orig)
+                    out["names"] = [self.names.get(int(label), str(int(label))) for label in out["labels"]]
+                results[int(batch["image_id"][i])] = out
+        return results[0] if single else results
 
     def _prep(self, size, max_size) -> Preprocess:
         """The model's own preprocessing, with the sizes given here (None: its own)."""
@@ -113,7 +158,8 @@ class Detector:
         """Detrax weights with this detector's class names and val transform."""
         from detrax.weights import save_weights
 
-        categories = [{"id": i, "name": n} for i, n in sorted(self.names.items())]
+        categories = [{"id": i, "name": n} | ({"isthing": int(self.things[i])} if i in self.things else {})
+                      for i, n in sorted(self.names.items())]
         p = self.preprocess
         data = {"val_size": p.size, "max_size": p.max_size, "bucket_step": p.step} if self.data else None
         save_weights(self.model, path, categories=categories, data=data)
@@ -149,10 +195,16 @@ def _load(path: str, **config_overrides) -> Detector:
         model, meta = checkpoint.load_run(path, with_meta=True)
         names = ({int(c["id"]): c["name"] for c in meta["categories"]} if "categories" in meta else
                  {int(k): v for k, v in meta.get("names", {}).items()}) or None  # runs written before categories
-        return Detector(model, names=names, data=configs.from_dict(meta["config"]).data)  # the run's val transform
+        return Detector(model, names=names, data=configs.from_dict(meta["config"]).data,  # the run's val transform
+                        things=_things(meta.get("categories", [])))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
     model, meta = load_model(path, with_meta=True, **config_overrides)
     names = {int(c["id"]): c["name"] for c in meta.get("categories", [])} or None
     data = configs.DataConfig(**meta["data"]) if "data" in meta else None
-    return Detector(model, names=names, data=data)
+    return Detector(model, names=names, data=data, things=_things(meta.get("categories", [])))
+
+
+def _things(categories: list) -> dict:
+    """{id: thing or stuff} of the categories that say (panoptic data's `isthing`)."""
+    return {int(c["id"]): bool(c["isthing"]) for c in categories if "isthing" in c}

@@ -51,7 +51,20 @@ def cmd_predict(args) -> int:
     if args.checkpoint.startswith("random:"):
         print(f"{args.checkpoint}: RANDOM weights, so the boxes mean nothing; pass a converted or trained "
               "checkpoint for real detections")
-    dets = detector.predict(images, threshold=args.threshold, batch_size=args.batch_size, size=args.size,
+    threshold = args.threshold if args.threshold is not None else 0.85 if args.task == "panoptic" else 0.7
+    if args.task != "detection":
+        from detrax.predict import write_instances, write_panoptic
+
+        found = detector.segment(images, args.task, threshold, args.batch_size, args.size, args.max_size) \
+            if images else []
+        path = write_panoptic(out, kept, images, found) if args.task == "panoptic" else write_instances(
+            out, kept, images, found, detector.names)
+        n = sum(len(r["segments"] if args.task == "panoptic" else r["scores"]) for r in found)
+        print(json.dumps({"images": len(kept), "skipped": len(skipped), "segments" if args.task == "panoptic"
+                          else "detections": n, "threshold": threshold, "results": path,
+                          "seconds": round(time.time() - t0, 2)}))
+        return 0
+    dets = detector.predict(images, threshold=threshold, batch_size=args.batch_size, size=args.size,
                             max_size=args.max_size) if images else []  # sizes None: the model's own
     path = write_results(out, kept, images, dets, detector.names)
     if args.attention and dets:
@@ -61,7 +74,7 @@ def cmd_predict(args) -> int:
             detector.attention(im, d, args.size, args.max_size, points).save(
                 os.path.join(out, f"{stem}_attention.png"))
     n = sum(len(d["scores"]) for d in dets)
-    print(json.dumps({"images": len(kept), "skipped": len(skipped), "detections": n, "threshold": args.threshold,
+    print(json.dumps({"images": len(kept), "skipped": len(skipped), "detections": n, "threshold": threshold,
                       "results": path, "seconds": round(time.time() - t0, 2)}))
     return 0
 
@@ -93,10 +106,13 @@ def cmd_convert(args) -> int:
 
 
 def cmd_data_synth(args) -> int:
-    from detrax.data.synthetic import write_dataset
+    from detrax.data.synthetic import write_dataset, write_panoptic_dataset
 
     h, w = _size(args.size)
-    counts = write_dataset(args.out, args.num_images, args.seed, shape=(h, w) if h and w else None)
+    if args.panoptic:
+        counts = write_panoptic_dataset(args.out, args.num_images, args.seed, shape=(h or 128, w or 160))
+    else:
+        counts = write_dataset(args.out, args.num_images, args.seed, shape=(h, w) if h and w else None)
     print(json.dumps({"out": args.out, **counts}))
     return 0
 
@@ -159,9 +175,11 @@ def cmd_eval(args) -> int:
     # the run's own data config (its val transform), else the preset's, else the official 800/1333
     data_cfg = configs.get(args.config).data if args.config else detector.data or configs.DataConfig()
     data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
-    split = resolve_split(args.data, args.split or data_cfg.val_split, "val")
-    ds = read_split(args.data, split)
-    metrics = evaluate(detector.infer, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out)
+    split = resolve_split(args.data, args.split or data_cfg.val_split, "val", data_cfg.task)
+    ds = read_split(args.data, split, task=data_cfg.task)
+    infer = detector.infer_masks if data_cfg.task == "panoptic" else detector.infer
+    metrics = evaluate(infer, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out,
+                       class_ids=detector.config.class_ids)
     print(json.dumps(metrics))
     return 0
 
@@ -232,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="detrax weights (.safetensors), an official/HF checkpoint, or random:PRESET")
     s.add_argument("paths", nargs="*", help="image files or folders (none: generate synthetic scenes)")
     s.add_argument("--out", default="runs/predict", help="output folder")
-    s.add_argument("--threshold", type=float, default=0.7)
+    s.add_argument("--threshold", type=float, default=None,
+                   help="score to keep a detection or segment (default 0.7; 0.85 for panoptic, as the official)")
+    s.add_argument("--task", choices=("detection", "panoptic", "segm"), default="detection",
+                   help="panoptic: segments as COCO panoptic PNGs + panoptic.json, drawn; segm: detections with "
+                   "masks (RLE in results.json); both need a model with a mask head")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--size", type=int, default=None,
                    help="shorter side after resizing (default: a run's own val_size; 800 for weights files)")
@@ -320,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--num-images", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", default=None, help="HxW of every image (default: each 128-192 on either side)")
+    s.add_argument("--size", default=None, help="HxW of every image (default: each 128-192 on either side; "
+                   "128x160 with --panoptic)")
+    s.add_argument("--panoptic", action="store_true", help="a COCO panoptic folder instead: the shapes as things "
+                   "over sky and ground (stuff)")
     s.set_defaults(func=cmd_data_synth)
     s = data.add_parser("check", help="read a dataset as training would; print a JSON report; exit 1 if bad")
     s.add_argument("dir")

@@ -152,6 +152,9 @@ class DataConfig:
     augment: bool = True  # False: training images get the val transform (for overfitting checks)
     train_split: str = "auto"  # auto: the split named train*, else the first
     val_split: str = "auto"  # auto: the split named val*; none: no evaluation
+    # detection (boxes: COCO instances folders, Roboflow, TFDS) | panoptic (COCO panoptic folders: every segment's
+    # mask as a target, for a model with a mask head; evaluated by PQ)
+    task: str = "detection"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +175,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0: only at the end
     log_every: int = 20  # steps
     calibrate_bn: bool = False  # from scratch: set the frozen batch-norm statistics from a first batch
+    # only the mask head trains (the official second stage for segmentation, `--frozen_weights`): start from a
+    # trained detector with --init
+    freeze_detector: bool = False
     max_bad_steps: int = 5  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
 
 
@@ -280,8 +286,30 @@ def demo(smoke: bool = False) -> Config:
     return Config("demo", model, loss=LossConfig(matcher="hungarian_jax"), data=data, train=train)
 
 
+def detr_r50_panoptic(smoke: bool = False) -> Config:
+    """The official panoptic recipe's second stage: the mask head trained on a frozen, trained detector (give its
+    weights with `--init`), 25 epochs with the learning rate x0.1 after 15, on COCO panoptic data (PNG + JSON),
+    the official 250 class outputs; evaluated by PQ. `model.dilation=true` for DC5, `model.backbone=resnet101`
+    for R101."""
+    model = dataclasses.replace(detr_r50().model, masks=True, num_classes=250)
+    if smoke:  # the tiny model, wide enough for the mask head's GroupNorm
+        model = dataclasses.replace(tiny().model, masks=True, hidden_dim=64, num_heads=8)
+    return Config("detr_r50_panoptic", model, data=DataConfig(task="panoptic"),
+                  train=TrainConfig(epochs=25, lr_drop=15, freeze_detector=True))
+
+
+def demo_panoptic(smoke: bool = False) -> Config:
+    """The demo's small DETR with a mask head, trained in one stage from scratch on synthetic panoptic scenes
+    (`detrax data synth --panoptic`: shapes over sky and ground, `DEMO_SHAPE`), on a CPU; evaluated by PQ."""
+    cfg = demo(smoke)
+    return dataclasses.replace(cfg, name="demo_panoptic",
+                               model=dataclasses.replace(cfg.model, masks=True, num_heads=8),
+                               data=dataclasses.replace(cfg.data, task="panoptic"))
+
+
 PRESETS = {f.__name__: f for f in (detr_r50, detr_r50_dc5, detr_r50_640, detr_r50_640_dc5, detr_r101, detr_r101_dc5,
-                                   detr_bit_r50, detr_bit_r50_dc5, detr_bit_r101, tiny, demo)}
+                                   detr_bit_r50, detr_bit_r50_dc5, detr_bit_r101, tiny, demo, detr_r50_panoptic,
+                                   demo_panoptic)}
 
 
 def get(name: str, smoke: bool = False) -> Config:

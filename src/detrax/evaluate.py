@@ -1,5 +1,5 @@
 """COCO box AP with pycocotools, with the official val transform and post-processing (all queries kept), on
-the one inference path (`infer`)."""
+the one inference path (`infer`); on panoptic data, PQ, SQ and RQ as panopticapi counts them."""
 
 from __future__ import annotations
 
@@ -61,9 +61,46 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
     return {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
 
 
-def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None, multiple: int = 1) -> dict:
-    """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset`; with `out_dir`, writes metrics.json and
-    results.json there."""
+def panoptic_quality(infer, dataset_, data_cfg, batch_size: int, multiple: int = 1, class_ids=()) -> dict:
+    """PQ, SQ, RQ (all, things, stuff) of `infer` (made with `masks=True`) on a panoptic `data.coco.Dataset`:
+    each image's segments (`panoptic.panoptic_segments` at its original size) against its ground-truth PNG."""
+    from detrax.data.coco_panoptic import load_ids
+    from detrax.panoptic import panoptic_segments
+    from detrax.pq import accumulate, image_stats, summarise
+
+    records = {r["image_id"]: r for r in dataset_.records}
+    categories = {c: {"isthing": int(dataset_.isthing.get(c, True))} for c in dataset_.names}
+    ds = dataset(dataset_.records, Augment(False, data_cfg), batch_size, max_targets=data_cfg.max_targets,
+                 step=data_cfg.bucket_step, multiple=multiple)
+    total: dict = {}
+    with Loader(ds) as loader:
+        for batch in loader:
+            batch = {k: v for k, v in batch.items() if k != "masks"}  # the targets' masks: read from the PNG below
+            out = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
+            logits, masks = out[3], out[4]
+            for i in np.flatnonzero(batch["real"]):
+                r = records[int(batch["image_id"][i])]
+                ids, segments = panoptic_segments(logits[i], masks[i], tuple(batch["size"][i]),
+                                                  tuple(batch["orig_size"][i]), dataset_.isthing, class_ids)
+                gt_segments = [{"id": int(k), "category_id": int(c), "iscrowd": int(z)} | ({"area": a} if a else {})
+                               for k, c, z, a in zip(r["segment_ids"], r["labels"], r["iscrowd"], r["areas"])]
+                accumulate(total, image_stats(load_ids(r), gt_segments, ids, segments, categories, r["panoptic_png"]))
+    s = summarise(total, categories)
+    return {f"{m}{suffix}": float(s[name][m.lower()]) for name, suffix in (("All", ""), ("Things", "_th"),
+                                                                          ("Stuff", "_st")) for m in ("PQ", "SQ", "RQ")}
+
+
+def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None, multiple: int = 1,
+             class_ids=()) -> dict:
+    """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset` (PQ on a panoptic one: `panoptic_quality`);
+    with `out_dir`, writes metrics.json (and the box results, results.json) there."""
+    if dataset_.task == "panoptic":
+        metrics = panoptic_quality(infer, dataset_, data_cfg, batch_size, multiple, class_ids)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+        return metrics
     results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple)
     gt = ground_truth(dataset_)
     ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]

@@ -58,16 +58,19 @@ def normalized(model, pixels, mask):
     return T.normalize_batch(pixels, mask, model.config.pixel_mean, model.config.pixel_std)
 
 
-def make_infer(graphdef, per_image: bool | None = None):
+def make_infer(graphdef, per_image: bool | None = None, masks: bool = False):
     """A jitted (model state, pixels uint8 [B, H, W, 3], mask [B, H, W], orig_size [B, 2]) -> (scores [B, Q],
-    labels [B, Q] (category ids), boxes [B, Q, 4] absolute (x0, y0, x1, y1) in the original image). `graphdef` is
-    a model's in eval mode; the state may be a training run's live, sharded one."""
+    labels [B, Q] (category ids), boxes [B, Q, 4] absolute (x0, y0, x1, y1) in the original image); with `masks`
+    (a model with a mask head) also its pred_logits [B, Q, C + 1] and pred_masks [B, Q, H / 4, W / 4], for the
+    host's segmentation post-processing (`panoptic`). `graphdef` is a model's in eval mode; the state may be a
+    training run's live, sharded one."""
 
     @jax.jit
     def infer(state, pixels, mask, orig_size):
         model = nnx.merge(graphdef, state)
         outputs = run_model(model, normalized(model, pixels, mask), mask, per_image)
-        return postprocess(outputs, orig_size, model.config.class_ids)
+        detections = postprocess(outputs, orig_size, model.config.class_ids)
+        return (*detections, outputs["pred_logits"], outputs["pred_masks"]) if masks else detections
 
     return infer
 

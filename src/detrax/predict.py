@@ -81,3 +81,71 @@ def write_results(out_dir: str, files, images, dets, names) -> str:
         stem = os.path.splitext(os.path.basename(file))[0]
         draw(im, det, names).save(os.path.join(out_dir, f"{stem}.jpg"), quality=92)
     return path
+
+
+def draw_segments(image: Image.Image, ids, segments: list, alpha: float = 0.55) -> Image.Image:
+    """The image with each panoptic segment filled in its category's colour (`ids` [H, W], `segments` as
+    `panoptic.panoptic_segments` gives with names) and its name at its centre."""
+    ids = np.asarray(ids)
+    colours = np.zeros((int(ids.max(initial=0)) + 1, 3), np.float32)
+    for s in segments:
+        colours[s["id"]] = _color(int(s["category_id"]))
+    pixels = np.asarray(image, np.float32)
+    painted = np.where(ids[..., None] > 0, (1 - alpha) * pixels + alpha * colours[ids], pixels)
+    out = Image.fromarray(painted.clip(0, 255).astype(np.uint8))
+    pen = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, min(out.size) // 40))
+    for s in segments:
+        ys, xs = np.nonzero(ids == s["id"])
+        if len(xs):
+            pen.text((float(xs.mean()), float(ys.mean())), s.get("name", str(s["category_id"])), fill=(0, 0, 0),
+                     font=font, anchor="mm", stroke_width=1, stroke_fill=(255, 255, 255))
+    return out
+
+
+def draw_masks(image: Image.Image, det: dict, names: dict, alpha: float = 0.5) -> Image.Image:
+    """The image with each detection's mask (`det["masks"]` [N, H, W]) tinted, then its box and label."""
+    pixels = np.asarray(image, np.float32)
+    for m, label in zip(det["masks"], det["labels"]):
+        pixels = np.where(m[..., None], (1 - alpha) * pixels + alpha * np.array(_color(int(label))), pixels)
+    return draw(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), det, names)
+
+
+def write_panoptic(out_dir: str, files, images, results) -> str:
+    """Per image `<stem>.png` (segment ids as RGB, COCO panoptic) and `<stem>.jpg` (drawn), and `panoptic.json`
+    (COCO panoptic annotations: file_name, segments_info)."""
+    from detrax.pq import id2rgb
+
+    os.makedirs(out_dir, exist_ok=True)
+    annotations = []
+    for image_id, (file, im, r) in enumerate(zip(files, images, results)):
+        stem = os.path.splitext(os.path.basename(file))[0]
+        Image.fromarray(id2rgb(r["ids"])).save(os.path.join(out_dir, f"{stem}.png"))
+        draw_segments(im, r["ids"], r["segments"]).save(os.path.join(out_dir, f"{stem}.jpg"), quality=92)
+        info = [{"id": s["id"], "category_id": s["category_id"], "category_name": s.get("name"),
+                 "isthing": int(s["isthing"]), "area": s["area"], "score": round(s["score"], 5)} for s in r["segments"]]
+        annotations.append({"image_id": int(stem) if stem.isdigit() else image_id, "file_name": f"{stem}.png",
+                            "segments_info": info})
+    path = os.path.join(out_dir, "panoptic.json")
+    with open(path, "w") as f:
+        json.dump({"annotations": annotations}, f)
+    return path
+
+
+def write_instances(out_dir: str, files, images, dets, names) -> str:
+    """COCO results with each detection's mask as RLE (`segmentation`), and drawn images."""
+    from pycocotools import mask as mask_utils
+
+    os.makedirs(out_dir, exist_ok=True)
+    results = coco_results(files, dets, names)
+    masks = [m for d in dets for m in d["masks"]]
+    for r, m in zip(results, masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        r["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f)
+    for file, im, det in zip(files, images, dets):
+        stem = os.path.splitext(os.path.basename(file))[0]
+        draw_masks(im, det, names).save(os.path.join(out_dir, f"{stem}.jpg"), quality=92)
+    return path

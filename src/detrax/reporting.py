@@ -9,7 +9,7 @@ import time
 
 from detrax.errors import TrainingError
 
-SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error")
+SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_error")
 
 
 class Reporter:
@@ -127,9 +127,10 @@ def plot(workdir: str) -> list[str]:
         return []
     rows = [json.loads(line) for line in open(path)]
     written = []
-    for kind, keys, name in (("train", ("loss", "loss_ce", "loss_bbox", "loss_giou"), "losses.png"),
-                             ("eval", ("AP", "AP50", "AP75"), "ap.png")):
-        sel = [r for r in rows if r["kind"] == kind]
+    for kind, keys, name in (("train", ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"),
+                              "losses.png"),
+                             ("eval", ("AP", "AP50", "AP75"), "ap.png"), ("eval", ("PQ", "PQ_th", "PQ_st"), "pq.png")):
+        sel = [r for r in rows if r["kind"] == kind and any(k in r for k in keys)]
         if not sel:
             continue
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

@@ -29,7 +29,7 @@ from detrax.loss import set_loss
 from detrax.model import DETR
 from detrax.optim import lr_factor, optimizer
 from detrax.reporting import Reporter, plot
-from detrax.train_step import BATCH_KEYS, make_train_step
+from detrax.train_step import BATCH_KEYS, MASK_KEYS, make_train_step, trainable
 
 
 @dataclasses.dataclass
@@ -94,8 +94,8 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
     optimizer state (fresh, initialised or restored), the step function, the batches and the actions."""
     n_proc, proc = jax.process_count(), jax.process_index()
     _check(cfg, run.workdir)
-    split = resolve_split(run.data_dir, cfg.data.train_split, "train")
-    train_ds = read_split(run.data_dir, split)
+    split = resolve_split(run.data_dir, cfg.data.train_split, "train", cfg.data.task)
+    train_ds = read_split(run.data_dir, split, task=cfg.data.task)
     cfg, classes = start.resolve_classes(cfg, train_ds, run.workdir, run.resume)
     tc, dc = cfg.train, cfg.data
     per_epoch, total, drop = _schedule(tc, len(train_ds.records), train_ds.annotation_file or train_ds.root)
@@ -121,10 +121,11 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
         model.eval()
         eval_graphdef = nnx.graphdef(model)  # dropout off, the same state
         model.train()
-        opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=nnx.Param)
+        wrt = trainable(tc.freeze_detector)
+        opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=wrt)
         graphdef, state = nnx.split((model, opt))
         state = replicate(state, replicated)
-        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh))
+        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh), wrt)
 
         train_data = dataset(train_ds.records, Augment(True, dc), tc.batch_size // n_proc, max_targets=dc.max_targets,
                              step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)
@@ -137,7 +138,8 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
         reporter.begin(first, "resume" if begin.restore is not None else "start", begin.record, begin.changes)
 
         results: dict = {"train": {}, "eval": None}
-        categories = [{"id": i, "name": n} for i, n in sorted(train_ds.names.items())]
+        categories = [{"id": i, "name": n} | ({"isthing": int(train_ds.isthing[i])} if i in train_ds.isthing else {})
+                      for i, n in sorted(train_ds.names.items())]
         meta = {"config": configs.to_dict(cfg), "categories": categories, "start": begin.record}
         save = lambda done, state: ckpts.save(done, state[0], state[1], loader.state(), {"step": done, **meta})
         factor = lr_factor(total, drop)
@@ -148,7 +150,8 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
             lr = float(factor(done - 1))
             reporter.log(done, "train", {**metrics, "lr": tc.lr * lr, "lr_backbone": tc.lr_backbone * lr})
 
-        evaluate_now = _evaluator(make_infer(eval_graphdef), _val_split(run.data_dir, dc, reporter), cfg, sharded)
+        evaluate_now = _evaluator(make_infer(eval_graphdef, masks=dc.task == "panoptic"),
+                                  _val_split(run.data_dir, dc, reporter), cfg, sharded)
 
         def evaluation(done, state, terms):
             results["eval"] = evaluate_now(state[0])
@@ -162,7 +165,8 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
             Periodic(tc.ckpt_every, total, lambda done, state, terms: save(done, state)),  # before evaluating
             Periodic(tc.eval_every * per_epoch, total, evaluation)]
         end = total if run.stop_after is None else min(total, first + run.stop_after)
-        batches = (global_batch(local, sharded, BATCH_KEYS) for local in loader)
+        keys = BATCH_KEYS + (MASK_KEYS if dc.task == "panoptic" else ())
+        batches = (global_batch(local, sharded, keys) for local in loader)
         reporter.start(first)
     return Trainer(state, step, batches, first, end, actions, save, ckpts, reporter, results, graphdef, closing)
 
@@ -208,7 +212,7 @@ def _val_split(data_dir: str, dc: configs.DataConfig, reporter: Reporter):
     if dc.val_split == "none":
         return None
     try:
-        return read_split(data_dir, resolve_split(data_dir, dc.val_split, "val"))
+        return read_split(data_dir, resolve_split(data_dir, dc.val_split, "val", dc.task), task=dc.task)
     except ValueError as e:
         reporter.line(f"no evaluation: {e}")
         return None
@@ -229,7 +233,8 @@ def _evaluator(infer, val_ds, cfg: configs.Config, sharded) -> Callable:
         else:
             mine = jax.tree.map(local_copy, weights)
             live, devices = (lambda *batch: infer(mine, *batch)), 1
-        return evaluate(live, val_ds, cfg.data, batch_size=cfg.train.batch_size, multiple=devices)
+        return evaluate(live, val_ds, cfg.data, batch_size=cfg.train.batch_size, multiple=devices,
+                        class_ids=cfg.model.class_ids)
 
     return run
 

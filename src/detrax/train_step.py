@@ -12,6 +12,15 @@ from flax import nnx
 from detrax.data.transforms import normalize_batch
 
 BATCH_KEYS = ("pixels", "mask", "labels", "boxes", "valid")  # what the step reads of a loader batch
+MASK_KEYS = ("masks",)  # and with segmentation targets
+
+
+def trainable(freeze_detector: bool = False):
+    """What the optimizer trains: every parameter, or with `freeze_detector` the mask head's alone (the official
+    second stage, `--frozen_weights`)."""
+    if not freeze_detector:
+        return nnx.Param
+    return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("mask_head"), nnx.PathContains("bbox_attention")))
 
 
 def compiler_options() -> dict | None:
@@ -20,10 +29,11 @@ def compiler_options() -> dict | None:
     return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
 
 
-def make_train_step(graphdef, loss_fn):
+def make_train_step(graphdef, loss_fn, wrt=nnx.Param):
     """A jitted (state, batch, i) -> (state, metrics): forward, set loss, backward, clip, AdamW at the learning
     rate of loop step `i` (0-based). A step whose loss or gradient is not finite changes nothing (the state
-    passes through) and reports `skipped` = 1. `graphdef` and the state are `nnx.split((model, optimizer))`'s."""
+    passes through) and reports `skipped` = 1. `graphdef` and the state are `nnx.split((model, optimizer))`'s;
+    `wrt` is the optimizer's (`trainable`): only those weights get gradients."""
 
     @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
     def step(state, batch, i):
@@ -31,13 +41,13 @@ def make_train_step(graphdef, loss_fn):
         model, opt = nnx.merge(graphdef, state)
         c = model.config
         pixels = normalize_batch(batch["pixels"], batch["mask"], c.pixel_mean, c.pixel_std)  # [B, H, W, 3] float32
-        targets = {k: batch[k] for k in ("labels", "boxes", "valid")}
+        targets = {k: batch[k] for k in ("labels", "boxes", "valid", *MASK_KEYS) if k in batch}
 
         def objective(model):
             terms = loss_fn(model(pixels, batch["mask"]), targets)
             return terms["loss"], terms
 
-        (loss, terms), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+        (loss, terms), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
         terms["grad_norm"] = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(terms["grad_norm"])
         opt.update(model, grads, step=i)

@@ -41,7 +41,8 @@ class Collate:
     """[(pixels [h, w, 3] uint8, target)] -> one batch dict of NumPy arrays:
       pixels [B, H, W, 3] uint8 (see transforms.normalize_batch), mask [B, H, W] bool (True on real pixels),
       labels [B, M] int32, boxes [B, M, 4] float32 normalised (cx, cy, w, h), valid [B, M] bool,
-      image_id [B] int64, orig_size [B, 2] and size [B, 2] (height, width), real [B] bool.
+      image_id [B] int64, orig_size [B, 2] and size [B, 2] (height, width), real [B] bool;
+      with masks in the targets, masks [B, M, H, W] bool (False on padding and in empty slots).
     With `batch_size`, a short batch is filled with blank examples (real False, no valid target) to
     `fill_size(n, batch_size, multiple)`."""
 
@@ -60,6 +61,8 @@ class Collate:
                "labels": np.zeros((n, m), np.int32), "boxes": np.tile(DUMMY_BOX, (n, m, 1)),
                "valid": np.zeros((n, m), bool), "image_id": np.full(n, -1, np.int64),
                "orig_size": np.ones((n, 2), np.int32), "size": np.ones((n, 2), np.int32), "real": np.zeros(n, bool)}
+        if any("masks" in t for _, t in examples):
+            out["masks"] = np.zeros((n, m, h, w), bool)
         out["mask"][:, 0, 0] = True  # blank examples see one pixel, so that attention stays finite
         for i, (x, t) in enumerate(examples):
             k = len(t["labels"])
@@ -72,6 +75,8 @@ class Collate:
             out["labels"][i, :k], out["boxes"][i, :k], out["valid"][i, :k] = t["labels"], t["boxes"], True
             out["image_id"][i], out["orig_size"][i], out["size"][i] = t["image_id"], t["orig_size"], x.shape[:2]
             out["real"][i] = True
+            if "masks" in out:
+                out["masks"][i, :k, :x.shape[0], :x.shape[1]] = t["masks"]
         return out
 
 

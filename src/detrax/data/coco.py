@@ -35,6 +35,8 @@ class Dataset:
     names: dict  # category id -> name
     problems: list  # what skip_bad skipped: {"file", "id", "error"}
     counts: dict  # crowd, degenerate (dropped by the official rules), annotations kept
+    isthing: dict = dataclasses.field(default_factory=dict)  # panoptic: category id -> thing (True) or stuff
+    task: str = "detection"  # detection | panoptic (records with `panoptic_png` and `segment_ids`)
 
     @property
     def num_classes(self) -> int:

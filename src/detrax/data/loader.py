@@ -14,6 +14,7 @@ from detrax.configs import DataConfig
 from detrax.data import transforms as T
 from detrax.data.batching import Collate, group_by_shape
 from detrax.data.coco import DataError, load_image
+from detrax.data.coco_panoptic import load_masks, masks_to_boxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Augment:
         image = load_image(record)
         target = {"boxes": record["boxes"], "labels": record["labels"], "image_id": record["image_id"],
                   "orig_size": (record["height"], record["width"])}
+        if "panoptic_png" in record:  # every segment's mask, and its box around it (the official CocoPanoptic)
+            target["masks"] = load_masks(record)
+            target["boxes"] = masks_to_boxes(target["masks"])
         if self.train and self.data.augment:
             return T.train_transform(image, target, rng, self.data)
         return T.val_transform(image, target, self.data.val_size, self.data.max_size)

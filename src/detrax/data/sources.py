@@ -1,16 +1,22 @@
 """Where a dataset comes from. A source names its splits, reads one as a `coco.Dataset` (the records the loader,
 training and evaluation take) and gives its ground truth for pycocotools. Sources are tried in order, the last
-registered first: TFDS claims `tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow
-export) everything else. A new source is a class with these four methods and one `register_source` call."""
+registered first, among those that serve the task (`data.task`: detection | panoptic): TFDS claims
+`tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow export) everything else; for
+panoptic segmentation, the COCO panoptic folder. A new source is a class with `tasks` and these four methods and
+one `register_source` call."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from detrax.data import coco, tfds_coco
+from detrax.data import coco, coco_panoptic, tfds_coco
+
+TASKS = ("detection", "panoptic")
 
 
 class Source(Protocol):
+    tasks: tuple[str, ...]
+
     def claims(self, data: str) -> bool: ...
 
     def splits(self, data: str) -> list[str]: ...
@@ -23,6 +29,8 @@ class Source(Protocol):
 
 
 class CocoFolder:
+    tasks: tuple[str, ...] = ("detection",)
+
     def claims(self, data: str) -> bool:
         return True
 
@@ -38,6 +46,8 @@ class CocoFolder:
 
 
 class Tfds:
+    tasks: tuple[str, ...] = ("detection",)
+
     def claims(self, data: str) -> bool:
         return tfds_coco.is_tfds(data)
 
@@ -51,7 +61,24 @@ class Tfds:
         return tfds_coco.ground_truth(ds)
 
 
-SOURCES: list[Source] = [Tfds(), CocoFolder()]
+class CocoPanopticFolder:
+    tasks: tuple[str, ...] = ("panoptic",)
+
+    def claims(self, data: str) -> bool:
+        return True
+
+    def splits(self, data: str) -> list[str]:
+        return coco_panoptic.splits(data)
+
+    def read(self, data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
+        return coco_panoptic.read_panoptic(data, split, skip_bad=skip_bad)
+
+    def ground_truth(self, ds: coco.Dataset) -> str | dict:
+        assert ds.annotation_file is not None
+        return ds.annotation_file  # the panoptic JSON, its PNGs beside it (coco_panoptic.layout)
+
+
+SOURCES: list[Source] = [Tfds(), CocoFolder(), CocoPanopticFolder()]
 
 
 def register_source(source: Source) -> None:
@@ -59,29 +86,32 @@ def register_source(source: Source) -> None:
     SOURCES.insert(0, source)
 
 
-def source_of(data: str) -> Source:
-    return next(s for s in SOURCES if s.claims(data))
+def source_of(data: str, task: str = "detection") -> Source:
+    if task not in TASKS:
+        raise ValueError(f"data.task must be one of {', '.join(TASKS)}, not {task!r}")
+    return next(s for s in SOURCES if task in s.tasks and s.claims(data))
 
 
-def list_splits(data: str) -> list[str]:
-    return source_of(data).splits(data)
+def list_splits(data: str, task: str = "detection") -> list[str]:
+    return source_of(data, task).splits(data)
 
 
-def read_split(data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
+def read_split(data: str, split: str, skip_bad: bool = False, task: str = "detection") -> coco.Dataset:
     """`split` of `data` as a `coco.Dataset` (its `root` is `data`)."""
-    return source_of(data).read(data, split, skip_bad=skip_bad)
+    return source_of(data, task).read(data, split, skip_bad=skip_bad)
 
 
 def ground_truth(ds: coco.Dataset) -> str | dict:
-    """What pycocotools reads as the split's ground truth (gathered once per dataset where it is computed)."""
-    return source_of(ds.root).ground_truth(ds)
+    """What pycocotools reads as the split's ground truth (gathered once per dataset where it is computed); for
+    panoptic data, the panoptic JSON."""
+    return source_of(ds.root, ds.task).ground_truth(ds)
 
 
-def resolve_split(data: str, want: str, prefix: str) -> str:
+def resolve_split(data: str, want: str, prefix: str, task: str = "detection") -> str:
     """The split `want`, or for `auto` the first split of `data` whose name starts with `prefix` (train, val)."""
     if want != "auto":
         return want
-    found = list_splits(data)
+    found = list_splits(data, task)
     match = [s for s in found if s.startswith(prefix)]
     if not match:
         raise ValueError(f"{data}: no split named {prefix}* among {found}; set data.{prefix}_split")

@@ -12,37 +12,78 @@ SHAPES = ("rectangle", "ellipse", "triangle")
 HUES = np.array([[210, 50, 50], [50, 190, 60], [60, 80, 220]])  # each shape has its colour family
 
 
-def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 5):
-    """One image with 1..max_objects shapes, each in its own colour family on a grey texture (so that a small
-    model learns classes quickly): (PIL RGB image, boxes [N, 4] absolute xyxy, labels [N])."""
-    base = rng.integers(70, 180)
-    noise = rng.normal(0, 18, size=(height // 8 + 1, width // 8 + 1, 1))
-    texture = np.kron(noise, np.ones((8, 8, 1)))[:height, :width]
-    image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8).repeat(3, axis=2))
-    draw = ImageDraw.Draw(image)
-    boxes: list[tuple[int, int, int, int]] = []
-    labels: list[int] = []
+def _texture(rng, height: int, width: int, base, spread: float = 18.0) -> np.ndarray:
+    """A blocky noise texture around `base` (a grey level or an RGB colour): [height, width, 3] float."""
+    noise = rng.normal(0, spread, size=(height // 8 + 1, width // 8 + 1, 1))
+    return np.asarray(base, np.float64) + np.kron(noise, np.ones((8, 8, 1)))[:height, :width]
+
+
+def _shapes(rng, height: int, width: int, max_objects: int):
+    """1..max_objects non-overlapping shapes (so that every box shows its whole shape): [(label, box, colour)]."""
+    placed: list = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _try in range(20):  # shapes do not overlap, so that every box shows its whole shape
+        for _try in range(20):
             w = int(rng.integers(max(8, width // 8), max(9, width // 3)))
             h = int(rng.integers(max(8, height // 8), max(9, height // 3)))
             x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-            if all(x0 >= b[2] or x0 + w <= b[0] or y0 >= b[3] or y0 + h <= b[1] for b in boxes):
+            if all(x0 >= b[2] or x0 + w <= b[0] or y0 >= b[3] or y0 + h <= b[1] for _, b, _ in placed):
                 break
         else:
             continue
         label = int(rng.integers(len(SHAPES)))
         color = tuple(int(c) for c in np.clip(HUES[label] + rng.integers(-35, 36, size=3), 0, 255))
-        box = (x0, y0, x0 + w, y0 + h)
-        if SHAPES[label] == "rectangle":
-            draw.rectangle(box, fill=color)
-        elif SHAPES[label] == "ellipse":
-            draw.ellipse(box, fill=color)
-        else:
-            draw.polygon([(x0, y0 + h), (x0 + w // 2, y0), (x0 + w, y0 + h)], fill=color)
-        boxes.append(box)
-        labels.append(label)
-    return image, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
+        placed.append((label, (x0, y0, x0 + w, y0 + h), color))
+    return placed
+
+
+def _draw(draw, label: int, box, fill) -> None:
+    x0, y0, x1, y1 = box
+    if SHAPES[label] == "rectangle":
+        draw.rectangle(box, fill=fill)
+    elif SHAPES[label] == "ellipse":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x0, y1), (x0 + (x1 - x0) // 2, y0), (x1, y1)], fill=fill)
+
+
+def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 5):
+    """One image with 1..max_objects shapes, each in its own colour family on a grey texture (so that a small
+    model learns classes quickly): (PIL RGB image, boxes [N, 4] absolute xyxy, labels [N])."""
+    base = rng.integers(70, 180)
+    image = Image.fromarray(np.clip(_texture(rng, height, width, base), 0, 255).astype(np.uint8)[..., :1]
+                            .repeat(3, axis=2))
+    draw = ImageDraw.Draw(image)
+    placed = _shapes(rng, height, width, max_objects)
+    for label, box, color in placed:
+        _draw(draw, label, box, color)
+    boxes = [box for _, box, _ in placed]
+    return image, np.array(boxes, np.float32).reshape(-1, 4), np.array([p[0] for p in placed], np.int64)
+
+
+STUFF = ("sky", "ground")  # panoptic scenes: two stuff regions behind the shapes
+STUFF_COLOURS = np.array([[120, 160, 215], [125, 105, 70]])
+
+
+def panoptic_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 4):
+    """Shapes (things) over a sky above a ground (stuff) split along a random sloped line: (PIL RGB image,
+    segment ids [H, W] uint32 (1, 2: sky and ground when present; shapes from 3), segments [(id, category
+    index: 0-2 shapes, 3-4 stuff)])."""
+    left, right = (int(v) for v in rng.integers(height // 4, 3 * height // 4 + 1, size=2))
+    horizon = left + (right - left) * np.arange(width)[None, :] / max(1, width - 1)  # [1, W]
+    below = np.arange(height)[:, None] >= horizon  # [H, W]
+    pixels = np.where(below[..., None], _texture(rng, height, width, STUFF_COLOURS[1]),
+                      _texture(rng, height, width, STUFF_COLOURS[0]))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    ids = Image.fromarray(np.where(below, 2, 1).astype(np.uint8), mode="L")  # segment ids (at most 255 here)
+    segments = [(i + 1, len(SHAPES) + i) for i in range(2) if (np.asarray(ids) == i + 1).any()]
+    draw, draw_ids = ImageDraw.Draw(image), ImageDraw.Draw(ids)
+    for k, (label, box, color) in enumerate(_shapes(rng, height, width, max_objects)):
+        _draw(draw, label, box, color)
+        _draw(draw_ids, label, box, 3 + k)
+        segments.append((3 + k, label))
+    ids_arr = np.asarray(ids, np.uint32)
+    present = set(np.unique(ids_arr).tolist())
+    return image, ids_arr, [(i, c) for i, c in segments if i in present]
 
 
 def write_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: float = 0.25,
@@ -74,5 +115,42 @@ def write_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: f
                 "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump(data, f)
+        counts[split] = n
+    return counts
+
+
+def write_panoptic_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: float = 0.25,
+                           shape: tuple[int, int] = (128, 160), max_objects: int = 4) -> dict:
+    """A COCO panoptic folder (`annotations/panoptic_{train,val}.json`, PNGs in `annotations/panoptic_{split}/`,
+    images in `{split}/`) of `panoptic_scene`s of `shape` (height, width): things 1..3 (rectangle, ellipse,
+    triangle), stuff 4 and 5 (sky, ground). Deterministic from `seed`. Returns {split: number of images}."""
+    from detrax.pq import id2rgb
+
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(num_images * val_fraction)))
+    names = SHAPES + STUFF
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape" if i < len(SHAPES) else "background",
+                   "isthing": int(i < len(SHAPES))} for i, n in enumerate(names)]
+    counts = {}
+    for split, n, first in (("train", num_images - n_val, 1), ("val", n_val, num_images - n_val + 1)):
+        png_dir = os.path.join(out, "annotations", f"panoptic_{split}")
+        os.makedirs(png_dir, exist_ok=True)
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(first, first + n):
+            image, ids, segments = panoptic_scene(rng, *shape, max_objects=max_objects)
+            name = f"{image_id:06d}"
+            image.save(os.path.join(out, split, f"{name}.jpg"), quality=95)
+            Image.fromarray(id2rgb(ids)).save(os.path.join(png_dir, f"{name}.png"))
+            info = []
+            for i, c in segments:
+                ys, xs = np.nonzero(ids == i)
+                x0, y0 = int(xs.min()), int(ys.min())
+                info.append({"id": i, "category_id": c + 1, "iscrowd": 0, "area": int(len(xs)),
+                             "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]})
+            images.append({"id": image_id, "file_name": f"{name}.jpg", "width": shape[1], "height": shape[0]})
+            annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": info})
+        with open(os.path.join(out, "annotations", f"panoptic_{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
         counts[split] = n
     return counts

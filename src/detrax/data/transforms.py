@@ -28,19 +28,32 @@ def resize(image: Image.Image, size: int, max_size: int | None = None) -> Image.
 
 
 # ---------------------------------------------------------------- the official augmentations, on (image, target)
-# target: {"boxes": [n, 4] absolute xyxy float32, "labels": [n] int}; rng: np.random.Generator
+# target: {"boxes": [n, 4] absolute xyxy float32, "labels": [n] int, optionally "masks": [n, H, W] bool};
+# rng: np.random.Generator
+
+
+def _nearest(n_in: int, n_out: int) -> np.ndarray:
+    """torch's nearest source indices (F.interpolate(mode="nearest")): floor(dst * in / out) in float32."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 def hflip(image: Image.Image, target: dict):
     w = image.width
     boxes = target["boxes"][:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], np.float32) + np.array([w, 0, w, 0],
                                                                                                  np.float32)
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), {**target, "boxes": boxes}
+    target = {**target, "boxes": boxes}
+    if "masks" in target:
+        target["masks"] = target["masks"][:, :, ::-1]
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), target
 
 
 def resize_with_target(image: Image.Image, target: dict, size: int, max_size: int | None = None):
     out = resize(image, size, max_size)
     ratio = np.array([out.width / image.width, out.height / image.height] * 2, np.float32)
-    return out, {**target, "boxes": target["boxes"] * ratio}
+    target = {**target, "boxes": target["boxes"] * ratio}
+    if "masks" in target and out.size != image.size:  # the official: nearest, as F.interpolate
+        target["masks"] = target["masks"][:, _nearest(image.height, out.height)][:, :, _nearest(image.width, out.width)]
+    return out, target
 
 
 def crop(image: Image.Image, target: dict, top: int, left: int, height: int, width: int):
@@ -48,8 +61,10 @@ def crop(image: Image.Image, target: dict, top: int, left: int, height: int, wid
     boxes = target["boxes"] - np.array([left, top, left, top], np.float32)
     boxes = np.minimum(boxes.reshape(-1, 2, 2), np.array([width, height], np.float32)).clip(0).reshape(-1, 4)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return (image.crop((left, top, left + width, top + height)),
-            {**target, "boxes": boxes[keep], "labels": target["labels"][keep]})
+    target = {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
+    if "masks" in target:
+        target["masks"] = target["masks"][keep, top:top + height, left:left + width]
+    return image.crop((left, top, left + width, top + height)), target
 
 
 def train_plan(height: int, width: int, rng, cfg: DataConfig):
