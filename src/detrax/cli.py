@@ -177,7 +177,7 @@ def cmd_eval(args) -> int:
     data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val", data_cfg.task)
     ds = read_split(args.data, split, task=data_cfg.task)
-    infer = detector.infer_masks if data_cfg.task == "panoptic" else detector.infer
+    infer = detector.infer_masks if data_cfg.task != "detection" else detector.infer
     metrics = evaluate(infer, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out,
                        class_ids=detector.config.class_ids)
     print(json.dumps(metrics))

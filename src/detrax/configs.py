@@ -152,8 +152,9 @@ class DataConfig:
     augment: bool = True  # False: training images get the val transform (for overfitting checks)
     train_split: str = "auto"  # auto: the split named train*, else the first
     val_split: str = "auto"  # auto: the split named val*; none: no evaluation
-    # detection (boxes: COCO instances folders, Roboflow, TFDS) | panoptic (COCO panoptic folders: every segment's
-    # mask as a target, for a model with a mask head; evaluated by PQ)
+    # detection (boxes: COCO instances folders, Roboflow, TFDS) | segm (their polygons / RLE as instance masks:
+    # box and mask AP) | panoptic (COCO panoptic folders: every segment's mask; PQ); the latter two for a model
+    # with a mask head
     task: str = "detection"
 
 

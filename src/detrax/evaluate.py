@@ -16,28 +16,46 @@ from detrax.data.sources import ground_truth
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1) -> list[dict]:
+def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1, masks: bool = False) -> list[dict]:
     """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
     `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives; its batches
-    hold a multiple of `multiple` images (the devices they are sharded over)."""
+    hold a multiple of `multiple` images (the devices they are sharded over). With `masks` (an infer made with
+    masks=True), each result's `segmentation` too: its mask at the original size as RLE (the official
+    PostProcessSegm: every query's mask, thresholded at 0.5)."""
+    from detrax.panoptic import instance_masks
     augment = Augment(False, data_cfg)
     ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step,
                  multiple=multiple)
-    results = []
+    results: list[dict] = []
     with Loader(ds) as loader:
         for batch in loader:
-            scores, labels, boxes = (np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"]))
+            batch = {k: v for k, v in batch.items() if k != "masks"}  # the targets' masks are not needed here
+            out = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
+            scores, labels, boxes = out[:3]
             for i in np.flatnonzero(batch["real"]):
+                first = len(results)
                 for s, lab, (x0, y0, x1, y1) in zip(scores[i], labels[i], boxes[i]):
                     results.append({"image_id": int(batch["image_id"][i]), "category_id": int(lab),
                                     "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                                     "score": float(s)})
+                if masks:
+                    found = instance_masks(out[4][i], tuple(batch["size"][i]), tuple(batch["orig_size"][i]))
+                    for r, rle in zip(results[first:], rle_encode(found)):
+                        r["segmentation"] = rle
     return results
 
 
-def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True) -> dict:
-    """pycocotools' COCOeval on `results` against `annotations` (a COCO file or dict): AP, AP50, AP75, APs, APm,
-    APl."""
+def rle_encode(masks) -> list[dict]:
+    """[K, H, W] bool -> K COCO RLEs ({"size": [H, W], "counts": str}), JSON-ready."""
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks).transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True, iou_type: str = "bbox") -> dict:
+    """pycocotools' COCOeval (`iou_type` bbox or segm) on `results` against `annotations` (a COCO file or dict):
+    AP, AP50, AP75, APs, APm, APl."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -52,7 +70,7 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
         if not results:
             return dict.fromkeys(KEYS, 0.0)
         dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
@@ -101,10 +119,13 @@ def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None
             with open(os.path.join(out_dir, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
         return metrics
-    results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple)
+    segm = dataset_.task == "segm"
+    results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple, masks=segm)
     gt = ground_truth(dataset_)
     ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]
     metrics = coco_ap(gt, results, ids)
+    if segm:  # and the masks' AP, as the official coco_evaluator's segm
+        metrics.update({f"mask_{k}": v for k, v in coco_ap(gt, results, ids, iou_type="segm").items()})
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:

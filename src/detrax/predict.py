@@ -134,14 +134,13 @@ def write_panoptic(out_dir: str, files, images, results) -> str:
 
 def write_instances(out_dir: str, files, images, dets, names) -> str:
     """COCO results with each detection's mask as RLE (`segmentation`), and drawn images."""
-    from pycocotools import mask as mask_utils
+    from detrax.evaluate import rle_encode
 
     os.makedirs(out_dir, exist_ok=True)
     results = coco_results(files, dets, names)
-    masks = [m for d in dets for m in d["masks"]]
-    for r, m in zip(results, masks):
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        r["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    rles = [rle for d in dets if len(d["masks"]) for rle in rle_encode(d["masks"])]
+    for r, rle in zip(results, rles, strict=True):
+        r["segmentation"] = rle
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as f:
         json.dump(results, f)

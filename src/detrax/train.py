@@ -150,7 +150,7 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
             lr = float(factor(done - 1))
             reporter.log(done, "train", {**metrics, "lr": tc.lr * lr, "lr_backbone": tc.lr_backbone * lr})
 
-        evaluate_now = _evaluator(make_infer(eval_graphdef, masks=dc.task == "panoptic"),
+        evaluate_now = _evaluator(make_infer(eval_graphdef, masks=dc.task != "detection"),
                                   _val_split(run.data_dir, dc, reporter), cfg, sharded)
 
         def evaluation(done, state, terms):
@@ -165,7 +165,7 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
             Periodic(tc.ckpt_every, total, lambda done, state, terms: save(done, state)),  # before evaluating
             Periodic(tc.eval_every * per_epoch, total, evaluation)]
         end = total if run.stop_after is None else min(total, first + run.stop_after)
-        keys = BATCH_KEYS + (MASK_KEYS if dc.task == "panoptic" else ())
+        keys = BATCH_KEYS + (MASK_KEYS if dc.task != "detection" else ())
         batches = (global_batch(local, sharded, keys) for local in loader)
         reporter.start(first)
     return Trainer(state, step, batches, first, end, actions, save, ckpts, reporter, results, graphdef, closing)

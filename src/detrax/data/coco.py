@@ -36,7 +36,7 @@ class Dataset:
     problems: list  # what skip_bad skipped: {"file", "id", "error"}
     counts: dict  # crowd, degenerate (dropped by the official rules), annotations kept
     isthing: dict = dataclasses.field(default_factory=dict)  # panoptic: category id -> thing (True) or stuff
-    task: str = "detection"  # detection | panoptic (records with `panoptic_png` and `segment_ids`)
+    task: str = "detection"  # detection | segm (records' `segmentations` as masks) | panoptic (`panoptic_png`)
 
     @property
     def num_classes(self) -> int:
@@ -126,7 +126,7 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
             skipped_images.add(im["id"])
             continue
         images[im["id"]] = {"image_id": im["id"], "file": path, "width": im["width"], "height": im["height"],
-                            "boxes": [], "labels": []}
+                            "boxes": [], "labels": [], "segmentations": [], "ann_ids": []}
     for a in data["annotations"]:
         aid = a.get("id") if isinstance(a, dict) else None
         if not isinstance(a, dict) or not _is_int(a.get("image_id")) or not _is_int(a.get("category_id")):
@@ -163,6 +163,8 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
             continue
         im["boxes"].append((x0, y0, x1, y1))
         im["labels"].append(a["category_id"])
+        im["segmentations"].append(a.get("segmentation"))  # polygons or RLE: decoded for data.task=segm only
+        im["ann_ids"].append(aid)
         counts["annotations"] += 1
     records = []
     for im in images.values():
@@ -192,3 +194,27 @@ def load_image(record: dict) -> Image.Image:
             return candidate.convert("RGB")
     raise DataError(f"{path}: image {record['image_id']} is {im.size[0]}x{im.size[1]} but the annotations say "
                     f"{want[0]}x{want[1]}")
+
+
+def instance_masks(record: dict) -> np.ndarray:
+    """The record's instance masks [n, H, W] bool from its annotations' `segmentation` (polygons, RLE or
+    uncompressed RLE, as pycocotools decodes them), in box order; DataError naming the file and annotation for
+    one that is missing or malformed."""
+    from pycocotools import mask as mask_utils
+
+    h, w = record["height"], record["width"]
+    masks = np.zeros((len(record["labels"]), h, w), bool)
+    for k, (seg, aid) in enumerate(zip(record["segmentations"], record["ann_ids"])):
+        where = f"{record['file']}: annotation {aid} (image {record['image_id']})"
+        if isinstance(seg, list):
+            if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                  and all(_is_number(v) for v in p) for p in seg):
+                raise DataError(f"{where}: segmentation polygons must be lists of at least 3 (x, y) points")
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg, dict) and "counts" in seg and seg.get("size") == [h, w]:
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        else:
+            raise DataError(f"{where}: segmentation is {str(seg)[:80]}, not polygons or an RLE of the image's "
+                            f"size {h}x{w}")
+        masks[k] = mask_utils.decode(rle).astype(bool)
+    return masks

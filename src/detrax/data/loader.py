@@ -13,7 +13,7 @@ import numpy as np
 from detrax.configs import DataConfig
 from detrax.data import transforms as T
 from detrax.data.batching import Collate, group_by_shape
-from detrax.data.coco import DataError, load_image
+from detrax.data.coco import DataError, instance_masks, load_image
 from detrax.data.coco_panoptic import load_masks, masks_to_boxes
 
 
@@ -40,6 +40,8 @@ class Augment:
         if "panoptic_png" in record:  # every segment's mask, and its box around it (the official CocoPanoptic)
             target["masks"] = load_masks(record)
             target["boxes"] = masks_to_boxes(target["masks"])
+        elif self.data.task == "segm":  # the annotations' polygons or RLE (the official ConvertCocoPolysToMask)
+            target["masks"] = instance_masks(record)
         if self.train and self.data.augment:
             return T.train_transform(image, target, rng, self.data)
         return T.val_transform(image, target, self.data.val_size, self.data.max_size)

@@ -1,17 +1,18 @@
 """Where a dataset comes from. A source names its splits, reads one as a `coco.Dataset` (the records the loader,
 training and evaluation take) and gives its ground truth for pycocotools. Sources are tried in order, the last
-registered first, among those that serve the task (`data.task`: detection | panoptic): TFDS claims
-`tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow export) everything else; for
-panoptic segmentation, the COCO panoptic folder. A new source is a class with `tasks` and these four methods and
-one `register_source` call."""
+registered first, among those that serve the task (`data.task`: detection | segm | panoptic): TFDS claims
+`tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow export) everything else, also
+for instance masks; for panoptic segmentation, the COCO panoptic folder. A new source is a class with `tasks`
+and these four methods and one `register_source` call."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 from detrax.data import coco, coco_panoptic, tfds_coco
 
-TASKS = ("detection", "panoptic")
+TASKS = ("detection", "segm", "panoptic")
 
 
 class Source(Protocol):
@@ -29,7 +30,7 @@ class Source(Protocol):
 
 
 class CocoFolder:
-    tasks: tuple[str, ...] = ("detection",)
+    tasks: tuple[str, ...] = ("detection", "segm")
 
     def claims(self, data: str) -> bool:
         return True
@@ -89,7 +90,10 @@ def register_source(source: Source) -> None:
 def source_of(data: str, task: str = "detection") -> Source:
     if task not in TASKS:
         raise ValueError(f"data.task must be one of {', '.join(TASKS)}, not {task!r}")
-    return next(s for s in SOURCES if task in s.tasks and s.claims(data))
+    found = next((s for s in SOURCES if task in s.tasks and s.claims(data)), None)
+    if found is None:
+        raise ValueError(f"{data}: no data source serves data.task={task} for it")
+    return found
 
 
 def list_splits(data: str, task: str = "detection") -> list[str]:
@@ -97,8 +101,11 @@ def list_splits(data: str, task: str = "detection") -> list[str]:
 
 
 def read_split(data: str, split: str, skip_bad: bool = False, task: str = "detection") -> coco.Dataset:
-    """`split` of `data` as a `coco.Dataset` (its `root` is `data`)."""
-    return source_of(data, task).read(data, split, skip_bad=skip_bad)
+    """`split` of `data` as a `coco.Dataset` (its `root` is `data`) for `task`."""
+    ds = source_of(data, task).read(data, split, skip_bad=skip_bad)
+    if ds.task != task:  # instance masks: the detection records, their polygons decoded by the loader
+        ds = dataclasses.replace(ds, task=task)
+    return ds
 
 
 def ground_truth(ds: coco.Dataset) -> str | dict:

@@ -46,6 +46,21 @@ def _draw(draw, label: int, box, fill) -> None:
         draw.polygon([(x0, y1), (x0 + (x1 - x0) // 2, y0), (x1, y1)], fill=fill)
 
 
+def outline(label: int, box) -> list[float]:
+    """The shape's outline as a COCO polygon [x0, y0, x1, y1, ...] (an ellipse as 32 points), in the pixel-edge
+    coordinates of COCO's polygons."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x1, y1 = x1 + 1, y1 + 1  # PIL fills the last row and column of its box
+    if SHAPES[label] == "rectangle":
+        points = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    elif SHAPES[label] == "ellipse":
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        points = list(zip((x0 + x1) / 2 + (x1 - x0) / 2 * np.cos(t), (y0 + y1) / 2 + (y1 - y0) / 2 * np.sin(t)))
+    else:
+        points = [(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)]
+    return [round(float(v), 2) for p in points for v in p]
+
+
 def scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 5):
     """One image with 1..max_objects shapes, each in its own colour family on a grey texture (so that a small
     model learns classes quickly): (PIL RGB image, boxes [N, 4] absolute xyxy, labels [N])."""
@@ -109,7 +124,8 @@ def write_dataset(out: str, num_images: int = 64, seed: int = 0, val_fraction: f
             images.append({"id": image_id, "file_name": name, "width": w, "height": h})
             for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist()):
                 annotations.append({"id": ann_id, "image_id": image_id, "category_id": label + 1, "iscrowd": 0,
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                    "segmentation": [outline(label, (x0, y0, x1, y1))]})
                 ann_id += 1
         data = {"images": images, "annotations": annotations,
                 "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}
