@@ -7,8 +7,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "detrax"
 FLOORS = [
     {"errors", "configs"},  # read by every floor (configs validates names against the registries below it)
     {"box_ops", "position_encoding", "attention", "devices", "coco_names"},
-    {"keys", "backbone", "bit", "backbones", "transformer", "model"},
-    {"matching", "loss", "postprocess"},
+    {"keys", "backbone", "bit", "backbones", "transformer", "segmentation", "model"},
+    {"matching", "loss", "postprocess", "pq", "panoptic"},
     {"data"},
     {"weights", "convert", "flax_detr", "checkpoint"},
     {"optim", "infer", "export", "runtimes", "start", "train_step", "reporting", "evaluate", "actions", "train",
