@@ -106,24 +106,26 @@ def weights_table(names) -> dict:
     return t
 
 
-def _bilinear_axis(x, axis: int, n_out: int):
-    """One axis of torch's F.interpolate(mode="bilinear", align_corners=False): source (dst + 0.5) * in / out - 0.5,
-    clamped at 0, between floor and the next index (the last repeats)."""
-    n_in = x.shape[axis]
-    if n_in == n_out:
-        return x
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in]: one axis of torch's F.interpolate(mode="bilinear", align_corners=False) as a matrix. Each
+    output takes its source (dst + 0.5) * in / out - 0.5, clamped at 0, between floor and the next index (the
+    last repeats), weights in float32 as torch's."""
     src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / n_out)
                      - np.float32(0.5), np.float32(0))
     i0 = np.floor(src).astype(np.int64)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w1 = (src - i0).astype(np.float32)
-    shape = [1] * x.ndim
-    shape[axis] = n_out
-    w1 = w1.reshape(shape)
-    return jnp.take(x, i0, axis=axis) * (1 - w1) + jnp.take(x, i1, axis=axis) * w1
+    a = np.zeros((n_out, n_in), np.float32)
+    np.add.at(a, (np.arange(n_out), i0), np.float32(1) - w1)
+    np.add.at(a, (np.arange(n_out), i1), w1)
+    return a
 
 
 def resize_bilinear(x, size):
     """x [..., h, w] -> [..., H, W] as torch's F.interpolate(mode="bilinear", align_corners=False) (static
-    sizes)."""
-    return _bilinear_axis(_bilinear_axis(x, x.ndim - 2, size[0]), x.ndim - 1, size[1])
+    sizes): two small matrix products, whose gradients are matrix products too (a gather's is a scatter)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    rows, cols = bilinear_matrix(h, size[0]), bilinear_matrix(w, size[1])
+    return jnp.einsum("Hh,...hw,Ww->...HW", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
