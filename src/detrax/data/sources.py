@@ -2,8 +2,8 @@
 training and evaluation take) and gives its ground truth for pycocotools. Sources are tried in order, the last
 registered first, among those that serve the task (`data.task`: detection | segm | panoptic): TFDS claims
 `tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow export) everything else, also
-for instance masks; for panoptic segmentation, the COCO panoptic folder. A new source is a class with `tasks`
-and these four methods and one `register_source` call."""
+for instance masks; for panoptic segmentation, the COCO panoptic folder. A new source is a class with these
+four methods (and `tasks`, the tasks it serves; detection alone without it) and one `register_source` call."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def register_source(source: Source) -> None:
 def source_of(data: str, task: str = "detection") -> Source:
     if task not in TASKS:
         raise ValueError(f"data.task must be one of {', '.join(TASKS)}, not {task!r}")
-    found = next((s for s in SOURCES if task in s.tasks and s.claims(data)), None)
+    found = next((s for s in SOURCES if task in getattr(s, "tasks", ("detection",)) and s.claims(data)), None)
     if found is None:
         raise ValueError(f"{data}: no data source serves data.task={task} for it")
     return found
