@@ -106,6 +106,10 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
         where = os.path.abspath(run.data_dir) if os.path.exists(run.data_dir) else run.data_dir  # or tfds:...
         data = {"path": where, "split": split, "images": len(train_ds.records)}
         begin = start.plan(cfg, run.workdir, run.resume, run.init, data, ckpts, run.allow_changes)
+        if tc.freeze_detector and not begin.record.get("init"):
+            raise ValueError("train.freeze_detector=true trains the mask head alone on a trained detector: give the "
+                             "detector's weights with --init (a detrax run or weights file, an official or HF "
+                             "checkpoint), or set train.freeze_detector=false to train everything")
         reporter = closing.enter_context(contextlib.closing(
             Reporter(run.workdir, total, per_epoch, tc.batch_size, enabled=proc == 0 and not run.quiet)))
         for line in [begin.message, *(f"  allowed change: {c}" for c in begin.changes), *classes]:

@@ -167,12 +167,16 @@ def digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
+_FRESH_IF_ABSENT = ("group_queries", "mask_head/", "bbox_attention/")
+
+
 def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
     """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree. The class
     head may differ (another number of classes) and is then left freshly initialised, unless `class_ids` (the
     category id of each source class output, as MasterSkepticista/detr's 80 COCO classes) all fit this model's
     head (whose output i is category i): then each output moves to its id, and the ids the source has no output
-    for stay fresh. Returns the names left fresh (wholly or in part)."""
+    for stay fresh. A mask head the source lacks (a detector's weights: the panoptic recipe's second stage) stays
+    fresh too. Returns the names left fresh (wholly or in part)."""
     from flax import nnx
 
     from detrax.model import WEIGHTS
@@ -189,11 +193,13 @@ def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
             fresh.append(f"{name} (outputs of {n + 1 - len(cols)} ids without a source class)")
         elif src is not None and src.shape == value.shape:
             arrays[name] = src
-        elif name.startswith("class_embed") or (name == "group_queries" and src is None):
-            arrays[name] = value  # another class count; Group DETR's training-only queries the source lacks
+        elif name.startswith("class_embed") or (src is None and name.startswith(_FRESH_IF_ABSENT)):
+            arrays[name] = value  # another class count; a detector's weights for a model with a mask head, or
+            # without Group DETR's training-only queries
             fresh.append(name)
         else:
             raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
                              f"{value.shape}")
     nnx.update(model, nnx.state(assemble(model.config, arrays, init_rest=True), WEIGHTS))
-    return fresh
+    head = [f for f in fresh if f.startswith(("mask_head/", "bbox_attention/"))]
+    return [f for f in fresh if f not in head] + ([f"the mask head ({len(head)} weights)"] if head else [])
