@@ -39,6 +39,14 @@ def test_synthetic_panoptic_reads_back_and_scores_itself_perfectly(pan):
         want = np.array([[x, y, x + w - 1, y + h - 1] for x, y, w, h in (s["bbox"] for s in a["segments_info"])])
         np.testing.assert_array_equal(masks_to_boxes(masks), want)  # first and last pixel, as the official
         assert [int(m.sum()) for m in masks] == [s["area"] for s in a["segments_info"]]
+    from detrax.data.coco import instance_masks, read_coco
+
+    inst = read_coco(str(pan), "train")  # every segment as an instance too: the first stage's boxes, mask AP
+    assert inst.names == {c["id"]: c["name"] for c in data["categories"]}
+    for r, a in zip(ds.records, inst.records):
+        masks = load_masks(r)
+        np.testing.assert_array_equal(instance_masks(a), masks)
+        np.testing.assert_array_equal(a["boxes"], masks_to_boxes(masks) + [0, 0, 1, 1])
     gt = str(pan / "annotations" / "panoptic_val.json")
     result = pq_compute(gt, gt, str(pan / "annotations" / "panoptic_val"), str(pan / "annotations" / "panoptic_val"))
     assert result["All"]["pq"] == 1.0 and result["Things"]["n"] == 3 and result["Stuff"]["n"] == 2
@@ -130,10 +138,12 @@ def test_masks_follow_boxes_through_the_official_transforms_and_batching(pan):
     np.testing.assert_array_equal(flipped["masks"], examples[0][1]["masks"][:, :, ::-1])
 
 
-def test_panoptic_task_trains_evaluates_and_predicts(pan, tmp_path):
+def test_panoptic_task_trains_evaluates_and_predicts(pan, tmp_path, capsys):
     run = str(tmp_path / "run")
+    assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run]) == 2
+    assert "freeze_detector=true trains the mask head alone on a trained detector: give" in capsys.readouterr().err
     assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run,
-                     "train.batch_size=4", "data.workers=0", "train.log_every=1"]) == 0
+                     "train.batch_size=4", "data.workers=0", "train.log_every=1", "train.freeze_detector=false"]) == 0
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 3 and all(np.isfinite(r["loss_mask"]) and r["loss_dice"] > 0 for r in train)
@@ -177,3 +187,26 @@ def test_a_frozen_detector_leaves_all_but_the_mask_head_alone(pan, tmp_path):
     head = [k for k in before if k.startswith(("mask_head/", "bbox_attention/"))]
     assert head and all(np.array_equal(before[k], after[k]) for k in before if k not in head)
     assert sum(not np.array_equal(before[k], after[k]) for k in head) >= len(head) // 2
+
+
+def test_a_detectors_weights_start_the_second_stage_with_a_fresh_mask_head(tmp_path):
+    import dataclasses
+
+    from flax import nnx
+
+    import detrax
+    from detrax import weights
+    from detrax.model import weight_arrays
+
+    cfg = dataclasses.replace(configs.get("demo_panoptic", smoke=True).model, num_classes=5)
+    detector = detrax.Detector(detrax.DETR(dataclasses.replace(cfg, masks=False), rngs=nnx.Rngs(1)))
+    detector.save(tmp_path / "boxes.safetensors")
+    model = detrax.DETR(cfg, rngs=nnx.Rngs(2))
+    fresh_head = weight_arrays(model)
+    arrays, class_ids = weights.read_init(str(tmp_path / "boxes.safetensors"))
+    assert weights.init_from(model, arrays, "boxes.safetensors", class_ids) == ["the mask head (32 weights)"]
+    got, want = weight_arrays(model), weight_arrays(detector.model)
+    head = [k for k in got if k.startswith(("mask_head/", "bbox_attention/"))]
+    assert len(head) == 32 and set(got) - set(head) == set(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert all(np.array_equal(got[k], fresh_head[k]) for k in head)  # the config's init, its attention gain too

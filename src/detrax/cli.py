@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default=None, help="HxW of every image (default: each 128-192 on either side; "
                    "128x160 with --panoptic)")
     s.add_argument("--panoptic", action="store_true", help="a COCO panoptic folder instead: the shapes as things "
-                   "over sky and ground (stuff)")
+                   "over sky and ground (stuff); every segment also as an instance (boxes, RLE masks)")
     s.set_defaults(func=cmd_data_synth)
     s = data.add_parser("check", help="read a dataset as training would; print a JSON report; exit 1 if bad")
     s.add_argument("dir")

@@ -139,7 +139,13 @@ def write_panoptic_dataset(out: str, num_images: int = 64, seed: int = 0, val_fr
                            shape: tuple[int, int] = (128, 160), max_objects: int = 4) -> dict:
     """A COCO panoptic folder (`annotations/panoptic_{train,val}.json`, PNGs in `annotations/panoptic_{split}/`,
     images in `{split}/`) of `panoptic_scene`s of `shape` (height, width): things 1..3 (rectangle, ellipse,
-    triangle), stuff 4 and 5 (sky, ground). Deterministic from `seed`. Returns {split: number of images}."""
+    triangle), stuff 4 and 5 (sky, ground). Deterministic from `seed`. Every segment also as an instance
+    (`annotations/instances_{split}.json`: boxes and RLE masks from the PNG, things and stuff), so that the folder
+    trains the official recipe's first stage (a detector of all 5 classes: `--config demo`), its second (the mask
+    head on that frozen detector: `--config demo_panoptic_stage2`) and scores mask AP. Returns {split: number of
+    images}."""
+    from pycocotools import mask as mask_utils
+
     from detrax.pq import id2rgb
 
     rng = np.random.default_rng(seed)
@@ -152,7 +158,7 @@ def write_panoptic_dataset(out: str, num_images: int = 64, seed: int = 0, val_fr
         png_dir = os.path.join(out, "annotations", f"panoptic_{split}")
         os.makedirs(png_dir, exist_ok=True)
         os.makedirs(os.path.join(out, split), exist_ok=True)
-        images, annotations = [], []
+        images, annotations, instances = [], [], []
         for image_id in range(first, first + n):
             image, ids, segments = panoptic_scene(rng, *shape, max_objects=max_objects)
             name = f"{image_id:06d}"
@@ -164,9 +170,14 @@ def write_panoptic_dataset(out: str, num_images: int = 64, seed: int = 0, val_fr
                 x0, y0 = int(xs.min()), int(ys.min())
                 info.append({"id": i, "category_id": c + 1, "iscrowd": 0, "area": int(len(xs)),
                              "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]})
+                rle = mask_utils.encode(np.asfortranarray(ids == i, dtype=np.uint8))
+                instances.append({**info[-1], "id": 1000 * image_id + i, "image_id": image_id,
+                                  "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
             images.append({"id": image_id, "file_name": f"{name}.jpg", "width": shape[1], "height": shape[0]})
             annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": info})
         with open(os.path.join(out, "annotations", f"panoptic_{split}.json"), "w") as f:
             json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+        with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": instances, "categories": categories}, f)
         counts[split] = n
     return counts
