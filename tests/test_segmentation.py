@@ -1,6 +1,7 @@
 """The mask head (the official DETRsegm): converted official and HF segmentation models give their outputs."""
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -100,6 +101,21 @@ def test_nearest_upsampling_is_torchs():
 def test_mask_head_widths_that_group_norm_cannot_split_are_refused():
     with pytest.raises(ValueError, match="masks needs mask-head widths"):
         ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=4, masks=True)
+
+
+def test_the_attention_gain_scales_only_the_first_convolutions_attention_channels():
+    from flax import nnx
+
+    from detrax.model import DETR, weight_arrays
+
+    cfg = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=8, masks=True,
+                      num_classes=3, enc_layers=1, dec_layers=1, ffn_dim=32, num_queries=4)
+    plain = weight_arrays(DETR(cfg, rngs=nnx.Rngs(3)))
+    scaled = weight_arrays(DETR(dataclasses.replace(cfg, mask_attention_gain=1000.0), rngs=nnx.Rngs(3)))
+    k, k2 = plain.pop("mask_head/lay1/kernel"), scaled.pop("mask_head/lay1/kernel")  # [3, 3, D + N, D + N]
+    np.testing.assert_array_equal(k2[:, :, :32], k[:, :, :32])
+    np.testing.assert_allclose(k2[:, :, 32:], 1000 * k[:, :, 32:], rtol=1e-6)
+    assert plain.keys() == scaled.keys() and all(np.array_equal(plain[n], scaled[n]) for n in plain)
 
 
 def test_mask_losses_equal_the_official_loss_masks():

@@ -66,7 +66,8 @@ class DETR(nnx.Module):
         if c.masks:
             fpn_dims = [self.backbone.out_channels // 2**i for i in (1, 2, 3)]  # layer3, layer2, layer1
             self.bbox_attention = MHAttentionMap(c.hidden_dim, c.num_heads, dtype, rngs=rngs)
-            self.mask_head = MaskHead(c.hidden_dim + c.num_heads, fpn_dims, c.hidden_dim, dtype, rngs=rngs)
+            self.mask_head = MaskHead(c.hidden_dim + c.num_heads, fpn_dims, c.hidden_dim, dtype,
+                                      c.mask_attention_gain, rngs=rngs)
 
     def __call__(self, pixels, mask=None):
         pixels = jnp.asarray(pixels, self.dtype)  # [B, H, W, 3]

@@ -42,15 +42,18 @@ class MHAttentionMap(nnx.Module):
 class MaskHead(nnx.Module):
     """MaskHeadSmallConv: 3x3 convolutions with GroupNorm and ReLU, from D + N channels at the feature map's
     stride down to hidden_dim / 16 at layer1's (stride 4), adding each FPN level's 1x1-adapted backbone features
-    after a nearest upsampling; one mask logit per query and pixel."""
+    after a nearest upsampling; one mask logit per query and pixel. `attention_gain` scales lay1's kernel on the
+    attention channels at initialisation (ModelConfig.mask_attention_gain)."""
 
-    def __init__(self, dim: int, fpn_dims, context_dim: int, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, fpn_dims, context_dim: int, dtype, attention_gain: float = 1.0, *, rngs: nnx.Rngs):
         inter = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
         conv = lambda a, b: nnx.Conv(a, b, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_kaiming_uniform_a1,
                                      dtype=dtype, rngs=rngs)
         norm = lambda c: nnx.GroupNorm(c, num_groups=min(8, c), epsilon=1e-5, use_fast_variance=False,
                                        dtype=dtype, rngs=rngs)
         self.lay1, self.gn1 = conv(dim, dim), norm(dim)
+        if attention_gain != 1:  # ModelConfig.mask_attention_gain: the kernel on the attention channels
+            self.lay1.kernel.set_value(self.lay1.kernel.get_value().at[:, :, context_dim:].multiply(attention_gain))
         self.lay2, self.gn2 = conv(dim, inter[1]), norm(inter[1])
         self.lay3, self.gn3 = conv(inter[1], inter[2]), norm(inter[2])
         self.lay4, self.gn4 = conv(inter[2], inter[3]), norm(inter[3])
