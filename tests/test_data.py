@@ -210,3 +210,21 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
         assert ja == (tmp_path / "b" / "annotations" / f"instances_{split}.json").read_text()
     a = np.asarray(Image.open(tmp_path / "a" / "train" / "000001.png"))
     np.testing.assert_array_equal(a, np.asarray(Image.open(tmp_path / "b" / "train" / "000001.png")))
+
+
+def test_the_varied_synthetic_set_has_sparse_ids_crowds_and_empty_images(tmp_path):
+    from detrax.data.synthetic import write_varied_dataset
+
+    assert write_varied_dataset(str(tmp_path / "v"), 80, seed=3) == {"train": 60, "val": 20}
+    ds = read_coco(str(tmp_path / "v"), "train")
+    assert ds.names == {7: "diamond", 15: "cross", 23: "ring"} and ds.num_classes == 24 and ds.problems == []
+    assert ds.counts["crowd"] > 0  # crowd regions are left out of the targets, as the official rules
+    assert {len(r["labels"]) for r in ds.records} >= {0, 1}  # empty images are kept
+    assert {h for r in ds.records for h in (r["height"], r["width"])} <= set(range(112, 209))
+    for r in ds.records:
+        assert set(r["labels"].tolist()) <= {7, 15, 23}
+        assert ((r["boxes"][:, 2:] > r["boxes"][:, :2]).all() and (r["boxes"][:, 2] <= r["width"]).all()
+                and (r["boxes"][:, 3] <= r["height"]).all())
+    write_varied_dataset(str(tmp_path / "w"), 80, seed=3)
+    assert ((tmp_path / "v" / "annotations" / "instances_val.json").read_text()
+            == (tmp_path / "w" / "annotations" / "instances_val.json").read_text())

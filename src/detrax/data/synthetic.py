@@ -181,3 +181,89 @@ def write_panoptic_dataset(out: str, num_images: int = 64, seed: int = 0, val_fr
             json.dump({"images": images, "annotations": instances, "categories": categories}, f)
         counts[split] = n
     return counts
+
+
+VARIED = {7: "diamond", 15: "cross", 23: "ring"}  # category ids as a user's export may number them
+VARIED_HUES = {7: [230, 170, 40], 15: [160, 60, 200], 23: [40, 190, 190]}
+
+
+def _draw_varied(draw, name: str, box, fill) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    if name == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif name == "cross":
+        tx, ty = max(2, (x1 - x0) // 6), max(2, (y1 - y0) // 6)
+        draw.rectangle((cx - tx, y0, cx + tx, y1), fill=fill)
+        draw.rectangle((x0, cy - ty, x1, cy + ty), fill=fill)
+    else:
+        draw.ellipse(box, outline=fill, width=max(2, min(x1 - x0, y1 - y0) // 5))
+
+
+def varied_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 6,
+                 empty: float = 0.1, crowd: float = 0.2):
+    """Another kind of scene than `scene`'s, for checking that a preset learns data it was not tuned on: diamonds,
+    crosses and rings (`VARIED`: category ids 7, 15, 23) of 12 pixels up to half the image on a coloured gradient;
+    with probability `empty` no object at all, with probability `crowd` also a crowd region (a cluster of small
+    shapes of one class, annotated as one `iscrowd` box). Returns (PIL image, [(category id, xyxy box, iscrowd)])."""
+    ramp = np.linspace(0, 1, width)[None, :, None]
+    a, b = rng.integers(40, 200, size=(2, 3))
+    pixels = a + (b - a) * ramp + rng.normal(0, 10, size=(height // 4 + 1, width // 4 + 1, 1)).repeat(4, 0).repeat(
+        4, 1)[:height, :width]
+    image = Image.fromarray(np.clip(np.broadcast_to(pixels, (height, width, 3)), 0, 255).astype(np.uint8))
+    draw, ids = ImageDraw.Draw(image), sorted(VARIED)
+    objects: list[tuple[int, tuple[int, int, int, int], int]] = []
+    if rng.random() < empty:
+        return image, objects
+    if rng.random() < crowd:  # a cluster in one corner quadrant, its small shapes not annotated one by one
+        cid = ids[int(rng.integers(len(ids)))]
+        qx, qy = int(rng.integers(2)) * width // 2, int(rng.integers(2)) * height // 2
+        boxes = []
+        for _ in range(int(rng.integers(4, 9))):
+            s = int(rng.integers(6, 11))
+            x0, y0 = qx + int(rng.integers(0, width // 2 - s)), qy + int(rng.integers(0, height // 2 - s))
+            boxes.append((x0, y0, x0 + s, y0 + s))
+            _draw_varied(draw, VARIED[cid], boxes[-1], tuple(VARIED_HUES[cid]))
+        b = np.array(boxes)
+        objects.append((cid, (int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())), 1))
+    placed = [box for _, box, _ in objects]
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        w, h = (int(rng.integers(12, max(13, d // 2))) for d in (width, height))
+        x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        if any(x0 < q[2] and x0 + w > q[0] and y0 < q[3] and y0 + h > q[1] for q in placed):
+            continue  # overlaps a shape or the crowd: left out
+        cid = ids[int(rng.integers(len(ids)))]
+        colour = tuple(int(c) for c in np.clip(np.array(VARIED_HUES[cid]) + rng.integers(-40, 41, size=3), 0, 255))
+        _draw_varied(draw, VARIED[cid], (x0, y0, x0 + w, y0 + h), colour)
+        placed.append((x0, y0, x0 + w, y0 + h))
+        objects.append((cid, placed[-1], 0))
+    return image, objects
+
+
+def write_varied_dataset(out: str, num_images: int = 600, seed: int = 0, val_fraction: float = 0.25,
+                         sizes: tuple[int, int] = (112, 208)) -> dict:
+    """A COCO-layout folder of `varied_scene`s (images of 112-208 pixels a side, drawn per image), as
+    `write_dataset` writes the shapes. Returns {split: number of images}."""
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(num_images * val_fraction)))
+    counts, ann_id = {}, 1
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    for split, n, first in (("train", num_images - n_val, 1), ("val", n_val, num_images - n_val + 1)):
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(first, first + n):
+            h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+            image, objects = varied_scene(rng, h, w)
+            name = f"{image_id:06d}.jpg"
+            image.save(os.path.join(out, split, name), quality=92)
+            images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+            for cid, (x0, y0, x1, y1), crowd in objects:
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": cid, "iscrowd": crowd,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+                ann_id += 1
+        data = {"images": images, "annotations": annotations,
+                "categories": [{"id": i, "name": n, "supercategory": "shape"} for i, n in VARIED.items()]}
+        with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(data, f)
+        counts[split] = n
+    return counts

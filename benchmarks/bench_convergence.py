@@ -1,0 +1,119 @@
+"""How fast a preset learns a new dataset: steps to val AP50 0.3 and 0.5, and AP50 after a fixed budget, for plain
+DETR and each training option, over seeds (the spread matters as much as the mean), on two synthetic datasets
+of different sizes and class sets that the project generates:
+
+- shapes: `write_dataset`'s rectangles, ellipses and triangles (ids 1-3) at the demo's 128x160;
+- varied: `write_varied_dataset`'s diamonds, crosses and rings (ids 7, 15, 23) of mixed image sizes, with crowd
+  regions and empty images.
+
+    .venv/bin/python benchmarks/bench_convergence.py [--sets shapes varied] [--seeds 0 1 2] [--steps 1500]
+        [--variant NAME:key=value,key=value ...] [--preset demo] [--out /tmp/bench_convergence]
+
+Each variant is the preset with its overrides (default: `plain` = one query group, `groups` = the preset's
+Group DETR); evaluations about every `--eval-steps`. Prints the CPU model, a line per run, a table per set and
+last one JSON object: per set and variant the steps to 0.3 / 0.5 per seed (null: not reached), the median,
+AP50 at the end (mean, min, max), minutes, and each variant's ratio of median steps to 0.5 against the first
+variant's.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+
+DEFAULT_VARIANTS = ["plain:model.query_groups=1", "groups:model.query_groups=4"]
+
+
+def write_set(name: str, out: str) -> str:
+    from detrax import configs
+    from detrax.data.synthetic import write_dataset, write_varied_dataset
+
+    path = os.path.join(out, "data", name)
+    if not os.path.isdir(os.path.join(path, "annotations")):
+        if name == "shapes":
+            write_dataset(path, 1600, seed=101, val_fraction=0.25, shape=configs.DEMO_SHAPE)
+        else:
+            write_varied_dataset(path, 600, seed=202)
+    return path
+
+
+def first_step(curve, level):
+    return next((step for step, ap in curve if ap >= level), None)
+
+
+def one_run(preset, overrides, data, workdir, seed, steps, eval_steps):
+    from detrax import configs
+    from detrax.data.sources import read_split
+    from detrax.train import Run, fit
+
+    images = len(read_split(data, "train").records)
+    cfg = configs.override(configs.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
+    per_epoch = images // cfg.train.batch_size
+    cfg = configs.override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
+    t0 = time.perf_counter()
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        fit(cfg, Run(data, workdir))  # its metrics.jsonl holds the curve
+    minutes = (time.perf_counter() - t0) / 60
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    curve = [(r["step"], r["AP50"]) for r in rows if r["kind"] == "eval"]
+    return {"curve": curve, "minutes": minutes}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sets", nargs="+", default=["shapes", "varied"], choices=["shapes", "varied"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-steps", type=int, default=250)
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--variant", action="append", default=None, help="NAME:key=value,key=value (repeatable)")
+    p.add_argument("--out", default="/tmp/bench_convergence")
+    args = p.parse_args()
+    from detrax.devices import prefer_eigen_convolutions
+
+    prefer_eigen_convolutions()  # as the `detrax` command
+    print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]
+          .strip(), flush=True)
+    variants = [(v.split(":", 1)[0], [o for o in v.split(":", 1)[1].split(",") if o] if ":" in v else [])
+                for v in (args.variant or DEFAULT_VARIANTS)]
+    figures: dict = {"preset": args.preset, "steps": args.steps, "seeds": args.seeds}
+    for name in args.sets:
+        data = write_set(name, args.out)
+        figures[name] = {}
+        for variant, overrides in variants:
+            runs = []
+            for seed in args.seeds:
+                workdir = os.path.join(args.out, "runs", f"{name}-{variant}-{seed}")
+                shutil.rmtree(workdir, ignore_errors=True)
+                r = one_run(args.preset, overrides, data, workdir, seed, args.steps, args.eval_steps)
+                runs.append(r)
+                print(f"{name} {variant} seed {seed}: {r['minutes']:.1f} min, AP50 by step "
+                      f"{' '.join(f'{s}:{ap:.3f}' for s, ap in r['curve'])}", flush=True)
+            to = {lv: [first_step(r["curve"], lv) for r in runs] for lv in (0.3, 0.5)}
+            finals = [r["curve"][-1][1] if r["curve"] else 0.0 for r in runs]
+            reached = [s for s in to[0.5] if s is not None]
+            figures[name][variant] = {
+                "steps_to_0.3": to[0.3], "steps_to_0.5": to[0.5],
+                "median_steps_to_0.5": statistics.median(reached) if len(reached) == len(runs) else None,
+                "ap50_end_mean": round(statistics.mean(finals), 3), "ap50_end_min": round(min(finals), 3),
+                "ap50_end_max": round(max(finals), 3),
+                "minutes_mean": round(statistics.mean(r["minutes"] for r in runs), 1)}
+        base = figures[name][variants[0][0]]["median_steps_to_0.5"]
+        print(f"\n{name}: variant, steps to AP50 0.3 / 0.5 per seed, AP50 at {args.steps} (mean [min, max])")
+        for variant, _ in variants:
+            f = figures[name][variant]
+            mine = f["median_steps_to_0.5"]
+            f["ratio_steps_to_0.5"] = round(mine / base, 2) if mine and base else None
+            print(f"  {variant:12s} {f['steps_to_0.3']} / {f['steps_to_0.5']}  {f['ap50_end_mean']:.3f} "
+                  f"[{f['ap50_end_min']:.3f}, {f['ap50_end_max']:.3f}]  ratio {f['ratio_steps_to_0.5']}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
