@@ -34,6 +34,13 @@ class ModelConfig:
     # Inference runs the first group, the official `query_embed`; the others (`group_queries`) are training-only
     # weights. 1: the official DETR
     query_groups: int = 1
+    # DN-DETR's denoising (Li et al. 2022), training only (`denoising.py`): this many groups of every target's box
+    # and label, noised (centres moved by up to dn_box_noise x half the size, sizes scaled by 1 +- dn_box_noise,
+    # labels redrawn with probability dn_label_noise), decoded as extra queries that must give the targets back
+    # (no matching); their weights (`denoising/`) are training-only. 0: the official DETR
+    dn_groups: int = 0
+    dn_box_noise: float = 0.4
+    dn_label_noise: float = 0.2
     hidden_dim: int = 256
     num_heads: int = 8
     enc_layers: int = 6
@@ -96,6 +103,9 @@ class ModelConfig:
             raise ValueError(f"mask_resize must be torch or half_pixel, not {self.mask_resize!r}")
         if self.query_groups < 1:
             raise ValueError(f"query_groups must be at least 1, not {self.query_groups}")
+        if self.dn_groups < 0 or not 0 <= self.dn_label_noise <= 1 or self.dn_box_noise < 0:
+            raise ValueError(f"dn_groups must be at least 0 (got {self.dn_groups}), dn_label_noise in [0, 1] (got "
+                             f"{self.dn_label_noise}), dn_box_noise at least 0 (got {self.dn_box_noise})")
         for name in ("pixel_mean", "pixel_std"):  # tuples of floats, also when read back from JSON lists
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:

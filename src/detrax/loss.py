@@ -7,8 +7,9 @@ Names follow the official ones: `loss_ce`, `loss_bbox`, `loss_giou`, `cardinalit
 the last layer, with `_i` for decoder layer i of the auxiliary outputs (no `class_error_i`, as the official).
 With Group DETR's extra query groups (the model's `group_outputs`, in training), every layer of every group is
 matched on its own in the same batched call; `loss` adds the groups' weighted losses, also reported alone as
-`loss_groups`. With the mask head's `pred_masks` and target `masks`, the official `loss_mask` (sigmoid focal)
-and `loss_dice` of the last layer's matched masks join the sum.
+`loss_groups`. With DN-DETR's denoising groups (`dn_outputs`), query i of every layer of every group is scored
+against target i, no matching: `loss_dn`. With the mask head's `pred_masks` and target `masks`, the official
+`loss_mask` (sigmoid focal) and `loss_dice` of the last layer's matched masks join the sum.
 """
 
 from __future__ import annotations
@@ -104,5 +105,13 @@ def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None,
     if len(groups) > 1:
         out["loss_groups"] = sum(w * terms[k][per_group:].sum() for k, w in weights.items())
         out["loss"] = out["loss"] + out["loss_groups"]
+    if outputs.get("dn_outputs"):  # denoising: query i of each group gives target i back, every layer scored
+        dn = [o for g in outputs["dn_outputs"] for o in (list(g.get("aux_outputs", [])) if cfg.aux_loss else []) + [g]]
+        dn_logits = jnp.stack([o["pred_logits"] for o in dn])  # [K*L, B, Q, C+1]
+        identity = jnp.broadcast_to(jnp.arange(labels.shape[1]), (len(dn),) + labels.shape)  # [K*L, B, M]
+        dn_terms = layer_losses(dn_logits, jnp.stack([o["pred_boxes"] for o in dn]), labels, tgt_boxes, valid,
+                                identity, num_boxes, cfg.eos_coef)
+        out["loss_dn"] = sum(w * dn_terms[k].sum() for k, w in weights.items())
+        out["loss"] = out["loss"] + out["loss_dn"]
     return out
 

@@ -7,6 +7,7 @@ from flax import nnx
 from detrax import backbones
 from detrax.backbone import Frozen
 from detrax.configs import ModelConfig
+from detrax.denoising import Denoising
 from detrax.position_encoding import resize_mask, sine_position_embedding
 from detrax.segmentation import MaskHead, MHAttentionMap
 from detrax.transformer import Transformer
@@ -39,6 +40,8 @@ class DETR(nnx.Module):
       aux_outputs                list over the first L - 1 decoder layers of dicts with the same two keys
       group_outputs              in training with `query_groups` G > 1 only: a list over the G - 1 extra query
                                  groups of dicts with the three keys above
+      dn_outputs                 in training with `dn_groups` K > 0 and `denoise` given only: a list over the K
+                                 denoising groups of such dicts, query i of each the noised target i
       pred_masks  [B, Q, H', W'] with `masks` only: mask logits at layer1's size (H' = ceil(H / 4)), from the
                                  last decoder layer (the official DETRsegm)
     Outputs are float32 whatever the compute dtype.
@@ -68,8 +71,12 @@ class DETR(nnx.Module):
             self.bbox_attention = MHAttentionMap(c.hidden_dim, c.num_heads, dtype, rngs=rngs)
             self.mask_head = MaskHead(c.hidden_dim + c.num_heads, fpn_dims, c.hidden_dim, dtype,
                                       c.mask_attention_gain, rngs=rngs)
+        if c.dn_groups > 0:  # DN-DETR's denoising queries' embeddings: weights of training only (drawn last: the
+            self.denoising = Denoising(c.num_classes, c.hidden_dim, dtype, rngs=rngs)  # others as without them)
 
-    def __call__(self, pixels, mask=None):
+    def __call__(self, pixels, mask=None, denoise=None):
+        """`denoise`: (labels [K, B, M], boxes [K, B, M, 4]) noised targets (`denoising.noise_targets`), decoded
+        in training when the model has `dn_groups`; ignored otherwise."""
         pixels = jnp.asarray(pixels, self.dtype)  # [B, H, W, 3]
         mask = jnp.ones(pixels.shape[:3], bool) if mask is None else jnp.asarray(mask, bool)  # [B, H, W]
         levels = self.backbone.pyramid(pixels, mask) if self.config.masks else [self.backbone(pixels, mask)]
@@ -83,15 +90,20 @@ class DETR(nnx.Module):
         groups = self.config.query_groups if not self.deterministic else 1
         if groups > 1:
             queries = jnp.concatenate([queries[None], self.group_queries[...]])  # [G, Q, D]
+        extra = None
+        if denoise is not None and self.config.dn_groups > 0 and not self.deterministic:
+            extra = self.denoising(*denoise, self.config.num_queries)  # [K * B, Q, D] each
         hs, memory = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), queries,
-                                      pos.reshape(b, h * w, d))  # [L, G * B, Q, D], [B, h * w, D]
+                                      pos.reshape(b, h * w, d), extra)  # [L, (G + K) * B, Q, D], [B, h * w, D]
         logits = self.class_embed(hs).astype(jnp.float32)  # [L, G * B, Q, C + 1]
         boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, G * B, Q, 4]
         out = [{"pred_logits": logits[-1, g * b:(g + 1) * b], "pred_boxes": boxes[-1, g * b:(g + 1) * b],
                 "aux_outputs": [{"pred_logits": a[g * b:(g + 1) * b], "pred_boxes": bb[g * b:(g + 1) * b]}
-                                for a, bb in zip(logits[:-1], boxes[:-1])]} for g in range(groups)]
+                                for a, bb in zip(logits[:-1], boxes[:-1])]} for g in range(hs.shape[1] // b)]
         if groups > 1:
-            out[0]["group_outputs"] = out[1:]
+            out[0]["group_outputs"] = out[1:groups]
+        if extra is not None:
+            out[0]["dn_outputs"] = out[groups:]
         if self.config.masks:
             attention = self.bbox_attention(hs[-1, :b], memory.reshape(b, h, w, d), mask)  # [B, Q, N, h, w]
             out[0]["pred_masks"] = self.mask_head(src, attention, levels[2::-1])  # [B, Q, H / 4, W / 4]

@@ -129,7 +129,8 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
         opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=wrt)
         graphdef, state = nnx.split((model, opt))
         state = replicate(state, replicated)
-        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh), wrt)
+        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh), wrt,
+                               tc.seed)
 
         train_data = dataset(train_ds.records, Augment(True, dc), tc.batch_size // n_proc, max_targets=dc.max_targets,
                              step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from detrax.data.transforms import normalize_batch
+from detrax.denoising import noise_targets
 
 BATCH_KEYS = ("pixels", "mask", "labels", "boxes", "valid")  # what the step reads of a loader batch
 MASK_KEYS = ("masks",)  # and with segmentation targets
@@ -29,11 +30,12 @@ def compiler_options() -> dict | None:
     return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
 
 
-def make_train_step(graphdef, loss_fn, wrt=nnx.Param):
+def make_train_step(graphdef, loss_fn, wrt=nnx.Param, seed: int = 0):
     """A jitted (state, batch, i) -> (state, metrics): forward, set loss, backward, clip, AdamW at the learning
     rate of loop step `i` (0-based). A step whose loss or gradient is not finite changes nothing (the state
     passes through) and reports `skipped` = 1. `graphdef` and the state are `nnx.split((model, optimizer))`'s;
-    `wrt` is the optimizer's (`trainable`): only those weights get gradients."""
+    `wrt` is the optimizer's (`trainable`): only those weights get gradients. A model with `dn_groups` gets the
+    targets noised afresh each step (`denoising.noise_targets`, from `seed` and `i`)."""
 
     @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
     def step(state, batch, i):
@@ -43,8 +45,14 @@ def make_train_step(graphdef, loss_fn, wrt=nnx.Param):
         pixels = normalize_batch(batch["pixels"], batch["mask"], c.pixel_mean, c.pixel_std)  # [B, H, W, 3] float32
         targets = {k: batch[k] for k in ("labels", "boxes", "valid", *MASK_KEYS) if k in batch}
 
+        denoise = None
+        if c.dn_groups > 0:
+            denoise = noise_targets(jax.random.fold_in(jax.random.key(seed), i), jnp.asarray(targets["labels"]),
+                                    jnp.asarray(targets["boxes"], jnp.float32), jnp.asarray(targets["valid"], bool),
+                                    c.dn_groups, c.num_classes, c.dn_box_noise, c.dn_label_noise)
+
         def objective(model):
-            terms = loss_fn(model(pixels, batch["mask"]), targets)
+            terms = loss_fn(model(pixels, batch["mask"], denoise), targets)
             return terms["loss"], terms
 
         (loss, terms), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)

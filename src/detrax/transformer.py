@@ -129,21 +129,26 @@ class Transformer(nnx.Module):
         self.encoder_norm = _norm(d, dtype, eps, rngs) if pre_norm else None  # the official: with pre-norm only
         self.decoder_norm = _norm(d, dtype, eps, rngs)
 
-    def __call__(self, src, key_mask, query_embed, pos):
+    def __call__(self, src, key_mask, query_embed, pos, extra=None):
         """src, pos [B, S, D]; key_mask [B, S] (True: real); query_embed [Q, D] -> hs [L, B, Q, D], memory.
         With query groups, query_embed [G, Q, D] -> hs [L, G * B, Q, D] (group-major): each group decodes the same
-        memory on its own, so self-attention stays within a group (Group DETR)."""
+        memory on its own, so self-attention stays within a group (Group DETR). `extra`: (content, position)
+        [K * B, Q, D] of K more blocks of per-image queries (denoising), decoded after the groups in the same way:
+        hs [L, (G + K) * B, Q, D]."""
         memory = src
         for layer in self.encoder:
             memory = layer(memory, key_mask, pos)
         if self.encoder_norm is not None:
             memory = self.encoder_norm(memory)
         b, queries = src.shape[0], query_embed.reshape((-1,) + query_embed.shape[-2:])  # [G, Q, D]
-        g = queries.shape[0]
         query_pos = jnp.repeat(queries.astype(src.dtype), b, axis=0)  # [G * B, Q, D]
-        dec_memory, dec_mask, dec_pos = (jnp.tile(x, (g,) + (1,) * (x.ndim - 1)) if g > 1 else x
-                                         for x in (memory, key_mask, pos))  # [G * B, S, ...]
         tgt = jnp.zeros_like(query_pos)  # [G * B, Q, D]
+        if extra is not None:
+            tgt = jnp.concatenate([tgt, extra[0].astype(src.dtype)])  # [(G + K) * B, Q, D]
+            query_pos = jnp.concatenate([query_pos, extra[1].astype(src.dtype)])
+        g = query_pos.shape[0] // b
+        dec_memory, dec_mask, dec_pos = (jnp.tile(x, (g,) + (1,) * (x.ndim - 1)) if g > 1 else x
+                                         for x in (memory, key_mask, pos))  # [(G + K) * B, S, ...]
         hs = []
         for layer in self.decoder:
             tgt = layer(tgt, dec_memory, dec_mask, dec_pos, query_pos)

@@ -1,0 +1,112 @@
+"""DN-DETR's denoising queries: the noise's bounds, no leak into the matched queries, inference unchanged, the loss
+without matching, and a training run that uses them."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from detrax import configs
+from detrax.configs import LossConfig, ModelConfig
+from detrax.denoising import noise_targets
+from detrax.loss import set_loss
+from detrax.model import DETR, weight_arrays
+
+CFG = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=4, num_classes=5,
+                  enc_layers=1, dec_layers=2, ffn_dim=32, num_queries=6, query_groups=2, dn_groups=2, dropout=0.0)
+
+
+def _targets(seed=1):
+    rng = np.random.default_rng(seed)
+    labels = jnp.array([[1, 3, 4, 0], [2, 0, 0, 0]])
+    valid = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    return labels, jnp.asarray(rng.uniform(0.2, 0.6, (2, 4, 4)), jnp.float32), valid
+
+
+def test_noise_stays_within_dn_detrs_bounds():
+    labels, boxes, valid = _targets()
+    big = (jnp.tile(labels, (64, 1)), jnp.tile(boxes, (64, 1, 1)), jnp.tile(valid, (64, 1)))
+    nl, nb = noise_targets(jax.random.key(0), *big, groups=3, num_classes=5, box_noise=0.4, label_noise=0.2)
+    assert nl.shape == (3, 128, 4) and nb.shape == (3, 128, 4, 4)
+    v = np.asarray(big[2])
+    assert (np.asarray(nl)[:, ~v] == 5).all() and (np.asarray(nb)[:, ~v] == 0.5).all()  # empty slots: no-object
+    flipped = (np.asarray(nl) != np.asarray(big[0]))[:, v]
+    assert 0.1 < flipped.mean() < 0.2  # redrawn with probability 0.2, a fifth of which land on the same class
+    b, n = np.asarray(big[1])[v], np.asarray(nb)[:, v]  # [n, 4], [K, n, 4] (nothing clipped at these sizes)
+    assert (np.abs(n[..., :2] - b[:, :2]) <= 0.2 * b[:, 2:] + 1e-6).all()
+    ratio = n[..., 2:] / b[:, 2:]
+    assert (ratio >= 0.6 - 1e-6).all() and (ratio <= 1.4 + 1e-6).all() and ratio.std() > 0.1
+    same = noise_targets(jax.random.key(0), *big, groups=3, num_classes=5, box_noise=0.0, label_noise=0.0)
+    np.testing.assert_array_equal(np.asarray(same[0])[:, v], np.broadcast_to(np.asarray(big[0])[v], (3, v.sum())))
+    np.testing.assert_allclose(np.asarray(same[1])[:, v], np.broadcast_to(b, (3,) + b.shape), atol=1e-7)
+
+
+def test_denoising_queries_do_not_leak_and_inference_is_the_plain_detr():
+    x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    model = DETR(CFG, rngs=nnx.Rngs(0))
+    model.train()
+    labels, boxes, valid = _targets()
+    one = model(x, None, noise_targets(jax.random.key(0), labels, boxes, valid, 2, 5))
+    two = model(x, None, noise_targets(jax.random.key(1), labels, boxes, valid, 2, 5))
+    none = model(x, None)
+    assert len(one["dn_outputs"]) == 2 and one["dn_outputs"][0]["pred_boxes"].shape == (2, 6, 4)
+    assert "dn_outputs" not in none and len(one["dn_outputs"][1]["aux_outputs"]) == 1
+    for out in (two, none):  # the matched queries and the query groups never see the denoising queries
+        np.testing.assert_allclose(one["pred_logits"], out["pred_logits"], atol=1e-5)
+        np.testing.assert_allclose(one["group_outputs"][0]["pred_boxes"], out["group_outputs"][0]["pred_boxes"],
+                                   atol=1e-6)
+    assert np.abs(one["dn_outputs"][0]["pred_boxes"] - two["dn_outputs"][0]["pred_boxes"]).max() > 1e-3
+    plain = DETR(dataclasses.replace(CFG, dn_groups=0), rngs=nnx.Rngs(0))
+    a, b = weight_arrays(model), weight_arrays(plain)
+    assert sorted(set(a) - set(b)) == ["denoising/box_in/bias", "denoising/box_in/kernel", "denoising/box_out/bias",
+                                       "denoising/box_out/kernel", "denoising/label_embed"]
+    assert all(np.array_equal(a[k], b[k]) for k in b)  # drawn last: the other weights as without them
+    model.eval()
+    plain.eval()
+    got = model(x, None, noise_targets(jax.random.key(0), labels, boxes, valid, 2, 5))
+    assert "dn_outputs" not in got
+    np.testing.assert_array_equal(got["pred_boxes"], plain(x, None)["pred_boxes"])
+
+
+def test_the_denoising_loss_scores_query_i_against_target_i_without_matching():
+    labels, boxes, valid = _targets()
+    q, c = 6, 5
+    logits = jnp.zeros((2, q, c + 1))
+    outputs = {"pred_logits": logits, "pred_boxes": jnp.full((2, q, 4), 0.5)}
+    pad = jnp.concatenate([boxes, jnp.full((2, q - 4, 4), 0.5)], 1)
+    onehot = 20.0 * jax.nn.one_hot(jnp.concatenate([jnp.where(valid, labels, c), jnp.full((2, q - 4), c)], 1), c + 1)
+    exact = {"pred_logits": onehot, "pred_boxes": pad}
+    cfg = LossConfig(aux_loss=False)
+    targets = {"labels": labels, "boxes": boxes, "valid": valid}
+    good = set_loss({**outputs, "dn_outputs": [exact]}, targets, cfg)
+    assert float(good["loss_dn"]) < 1e-6
+    swapped = {"pred_logits": onehot, "pred_boxes": pad[:, jnp.array([1, 0, 2, 3, 4, 5])]}  # a matcher would undo it
+    bad = set_loss({**outputs, "dn_outputs": [swapped]}, targets, cfg)
+    assert float(bad["loss_dn"]) > 0.1
+    plain = set_loss(outputs, targets, cfg)
+    np.testing.assert_allclose(float(bad["loss"]) - float(bad["loss_dn"]), float(plain["loss"]), rtol=1e-6)
+
+
+def test_a_run_with_denoising_trains_its_weights_and_reloads(tmp_path):
+    import detrax
+    from detrax import cli
+    from detrax.data.synthetic import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(str(data), 12, seed=3, shape=(64, 80))
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--config", "demo", "--smoke", "--data", str(data), "--workdir", run,
+                     "model.dn_groups=2", "train.steps=3", "train.batch_size=4", "train.log_every=1",
+                     "train.eval_every=0", "data.workers=0"]) == 0
+    rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["kind"] == "train"]
+    assert len(rows) == 3 and all(np.isfinite(r["loss_dn"]) and r["loss_dn"] > 0 for r in rows)
+    detector = detrax.load(run)
+    assert detector.model.config.dn_groups == 2
+    before = weight_arrays(DETR(dataclasses.replace(detector.model.config), rngs=nnx.Rngs(42)))
+    after = weight_arrays(detector.model)
+    assert not np.array_equal(before["denoising/label_embed"], after["denoising/label_embed"])  # it learned
+    assert configs.get("demo").model.dn_groups == 0
