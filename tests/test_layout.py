@@ -7,7 +7,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "detrax"
 FLOORS = [
     {"errors", "configs"},  # read by every floor (configs validates names against the registries below it)
     {"box_ops", "position_encoding", "attention", "devices", "coco_names"},
-    {"keys", "backbone", "bit", "backbones", "transformer", "segmentation", "denoising", "model"},
+    {"keys", "backbone", "bit", "backbones", "transformer", "segmentation", "denoising", "encoder_head",
+     "model"},
     {"matching", "loss", "postprocess", "pq", "panoptic"},
     {"data"},
     {"weights", "convert", "flax_detr", "checkpoint"},

@@ -143,6 +143,9 @@ def test_panoptic_task_trains_evaluates_and_predicts(pan, tmp_path, capsys):
     assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run]) == 2
     assert "freeze_detector=true trains the mask head alone on a trained detector: give" in capsys.readouterr().err
     assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run,
+                     "model.dn_groups=2"]) == 2
+    assert "denoising queries and encoder head would run frozen, for nothing" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run,
                      "train.batch_size=4", "data.workers=0", "train.log_every=1", "train.freeze_detector=false"]) == 0
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     train = [r for r in rows if r["kind"] == "train"]

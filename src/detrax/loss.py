@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from detrax.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from detrax.configs import LossConfig
+from detrax.encoder_head import assign
 from detrax.matching import cost_matrix, match
 from detrax.segmentation import resize_bilinear
 
@@ -70,6 +71,30 @@ def mask_losses(pred_masks, tgt_masks, valid, query_for_target, num_boxes, alpha
     return {"loss_mask": (focal.mean((2, 3)) * vf).sum() / num_boxes, "loss_dice": (dice * vf).sum() / num_boxes}
 
 
+def encoder_losses(enc, labels, tgt_boxes, valid, eos_coef, axis_name=None):
+    """The encoder head's dense losses (`encoder_head.py`): cross-entropy over the image's tokens (no-object
+    weighted `eos_coef`); L1 and GIoU of the positive tokens' boxes, averaged over the positive tokens (of all
+    devices with `axis_name`); L1 of every token's own centre (`loss_centre`), averaged over the tokens."""
+    num_classes = enc["pred_logits"].shape[-1] - 1
+    target, positive = assign(enc["centres"], enc["grid"], labels, tgt_boxes, valid)  # [B, T] each
+    classes = jnp.where(positive, jnp.take_along_axis(labels, target, axis=1), num_classes)  # [B, T]
+    logp = jax.nn.log_softmax(enc["pred_logits"], axis=-1)  # [B, T, C+1]
+    nll = -jnp.take_along_axis(logp, classes[..., None], axis=-1)[..., 0]  # [B, T]
+    w = jnp.where(positive, 1.0, eos_coef) * enc["token_valid"]  # [B, T]
+    pos = (positive & enc["token_valid"]).astype(jnp.float32)  # [B, T]
+    num_pos = pos.sum() if axis_name is None else jax.lax.psum(pos.sum(), axis_name)
+    num_pos = jnp.maximum(num_pos, 1.0)
+    tgt = jnp.take_along_axis(tgt_boxes, target[..., None], axis=1)  # [B, T, 4]
+    src = enc["pred_boxes"]  # [B, T, 4]
+    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))  # [B, T]
+    tokens = enc["token_valid"].astype(jnp.float32)  # [B, T]
+    where = jnp.abs(enc["pred_centres"] - enc["centres"]).sum(-1)  # [B, T]
+    return {"loss_ce": (w * nll).sum() / jnp.maximum(w.sum(), 1e-6),
+            "loss_bbox": (jnp.abs(src - tgt).sum(-1) * pos).sum() / num_pos,
+            "loss_centre": (where * tokens).sum() / jnp.maximum(tokens.sum(), 1.0),
+            "loss_giou": ((1 - jnp.where(pos > 0, giou, 1.0)) * pos).sum() / num_pos}
+
+
 def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None, mesh=None) -> dict:
     """outputs: the model's dict; targets: `labels` [B, M] int, `boxes` [B, M, 4] normalised (cx, cy, w, h),
     `valid` [B, M] bool, and with a mask head `masks` [B, M, H, W] bool at the padded images' size; `cfg`: the
@@ -113,5 +138,9 @@ def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None,
                                 identity, num_boxes, cfg.eos_coef)
         out["loss_dn"] = sum(w * dn_terms[k].sum() for k, w in weights.items())
         out["loss"] = out["loss"] + out["loss_dn"]
+    if "enc_outputs" in outputs:  # the encoder head's dense one-to-many supervision
+        enc = encoder_losses(outputs["enc_outputs"], labels, tgt_boxes, valid, cfg.eos_coef, axis_name)
+        out["loss_enc"] = sum(w * enc[k] for k, w in weights.items()) + cfg.bbox_weight * enc["loss_centre"]
+        out["loss"] = out["loss"] + out["loss_enc"]
     return out
 

@@ -8,6 +8,7 @@ from detrax import backbones
 from detrax.backbone import Frozen
 from detrax.configs import ModelConfig
 from detrax.denoising import Denoising
+from detrax.encoder_head import EncoderHead
 from detrax.position_encoding import resize_mask, sine_position_embedding
 from detrax.segmentation import MaskHead, MHAttentionMap
 from detrax.transformer import Transformer
@@ -42,6 +43,8 @@ class DETR(nnx.Module):
                                  groups of dicts with the three keys above
       dn_outputs                 in training with `dn_groups` K > 0 and `denoise` given only: a list over the K
                                  denoising groups of such dicts, query i of each the noised target i
+      enc_outputs                in training with `encoder_head` only: the encoder head's per-token pred_logits
+                                 [B, h * w, C + 1] and pred_boxes [B, h * w, 4], with the tokens' centres
       pred_masks  [B, Q, H', W'] with `masks` only: mask logits at layer1's size (H' = ceil(H / 4)), from the
                                  last decoder layer (the official DETRsegm)
     Outputs are float32 whatever the compute dtype.
@@ -73,6 +76,8 @@ class DETR(nnx.Module):
                                       c.mask_attention_gain, rngs=rngs)
         if c.dn_groups > 0:  # DN-DETR's denoising queries' embeddings: weights of training only (drawn last: the
             self.denoising = Denoising(c.num_classes, c.hidden_dim, dtype, rngs=rngs)  # others as without them)
+        if c.encoder_head:  # the encoder's dense supervision: weights of training only (drawn last, as above)
+            self.encoder_head = EncoderHead(c.hidden_dim, c.num_classes, dtype, rngs=rngs)
 
     def __call__(self, pixels, mask=None, denoise=None):
         """`denoise`: (labels [K, B, M], boxes [K, B, M, 4]) noised targets (`denoising.noise_targets`), decoded
@@ -95,8 +100,8 @@ class DETR(nnx.Module):
             extra = self.denoising(*denoise, self.config.num_queries)  # [K * B, Q, D] each
         hs, memory = self.transformer(src.reshape(b, h * w, d), mask.reshape(b, h * w), queries,
                                       pos.reshape(b, h * w, d), extra)  # [L, (G + K) * B, Q, D], [B, h * w, D]
-        logits = self.class_embed(hs).astype(jnp.float32)  # [L, G * B, Q, C + 1]
-        boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, G * B, Q, 4]
+        logits = self.class_embed(hs).astype(jnp.float32)  # [L, (G + K) * B, Q, C + 1]
+        boxes = jax.nn.sigmoid(self.bbox_embed(hs).astype(jnp.float32))  # [L, (G + K) * B, Q, 4]
         out = [{"pred_logits": logits[-1, g * b:(g + 1) * b], "pred_boxes": boxes[-1, g * b:(g + 1) * b],
                 "aux_outputs": [{"pred_logits": a[g * b:(g + 1) * b], "pred_boxes": bb[g * b:(g + 1) * b]}
                                 for a, bb in zip(logits[:-1], boxes[:-1])]} for g in range(hs.shape[1] // b)]
@@ -104,6 +109,8 @@ class DETR(nnx.Module):
             out[0]["group_outputs"] = out[1:groups]
         if extra is not None:
             out[0]["dn_outputs"] = out[groups:]
+        if self.config.encoder_head and not self.deterministic:
+            out[0]["enc_outputs"] = self.encoder_head(memory.reshape(b, h, w, d), mask)
         if self.config.masks:
             attention = self.bbox_attention(hs[-1, :b], memory.reshape(b, h, w, d), mask)  # [B, Q, N, h, w]
             out[0]["pred_masks"] = self.mask_head(src, attention, levels[2::-1])  # [B, Q, H / 4, W / 4]

@@ -106,6 +106,10 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
         where = os.path.abspath(run.data_dir) if os.path.exists(run.data_dir) else run.data_dir  # or tfds:...
         data = {"path": where, "split": split, "images": len(train_ds.records)}
         begin = start.plan(cfg, run.workdir, run.resume, run.init, data, ckpts, run.allow_changes)
+        if tc.freeze_detector and (cfg.model.dn_groups or cfg.model.encoder_head):
+            raise ValueError("train.freeze_detector=true trains the mask head alone: the detector's training-only "
+                             "denoising queries and encoder head would run frozen, for nothing; set "
+                             "model.dn_groups=0 and model.encoder_head=false")
         if tc.freeze_detector and not begin.record.get("init"):
             raise ValueError("train.freeze_detector=true trains the mask head alone on a trained detector: give the "
                              "detector's weights with --init (a detrax run or weights file, an official or HF "

@@ -167,7 +167,7 @@ def digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
-_FRESH_IF_ABSENT = ("group_queries", "denoising/", "mask_head/", "bbox_attention/")
+_FRESH_IF_ABSENT = ("group_queries", "denoising/", "encoder_head/", "mask_head/", "bbox_attention/")
 
 
 def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
