@@ -109,4 +109,4 @@ def test_a_run_with_denoising_trains_its_weights_and_reloads(tmp_path):
     before = weight_arrays(DETR(dataclasses.replace(detector.model.config), rngs=nnx.Rngs(42)))
     after = weight_arrays(detector.model)
     assert not np.array_equal(before["denoising/label_embed"], after["denoising/label_embed"])  # it learned
-    assert configs.get("demo").model.dn_groups == 0
+    assert configs.get("detr_r50").model.dn_groups == 0 and configs.get("demo").model.dn_groups == 2
