@@ -65,7 +65,8 @@ def test_the_encoder_head_runs_in_training_only_and_leaves_inference_as_the_plai
 def _enc(pred_boxes, classes, num_classes=5):
     centres = jnp.array([[[0.25, 0.5], [0.75, 0.5]]])  # one image, 2 x 1 tokens
     return {"pred_logits": 30.0 * jnp.eye(num_classes + 1)[jnp.array([classes])], "pred_boxes": pred_boxes,
-            "pred_centres": centres, "centres": centres, "token_valid": jnp.ones((1, 2), bool), "grid": jnp.array([[2.0, 1.0]])}
+            "pred_centres": centres, "centres": centres, "token_valid": jnp.ones((1, 2), bool),
+            "grid": jnp.array([[2.0, 1.0]])}
 
 
 def test_the_encoder_loss_is_zero_for_exact_outputs_and_counts_every_positive_token():
