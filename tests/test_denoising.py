@@ -91,7 +91,8 @@ def test_the_denoising_loss_scores_query_i_against_target_i_without_matching():
     np.testing.assert_allclose(float(bad["loss"]) - float(bad["loss_dn"]), float(plain["loss"]), rtol=1e-6)
 
 
-def test_a_run_with_denoising_trains_its_weights_and_reloads(tmp_path):
+def test_a_run_with_the_training_only_aids_trains_them_and_reloads(tmp_path):
+    """The demo's denoising groups and encoder head (both on in the preset) log their losses, learn, and reload."""
     import detrax
     from detrax import cli
     from detrax.data.synthetic import write_dataset
@@ -100,13 +101,14 @@ def test_a_run_with_denoising_trains_its_weights_and_reloads(tmp_path):
     write_dataset(str(data), 12, seed=3, shape=(64, 80))
     run = str(tmp_path / "run")
     assert cli.main(["train", "--config", "demo", "--smoke", "--data", str(data), "--workdir", run,
-                     "model.dn_groups=2", "train.steps=3", "train.batch_size=4", "train.log_every=1",
-                     "train.eval_every=0", "data.workers=0"]) == 0
+                     "train.steps=3", "train.batch_size=4", "train.log_every=1", "train.eval_every=0",
+                     "data.workers=0"]) == 0
     rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["kind"] == "train"]
-    assert len(rows) == 3 and all(np.isfinite(r["loss_dn"]) and r["loss_dn"] > 0 for r in rows)
+    assert len(rows) == 3 and all(r[k] > 0 and np.isfinite(r[k]) for r in rows for k in ("loss_dn", "loss_enc"))
     detector = detrax.load(run)
-    assert detector.model.config.dn_groups == 2
+    assert detector.model.config.dn_groups == 2 and detector.model.config.encoder_head
     before = weight_arrays(DETR(dataclasses.replace(detector.model.config), rngs=nnx.Rngs(42)))
     after = weight_arrays(detector.model)
-    assert not np.array_equal(before["denoising/label_embed"], after["denoising/label_embed"])  # it learned
-    assert configs.get("detr_r50").model.dn_groups == 0 and configs.get("demo").model.dn_groups == 2
+    for name in ("denoising/label_embed", "encoder_head/class_embed/kernel", "encoder_head/where/kernel"):
+        assert not np.array_equal(before[name], after[name]), name  # it learned
+    assert configs.get("detr_r50").model.dn_groups == 0 and not configs.get("detr_r50").model.encoder_head

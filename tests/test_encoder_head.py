@@ -1,15 +1,12 @@
 """The encoder head's dense supervision (training only): which tokens a box claims, inference unchanged, the loss
-at zero for exact outputs, and a training run that uses it."""
+at zero for exact outputs, and a training run that uses it (test_denoising's, with the demo's aids)."""
 
 import dataclasses
-import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax import configs
 from detrax.configs import LossConfig, ModelConfig
 from detrax.encoder_head import assign
 from detrax.loss import encoder_losses, set_loss
@@ -89,24 +86,3 @@ def test_the_encoder_loss_is_zero_for_exact_outputs_and_counts_every_positive_to
     np.testing.assert_allclose(float(with_head["loss_enc"]), float(wrong_class["loss_ce"]), rtol=1e-6)
     np.testing.assert_allclose(float(with_head["loss"]) - float(with_head["loss_enc"]), float(plain["loss"]),
                                rtol=1e-6)
-
-
-def test_a_run_with_the_encoder_head_trains_it_and_reloads(tmp_path):
-    import detrax
-    from detrax import cli
-    from detrax.data.synthetic import write_dataset
-
-    data = tmp_path / "data"
-    write_dataset(str(data), 12, seed=3, shape=(64, 80))
-    run = str(tmp_path / "run")
-    assert cli.main(["train", "--config", "demo", "--smoke", "--data", str(data), "--workdir", run,
-                     "model.encoder_head=true", "train.steps=3", "train.batch_size=4", "train.log_every=1",
-                     "train.eval_every=0", "data.workers=0"]) == 0
-    rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["kind"] == "train"]
-    assert len(rows) == 3 and all(np.isfinite(r["loss_enc"]) and r["loss_enc"] > 0 for r in rows)
-    detector = detrax.load(run)
-    assert detector.model.config.encoder_head
-    before = weight_arrays(DETR(dataclasses.replace(detector.model.config), rngs=nnx.Rngs(42)))
-    after = weight_arrays(detector.model)
-    assert not np.array_equal(before["encoder_head/class_embed/kernel"], after["encoder_head/class_embed/kernel"])
-    assert not configs.get("detr_r50").model.encoder_head
