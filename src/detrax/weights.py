@@ -168,15 +168,17 @@ def digest(arrays: dict) -> str:
 
 
 _FRESH_IF_ABSENT = ("group_queries", "denoising/", "encoder_head/", "mask_head/", "bbox_attention/")
+_PER_CLASS = ("class_embed", "denoising/label_embed", "encoder_head/class_embed/")  # fresh for another class count
 
 
 def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
     """Copy the weights `source` ({name: array}, read from `path`) into `model` where the shapes agree. The class
-    head may differ (another number of classes) and is then left freshly initialised, unless `class_ids` (the
-    category id of each source class output, as MasterSkepticista/detr's 80 COCO classes) all fit this model's
-    head (whose output i is category i): then each output moves to its id, and the ids the source has no output
-    for stay fresh. A mask head the source lacks (a detector's weights: the panoptic recipe's second stage) stays
-    fresh too. Returns the names left fresh (wholly or in part)."""
+    head may differ (another number of classes) and is then left freshly initialised (so are the training-only
+    aids' per-class weights), unless `class_ids` (the category id of each source class output, as
+    MasterSkepticista/detr's 80 COCO classes) all fit this model's head (whose output i is category i): then each
+    output moves to its id, and the ids the source has no output for stay fresh. A mask head the source lacks (a
+    detector's weights: the panoptic recipe's second stage) stays fresh too. Returns the names left fresh (wholly
+    or in part)."""
     from flax import nnx
 
     from detrax.model import WEIGHTS
@@ -193,9 +195,9 @@ def init_from(model, source: dict, path: str, class_ids=()) -> list[str]:
             fresh.append(f"{name} (outputs of {n + 1 - len(cols)} ids without a source class)")
         elif src is not None and src.shape == value.shape:
             arrays[name] = src
-        elif name.startswith("class_embed") or (src is None and name.startswith(_FRESH_IF_ABSENT)):
+        elif name.startswith(_PER_CLASS) or (src is None and name.startswith(_FRESH_IF_ABSENT)):
             arrays[name] = value  # another class count; a detector's weights for a model with a mask head, or
-            # without Group DETR's training-only queries
+            # without the training-only weights
             fresh.append(name)
         else:
             raise ValueError(f"{path}: weight {name} is {None if src is None else src.shape}, this model needs "
