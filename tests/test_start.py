@@ -125,6 +125,18 @@ def test_config_changes_are_refused_bookkeeping_is_free(tmp_path):
     assert s.restore == 2 and s.changes == ["train.lr: 0.0001 in the run, 0.001 now"]
 
 
+def test_a_run_recorded_by_another_version_names_the_setting_this_one_lacks(tmp_path):
+    old = configs.to_dict(_cfg())
+    old["model"]["position_cycles"] = 1.0  # a setting this version has not
+    del old["model"]["encoder_head"]  # one that came later: its default
+    ckpts = FakeCheckpoints({2: {"step": 2, "config": old}})
+    gone = "model.position_cycles: recorded by another version of detrax, which had this setting; this one has not"
+    with pytest.raises(ResumeConflict, match=rf"checkpoint 2:\n  {gone}\nrun the same command"):
+        start.plan(_cfg(), str(tmp_path), True, None, DATA, ckpts)
+    s = start.plan(_cfg("train.lr=1e-3"), str(tmp_path), True, None, DATA, ckpts, allow_changes=True)
+    assert s.restore == 2 and s.changes == ["train.lr: 0.0001 in the run, 0.001 now", gone]
+
+
 def test_other_training_data_is_refused(tmp_path):
     _recorded(tmp_path, _cfg())
     with pytest.raises(ResumeConflict, match=r"training data: split 'train' of 30 images in /data/other; the run "

@@ -93,10 +93,16 @@ def _check(cfg, recorded_cfg: dict, record: dict, init: str | None, data: dict, 
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every field that differs (bookkeeping fields and the preset's name aside)."""
-    old, new = _flat(configs.to_dict(configs.from_dict(old))), _flat(new)
+    """`key: old -> new` for every field that differs (bookkeeping fields and the preset's name aside). A field
+    that this version of detrax lacks (a run recorded by another version) is a difference too."""
+    valid = set(_flat(new))
+    known = {k: {f: v for f, v in fields.items() if f"{k}.{f}" in valid} if isinstance(fields, dict) else fields
+             for k, fields in old.items()}
+    gone = sorted(set(_flat(old)) - set(_flat(known)))
+    old, new = _flat(configs.to_dict(configs.from_dict(known))), _flat(new)
     return [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-            if k not in BOOKKEEPING and k != "name" and old.get(k) != new.get(k)]
+            if k not in BOOKKEEPING and k != "name" and old.get(k) != new.get(k)] + [
+        f"{k}: recorded by another version of detrax, which had this setting; this one has not" for k in gone]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
