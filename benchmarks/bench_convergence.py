@@ -28,7 +28,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 
 PRESETS = {"shapes": "demo", "varied": "small"}
 PLAIN = "model.query_groups=1,model.dn_groups=0,model.encoder_head=false"  # the official DETR's training
@@ -73,19 +72,19 @@ def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume):
     cfg = configs.override(configs.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
     per_epoch = images // cfg.train.batch_size
     cfg = configs.override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
-    if not resume:
-        shutil.rmtree(workdir, ignore_errors=True)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
+    for again in [True, False] if resume else [False]:  # a resume that conflicts starts again
+        if not again:
+            shutil.rmtree(workdir, ignore_errors=True)
+        os.makedirs(workdir, exist_ok=True)
         try:
-            fit(cfg, Run(data, workdir, resume=resume))  # its metrics.jsonl holds the curve
+            with open(os.path.join(workdir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                fit(cfg, Run(data, workdir, resume=again))  # its metrics.jsonl holds the curve
+            break
         except ResumeConflict as e:
-            print(f"{workdir}: recorded with another config, starting again ({str(e).splitlines()[0]})",
-                  file=sys.__stdout__, flush=True)
-            shutil.rmtree(workdir)
-            os.makedirs(workdir)
-            fit(cfg, Run(data, workdir))
+            if not again:
+                raise
+            print(f"{workdir}: recorded with another config, starting again ({str(e).splitlines()[0]})", flush=True)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     curve = dict((r["step"], r["AP50"]) for r in rows if r["kind"] == "eval")  # a resumed step: its last value
     starts = [i for i, r in enumerate(rows) if r["kind"] in ("start", "resume")] + [len(rows)]
