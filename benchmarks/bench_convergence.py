@@ -37,13 +37,13 @@ DEFAULT_VARIANTS = [f"plain:{PLAIN},train.steps=3x", "aids:"]
 
 
 def write_set(name: str, out: str) -> str:
-    from detrax import configs
+    from detrax import presets
     from detrax.data.synthetic import write_dataset, write_varied_dataset
 
     path = os.path.join(out, "data", name)
     if not os.path.isdir(os.path.join(path, "annotations")):
         if name == "shapes":
-            write_dataset(path, 1600, seed=101, val_fraction=0.25, shape=configs.DEMO_SHAPE)
+            write_dataset(path, 1600, seed=101, val_fraction=0.25, shape=presets.DEMO_SHAPE)
         else:
             write_varied_dataset(path, 600, seed=202)
     return path
@@ -63,13 +63,13 @@ def budget(overrides, steps):
 
 
 def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume):
-    from detrax import configs
+    from detrax import configs, presets
     from detrax.data.sources import read_split
     from detrax.errors import ResumeConflict
     from detrax.train import Run, fit
 
     images = len(read_split(data, "train").records)
-    cfg = configs.override(configs.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
+    cfg = configs.override(presets.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
     per_epoch = images // cfg.train.batch_size
     cfg = configs.override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
     for again in [True, False] if resume else [False]:  # a resume that conflicts starts again

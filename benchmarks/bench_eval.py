@@ -31,7 +31,7 @@ def main():
     import jax
     from flax import nnx
 
-    from detrax import configs
+    from detrax import configs, presets
     from detrax.api import Detector
     from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
@@ -44,7 +44,7 @@ def main():
 
     root = tempfile.mkdtemp(prefix="bench-eval-")
     write_dataset(root, args.images + 8, seed=0, val_fraction=args.images / (args.images + 8))
-    cfg = configs.override(configs.get("demo"), ["model.num_classes=4"])  # the synthetic shapes: ids 1..3
+    cfg = configs.override(presets.get("demo"), ["model.num_classes=4"])  # the synthetic shapes: ids 1..3
     val = read_split(root, "val")
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     model.eval()

@@ -56,9 +56,9 @@ def detector():
     from flax import nnx
 
     import detrax
-    from detrax import configs
+    from detrax import presets
 
-    cfg = dataclasses.replace(configs.detr_r50().model, num_classes=91)
+    cfg = dataclasses.replace(presets.detr_r50().model, num_classes=91)
     return detrax.Detector(detrax.DETR(cfg, rngs=nnx.Rngs(0)))
 
 

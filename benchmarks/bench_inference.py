@@ -24,10 +24,10 @@ def worker_detrax(h, w, iters, bf16=False):
     from flax import nnx
 
     import detrax
-    from detrax import configs
+    from detrax import presets
     from detrax.model import DETR
 
-    cfg = dataclasses.replace(configs.detr_r50().model, num_classes=91)  # COCO
+    cfg = dataclasses.replace(presets.detr_r50().model, num_classes=91)  # COCO
     det = detrax.Detector(DETR(dataclasses.replace(cfg, dtype="bfloat16") if bf16 else cfg, rngs=nnx.Rngs(0)))
     x = np.random.default_rng(0).standard_normal((1, h, w, 3)).astype(np.float32)
     m = np.ones((1, h, w), bool)

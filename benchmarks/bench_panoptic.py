@@ -25,7 +25,7 @@ def main():
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args()
-    from detrax import configs
+    from detrax import presets
     from detrax.data.synthetic import write_panoptic_dataset
     from detrax.devices import prefer_eigen_convolutions
     from detrax.train import Run, fit
@@ -46,9 +46,9 @@ def main():
               flush=True)
         return result["eval"], minutes
 
-    boxes, figures["stage1_min"] = run("detector", configs.get("demo_panoptic_detector"))
+    boxes, figures["stage1_min"] = run("detector", presets.get("demo_panoptic_detector"))
     figures["stage1_AP50"] = round(boxes["AP50"], 3)
-    cfg = configs.get("demo_panoptic")
+    cfg = presets.get("demo_panoptic")
     official = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mask_attention_gain=1.0))
     pq, figures["stage2_min"] = run("masks", cfg, os.path.join(args.out, "detector"))
     pq0, _ = run("masks_official_init", official, os.path.join(args.out, "detector"))

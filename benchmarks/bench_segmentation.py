@@ -28,13 +28,13 @@ def worker_detrax(b, h, w, iters):
     import jax
     from flax import nnx
 
-    from detrax import configs
+    from detrax import presets
     from detrax.devices import prefer_eigen_convolutions
     from detrax.infer import run_model
     from detrax.model import DETR
 
     prefer_eigen_convolutions()
-    cfg = dataclasses.replace(configs.get("detr_r50_panoptic").model, dropout=0.0)
+    cfg = dataclasses.replace(presets.get("detr_r50_panoptic").model, dropout=0.0)
     model = DETR(cfg, rngs=nnx.Rngs(0))
     model.eval()
     graphdef, state = nnx.split(model)

@@ -33,13 +33,13 @@ def worker_detrax(size, iters):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from detrax import configs
+    from detrax import configs, presets
     from detrax.loss import set_loss
     from detrax.model import DETR
     from detrax.optim import optimizer
     from detrax.train_step import make_train_step
 
-    cfg = configs.override(configs.get("detr_r50"), ["model.num_classes=91"])  # COCO
+    cfg = configs.override(presets.get("detr_r50"), ["model.num_classes=91"])  # COCO
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optimizer(cfg.train, 10**6, 10**6), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from detrax import cli, configs
+from detrax import cli, configs, presets
 from detrax import convert as cv
 from detrax.configs import ModelConfig
 from detrax.data.synthetic import write_dataset
@@ -165,7 +165,7 @@ def test_cli_convert_npz(npz, tmp_path, capsys):
 
 
 def test_bit_detr_detections_do_not_depend_on_padding():
-    model = DETR(configs.get("detr_bit_r50", smoke=True).model, rngs=nnx.Rngs(0))
+    model = DETR(presets.get("detr_bit_r50", smoke=True).model, rngs=nnx.Rngs(0))
     model.eval()
     x = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
     mask = np.ones((2, 64, 96), bool)
@@ -177,11 +177,11 @@ def test_bit_detr_detections_do_not_depend_on_padding():
 
 
 def test_presets_and_config_errors():
-    cfg = configs.get("detr_bit_r50")
+    cfg = presets.get("detr_bit_r50")
     assert (cfg.model.backbone, cfg.model.depths, cfg.model.width, cfg.model.frozen_stages) == \
         ("bit50", (3, 4, 6, 3), 64, 1)
-    assert configs.get("detr_bit_r101").model.depths == (3, 4, 23, 3)
-    assert configs.get("detr_bit_r50_dc5").model.dilation
+    assert presets.get("detr_bit_r101").model.depths == (3, 4, 23, 3)
+    assert presets.get("detr_bit_r50_dc5").model.dilation
     x2 = configs.override(cfg, ["model.width=128"]).model
     assert x2.backbone_channels == 4096
     with pytest.raises(ValueError, match="backbone 'bit50' has depths .* use backbone='bit' for custom depths"):
@@ -191,7 +191,7 @@ def test_presets_and_config_errors():
 
 
 def test_root_and_block1_frozen_like_the_resnet():
-    model = DETR(configs.get("detr_bit_r50", smoke=True).model, rngs=nnx.Rngs(0))
+    model = DETR(presets.get("detr_bit_r50", smoke=True).model, rngs=nnx.Rngs(0))
     params = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert not any(k.startswith(("backbone/root", "backbone/block1/")) for k in params)
     assert any(k.startswith("backbone/block2/0/gn1") for k in params)
@@ -199,7 +199,7 @@ def test_root_and_block1_frozen_like_the_resnet():
 
 def test_bit_detr_trains_on_synthetic_data(tmp_path):
     write_dataset(str(tmp_path / "data"), num_images=24, seed=3)
-    cfg = configs.override(configs.get("demo"), ["model.backbone=bit", "model.width=32", "train.steps=20",
+    cfg = configs.override(presets.get("demo"), ["model.backbone=bit", "model.width=32", "train.steps=20",
                                                  "train.lr=1e-3", "train.log_every=1", "train.eval_every=0"])
     fit(cfg, Run(str(tmp_path / "data"), str(tmp_path / "run"), quiet=False))
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]

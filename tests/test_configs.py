@@ -1,6 +1,6 @@
 import pytest
 
-from detrax import configs
+from detrax import configs, presets
 
 
 def test_num_classes_is_auto_or_a_number():
@@ -10,31 +10,31 @@ def test_num_classes_is_auto_or_a_number():
 
     from detrax.model import DETR
 
-    assert configs.override(configs.get("demo"), ["model.num_classes=24"]).model.num_classes == 24
-    assert configs.override(configs.get("tiny"), ["model.num_classes=auto"]).model.num_classes == "auto"
+    assert configs.override(presets.get("demo"), ["model.num_classes=24"]).model.num_classes == 24
+    assert configs.override(presets.get("tiny"), ["model.num_classes=auto"]).model.num_classes == "auto"
     with pytest.raises(ValueError, match="num_classes must be a number or auto, not 'many'"):
-        configs.override(configs.get("demo"), ["model.num_classes=many"])
+        configs.override(presets.get("demo"), ["model.num_classes=many"])
     with pytest.raises(ValueError, match="num_classes must be at least 1"):
-        configs.override(configs.get("demo"), ["model.num_classes=0"])
+        configs.override(presets.get("demo"), ["model.num_classes=0"])
     with pytest.raises(ValueError, match="a training run sets it from its data"):
-        DETR(configs.get("demo").model, rngs=nnx.Rngs(0))
-    assert configs.from_dict(configs.to_dict(configs.get("demo"))) == configs.get("demo")
+        DETR(presets.get("demo").model, rngs=nnx.Rngs(0))
+    assert configs.from_dict(configs.to_dict(presets.get("demo"))) == presets.get("demo")
 
 
 def test_presets():
-    assert configs.get("detr_r50").model.depths == (3, 4, 6, 3)
-    assert configs.get("detr_r101").model.depths == (3, 4, 23, 3)
-    assert configs.get("detr_r50_dc5").model.dilation and configs.get("detr_r101_dc5").model.dilation
-    assert not configs.get("detr_r50").model.dilation
-    m = configs.get("detr_r50").model
+    assert presets.get("detr_r50").model.depths == (3, 4, 6, 3)
+    assert presets.get("detr_r101").model.depths == (3, 4, 23, 3)
+    assert presets.get("detr_r50_dc5").model.dilation and presets.get("detr_r101_dc5").model.dilation
+    assert not presets.get("detr_r50").model.dilation
+    m = presets.get("detr_r50").model
     assert (m.num_queries, m.hidden_dim, m.num_heads, m.enc_layers, m.dec_layers, m.ffn_dim, m.dropout,
             m.num_classes, m.pre_norm) == (100, 256, 8, 6, 6, 2048, 0.1, "auto", False)
     assert m.backbone_channels == 2048
-    assert configs.get("detr_r50", smoke=True).model.hidden_dim < 256
+    assert presets.get("detr_r50", smoke=True).model.hidden_dim < 256
 
 
 def test_override_and_its_errors():
-    cfg = configs.override(configs.get("tiny"), ["model.num_classes=20", "model.pre_norm=true",
+    cfg = configs.override(presets.get("tiny"), ["model.num_classes=20", "model.pre_norm=true",
                                                  "model.depths=1,2,1,1"])
     assert cfg.model.num_classes == 20 and cfg.model.pre_norm and cfg.model.depths == (1, 2, 1, 1)
     with pytest.raises(ValueError, match="unknown config key 'model.num_clases'.*num_classes"):
@@ -44,7 +44,7 @@ def test_override_and_its_errors():
     with pytest.raises(ValueError, match="not key=value"):
         configs.override(cfg, ["model.num_classes"])
     with pytest.raises(ValueError, match="unknown config 'detr_r5'"):
-        configs.get("detr_r5")
+        presets.get("detr_r5")
 
 
 def test_invalid_model_configs():
@@ -57,7 +57,7 @@ def test_invalid_model_configs():
 
 
 def test_model_config_json_round_trip():
-    cfg = configs.get("detr_r101_dc5").model
+    cfg = presets.get("detr_r101_dc5").model
     import json
 
     assert configs.model_config_from_dict(json.loads(configs.model_config_to_json(cfg))) == cfg
@@ -66,10 +66,10 @@ def test_model_config_json_round_trip():
 
 
 def test_length_shortcuts():
-    cfg = configs.override(configs.get("demo"), ["steps=7", "epochs=3", "batch_size=4"])
+    cfg = configs.override(presets.get("demo"), ["steps=7", "epochs=3", "batch_size=4"])
     assert (cfg.train.steps, cfg.train.epochs, cfg.train.batch_size) == (7, 3, 4)
 
 
 def test_config_dict_round_trip():
-    cfg = configs.get("detr_r50_dc5")
+    cfg = presets.get("detr_r50_dc5")
     assert configs.from_dict(configs.to_dict(cfg)) == cfg

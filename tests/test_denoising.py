@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax import configs
+from detrax import presets
 from detrax.configs import LossConfig, ModelConfig
 from detrax.denoising import noise_targets
 from detrax.loss import set_loss
@@ -111,4 +111,4 @@ def test_a_run_with_the_training_only_aids_trains_them_and_reloads(tmp_path):
     after = weight_arrays(detector.model)
     for name in ("denoising/label_embed", "encoder_head/class_embed/kernel", "encoder_head/where/kernel"):
         assert not np.array_equal(before[name], after[name]), name  # it learned
-    assert configs.get("detr_r50").model.dn_groups == 0 and not configs.get("detr_r50").model.encoder_head
+    assert presets.get("detr_r50").model.dn_groups == 0 and not presets.get("detr_r50").model.encoder_head

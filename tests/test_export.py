@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import detrax
-from detrax import backbones, cli, configs
+from detrax import backbones, cli, configs, presets
 from detrax.data.synthetic import scene
 from detrax.export import FORMATS, Shape, export, load_stablehlo
 from detrax.infer import batches
@@ -19,7 +19,7 @@ DATA = configs.DataConfig(val_size=96, max_size=150, bucket_step=32)
 
 @pytest.fixture(scope="module")
 def detector():
-    return detrax.Detector(detrax.DETR(configs.tiny().model, rngs=nnx.Rngs(3)), data=DATA)
+    return detrax.Detector(detrax.DETR(presets.tiny().model, rngs=nnx.Rngs(3)), data=DATA)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_a_model_onnx_cannot_hold_is_named(tmp_path):
     require("jax2onnx", "onnx")
     backbones.register(backbones.Backbone("host", _callback_backbone))
     try:
-        cfg = configs.override(configs.tiny(), ["model.backbone=host"]).model
+        cfg = configs.override(presets.tiny(), ["model.backbone=host"]).model
         det = detrax.Detector(detrax.DETR(cfg, rngs=nnx.Rngs(0)))
         with pytest.raises(ValueError, match="cannot be exported to ONNX: .*'pure_callback'"):
             export(det, tmp_path / "host.onnx", "onnx")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from detrax import backbones, cli, configs, matching
+from detrax import backbones, cli, configs, matching, presets
 from detrax.data import sources
 from detrax.data.coco import Dataset
 from detrax.data.synthetic import SHAPES, scene, write_dataset
@@ -42,10 +42,10 @@ def synth(tmp_path_factory):
 
 def test_a_registered_matcher_is_validated_and_trains(synth, tmp_path):
     with pytest.raises(ValueError, match="matcher must be one of"):
-        configs.override(configs.get("tiny"), ["loss.matcher=in_order"])
+        configs.override(presets.get("tiny"), ["loss.matcher=in_order"])
     matching.register_matcher("in_order", in_order)
     try:
-        cfg = configs.override(configs.get("demo"), ["loss.matcher=in_order", *FAST])
+        cfg = configs.override(presets.get("demo"), ["loss.matcher=in_order", *FAST])
         fit(cfg, Run(synth, str(tmp_path / "run"), quiet=False))
     finally:
         del matching.MATCHERS["in_order"]
@@ -70,10 +70,10 @@ class Patches(nnx.Module):
 
 def test_a_registered_backbone_is_validated_builds_and_trains(synth, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown backbone 'patches'"):
-        configs.override(configs.get("demo"), ["model.backbone=patches"])
+        configs.override(presets.get("demo"), ["model.backbone=patches"])
     backbones.register(backbones.Backbone("patches", Patches))
     try:
-        cfg = configs.override(configs.get("demo"), ["model.backbone=patches", *FAST])
+        cfg = configs.override(presets.get("demo"), ["model.backbone=patches", *FAST])
         fit(cfg, Run(synth, str(tmp_path / "run"), quiet=False))  # calibration skipped: it has no frozen statistics
         import detrax
 
@@ -122,7 +122,7 @@ def test_a_registered_data_source_trains_evaluates_and_checks(tmp_path, capsys):
         assert cli.main(["data", "check", "shapes:4"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["ok"] and report["splits"]["val"]["images"] == 4
-        cfg = configs.override(configs.get("demo"), [*FAST, "data.val_split=val"])
+        cfg = configs.override(presets.get("demo"), [*FAST, "data.val_split=val"])
         summary = fit(cfg, Run("shapes:8", str(tmp_path / "run"), quiet=False))  # evaluated on its ground truth
     finally:
         sources.SOURCES.pop(0)

@@ -106,17 +106,17 @@ def test_sinkhorn_loss_close_to_exact():
 
 
 def test_loss_from_config_and_no_aux():
-    from detrax import configs
+    from detrax import configs, presets
 
     rs = np.random.default_rng(4)
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
-    cfg = configs.override(configs.get("tiny"), ["loss.aux_loss=false", "loss.matcher=hungarian_jax"]).loss
+    cfg = configs.override(presets.get("tiny"), ["loss.aux_loss=false", "loss.matcher=hungarian_jax"]).loss
     out = detrax.set_loss(_outputs(logits, boxes), targets, cfg)
     assert "loss_ce_0" not in out
     assert float(out["loss"]) == pytest.approx(float(out["loss_ce"] + 5 * out["loss_bbox"] + 2 * out["loss_giou"]))
     with pytest.raises(ValueError, match="matcher must be"):
-        configs.override(configs.get("tiny"), ["loss.matcher=auction"])
+        configs.override(presets.get("tiny"), ["loss.matcher=auction"])
 
 
 @pytest.mark.parametrize("aux", [True, False])

@@ -9,7 +9,7 @@ import pytest
 from conftest import require
 from flax import nnx
 
-from detrax import configs
+from detrax import configs, presets
 from detrax.attention import attention
 from detrax.backbone import Frozen
 from detrax.model import DETR
@@ -51,7 +51,7 @@ def test_model_options_reach_the_layers_and_travel_in_weights_files(tmp_path):
     import detrax
     from detrax import configs
 
-    cfg = configs.override(configs.tiny(), ["model.norm_eps=1e-6", "model.pixel_mean=0.48,0.456,0.406",
+    cfg = configs.override(presets.tiny(), ["model.norm_eps=1e-6", "model.pixel_mean=0.48,0.456,0.406",
                                             "model.mask_resize=half_pixel"]).model
     assert cfg.pixel_mean == (0.48, 0.456, 0.406)
     model = DETR(cfg, rngs=nnx.Rngs(0))
@@ -114,7 +114,7 @@ def test_attention_dropout(rng):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = DETR(configs.tiny().model, rngs=nnx.Rngs(0))
+    model = DETR(presets.tiny().model, rngs=nnx.Rngs(0))
     model.eval()
     return model
 
@@ -160,7 +160,7 @@ def test_stem_and_layer1_are_frozen_and_get_no_gradient(tiny):
 
 
 def test_train_mode_dropout_and_eval_determinism():
-    model = DETR(configs.tiny().model, rngs=nnx.Rngs(0))
+    model = DETR(presets.tiny().model, rngs=nnx.Rngs(0))
     pixels, mask = _batch()
     model.train()
     a, b = model(pixels, mask)["pred_logits"], model(pixels, mask)["pred_logits"]
@@ -214,7 +214,7 @@ def test_model_kernels_agree(tiny):
 
 
 def test_batch_norm_calibration_normalises_a_from_scratch_backbone():
-    model = DETR(configs.tiny().model, rngs=nnx.Rngs(1))
+    model = DETR(presets.tiny().model, rngs=nnx.Rngs(1))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 64, 3)) * 3 + 1, jnp.float32)
     before = model.backbone.stages(x)[-1]
     model.backbone.stages(x, calibrate=True)
@@ -291,9 +291,9 @@ def test_query_groups_train_only_each_group_decodes_alone():
     queries are group g's (self-attention never crosses groups)."""
     from detrax.model import weight_arrays
 
-    c = configs.override(configs.tiny(), ["model.dropout=0.0", "model.query_groups=3"]).model
+    c = configs.override(presets.tiny(), ["model.dropout=0.0", "model.query_groups=3"]).model
     grouped = DETR(c, rngs=nnx.Rngs(1))
-    one = DETR(configs.override(configs.tiny(), ["model.dropout=0.0"]).model, rngs=nnx.Rngs(2))
+    one = DETR(configs.override(presets.tiny(), ["model.dropout=0.0"]).model, rngs=nnx.Rngs(2))
     arrays = weight_arrays(grouped)
     assert arrays["group_queries"].shape == (2, c.num_queries, c.hidden_dim)
     assert "group_queries" not in weight_arrays(one)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax import configs
+from detrax import presets
 from detrax.loss import set_loss
 from detrax.model import DETR
 from detrax.optim import lr_factor, optimizer
@@ -19,7 +19,7 @@ def test_lr_factor_drops_tenfold_at_the_drop_step():
 
 
 def test_a_skipped_step_leaves_no_trace_and_the_learning_rate_follows_the_loop_step():
-    cfg = configs.tiny()
+    cfg = presets.tiny()
     rs = np.random.default_rng(0)
     b, m = 2, 8
     good = {"pixels": rs.integers(0, 256, (b, 64, 64, 3)).astype(np.uint8), "mask": np.ones((b, 64, 64), bool),

@@ -10,7 +10,7 @@ import pytest
 from conftest import require
 from PIL import Image
 
-from detrax import cli, configs
+from detrax import cli, configs, presets
 from detrax.data import transforms as T
 from detrax.data.batching import Collate
 from detrax.data.coco import DataError
@@ -180,7 +180,7 @@ def test_a_frozen_detector_leaves_all_but_the_mask_head_alone(pan, tmp_path):
     from detrax.model import weight_arrays
     from detrax.train import Run, fit
 
-    cfg = configs.override(configs.get("demo_panoptic", smoke=True),
+    cfg = configs.override(presets.get("demo_panoptic", smoke=True),
                            ["train.freeze_detector=true", "train.steps=2", "train.batch_size=4", "train.eval_every=0",
                             "train.calibrate_bn=false", "data.workers=0", "train.lr=1e-2", "model.num_classes=6"])
     start = detrax.Detector(detrax.DETR(cfg.model, rngs=nnx.Rngs(5)))
@@ -201,7 +201,7 @@ def test_a_detectors_weights_start_the_second_stage_with_a_fresh_mask_head(tmp_p
     from detrax import weights
     from detrax.model import weight_arrays
 
-    cfg = dataclasses.replace(configs.get("demo_panoptic", smoke=True).model, num_classes=5)
+    cfg = dataclasses.replace(presets.get("demo_panoptic", smoke=True).model, num_classes=5)
     detector = detrax.Detector(detrax.DETR(dataclasses.replace(cfg, masks=False), rngs=nnx.Rngs(1)))
     detector.save(tmp_path / "boxes.safetensors")
     model = detrax.DETR(cfg, rngs=nnx.Rngs(2))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from detrax import cli, configs
+from detrax import cli, configs, presets
 from detrax import train as train_mod
 from detrax.checkpoint import Checkpoints, load_run
 from detrax.data.loader import Loader
@@ -142,7 +142,7 @@ def init_weights(tmp_path_factory):
     import detrax
 
     path = tmp_path_factory.mktemp("init") / "start.safetensors"
-    detrax.Detector(detrax.DETR(configs.get("tiny").model, rngs=nnx.Rngs(7))).save(path)
+    detrax.Detector(detrax.DETR(presets.get("tiny").model, rngs=nnx.Rngs(7))).save(path)
     return str(path)
 
 
@@ -208,7 +208,7 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig
 
 
 def _cfg(*overrides):
-    return configs.override(configs.get("tiny"), FAST + ["train.batch_size=2", "data.max_targets=8",
+    return configs.override(presets.get("tiny"), FAST + ["train.batch_size=2", "data.max_targets=8",
                                                          "data.scales=64,80", "data.max_size=96",
                                                          "data.crop_scales=48,64", "data.crop_size=32,48",
                                                          "data.bucket_step=96"] + list(overrides))

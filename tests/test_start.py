@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import detrax
-from detrax import configs, start
+from detrax import configs, presets, start
 from detrax import weights as weights_io
 from detrax.errors import ResumeConflict
 
@@ -33,14 +33,14 @@ class FakeCheckpoints:
 def weights(tmp_path_factory):
     """Two tiny detectors' weight files, and a copy of the first under another name."""
     root = tmp_path_factory.mktemp("weights")
-    model = configs.get("tiny").model
+    model = presets.get("tiny").model
     for name, seed in (("a", 1), ("b", 2), ("a_copy", 1)):
         detrax.Detector(detrax.DETR(model, rngs=nnx.Rngs(seed))).save(root / f"{name}.safetensors")
     return {k: str(root / f"{k}.safetensors") for k in ("a", "b", "a_copy")}
 
 
 def _cfg(*overrides):
-    return configs.override(configs.get("tiny"), list(overrides))
+    return configs.override(presets.get("tiny"), list(overrides))
 
 
 def _recorded(workdir, cfg, init=None):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detrax import cli, configs
+from detrax import cli, configs, presets
 from detrax.data.synthetic import write_dataset
 from detrax.train import Run, fit
 
@@ -21,7 +21,7 @@ def synth(tmp_path_factory):
 
 
 def _cfg(*overrides):
-    return configs.override(configs.get("demo"), FAST + list(overrides))
+    return configs.override(presets.get("demo"), FAST + list(overrides))
 
 
 def _losses(workdir):
@@ -75,7 +75,7 @@ def test_stop_and_resume_equals_a_straight_run(synth, tmp_path, capsys):
 def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
     import detrax
 
-    other = configs.override(configs.get("demo"), ["model.num_classes=7"]).model
+    other = configs.override(presets.get("demo"), ["model.num_classes=7"]).model
     from flax import nnx
 
     detrax.Detector(detrax.DETR(other, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
@@ -91,7 +91,7 @@ def test_query_groups_start_fresh_from_one_group_weights_and_train(synth, tmp_pa
 
     import detrax
 
-    one = configs.override(configs.get("demo"), ["model.num_classes=4", "model.query_groups=1"]).model
+    one = configs.override(presets.get("demo"), ["model.num_classes=4", "model.query_groups=1"]).model
     detrax.Detector(detrax.DETR(one, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
     fit(_cfg("train.steps=2", "model.query_groups=3"), Run(synth, str(tmp_path / "run"),
                                                            init=str(tmp_path / "w.safetensors")))
@@ -212,7 +212,7 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     from detrax.model import DETR
     from detrax.optim import optimizer
 
-    cfg = configs.tiny()
+    cfg = presets.tiny()
     rs = np.random.default_rng(0)
     b, m = 2, cfg.data.max_targets
     batch = {"pixels": rs.integers(0, 256, (b, 64, 96, 3)).astype(np.uint8), "mask": np.ones((b, 64, 96), bool),

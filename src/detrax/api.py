@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from detrax import configs
+from detrax import configs, presets
 from detrax.coco_names import class_names
 from detrax.infer import Preprocess, batches, detect, make_infer, run_model
 from detrax.model import DETR
@@ -185,7 +185,7 @@ def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> D
 
 def _load(path: str, **config_overrides) -> Detector:
     if path.startswith("random:"):
-        cfg = dataclasses.replace(configs.get(path.split(":", 1)[1]).model, **config_overrides)
+        cfg = dataclasses.replace(presets.get(path.split(":", 1)[1]).model, **config_overrides)
         return Detector(DETR(cfg.with_classes(), rngs=nnx.Rngs(0)))
     from detrax.weights import is_run, load_model
 

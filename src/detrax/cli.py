@@ -80,7 +80,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from detrax import configs
+    from detrax import presets
     from detrax.convert import convert_file
 
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
@@ -88,7 +88,7 @@ def cmd_convert(args) -> int:
         overrides["dilation"] = True
     data = None
     if args.preset:
-        d = configs.get(args.preset).data
+        d = presets.get(args.preset).data
         data = {"val_size": d.val_size, "max_size": d.max_size, "bucket_step": d.bucket_step}
     report = convert_file(args.src, args.dst, data=data, **overrides)
     cfg = report["config"]
@@ -128,7 +128,7 @@ def cmd_data_check(args) -> int:
 def _config(args, default: str):
     """The preset named by --config with the key=value overrides. Without --config, a resumed run keeps its own
     config (the overrides apply to it) and a new one takes `default`."""
-    from detrax import configs
+    from detrax import configs, presets
 
     if args.config is None and args.resume:
         from detrax.start import recorded_config
@@ -136,7 +136,7 @@ def _config(args, default: str):
         recorded = recorded_config(args.workdir)
         if recorded is not None:
             return configs.override(configs.from_dict(recorded), args.overrides)
-    return configs.override(configs.get(args.config or default, smoke=args.smoke), args.overrides)
+    return configs.override(presets.get(args.config or default, smoke=args.smoke), args.overrides)
 
 
 def _distributed(args):
@@ -167,13 +167,13 @@ def _exit_status(summary) -> int:
 
 def cmd_eval(args) -> int:
     import detrax
-    from detrax import configs
+    from detrax import configs, presets
     from detrax.data.sources import read_split, resolve_split
     from detrax.evaluate import evaluate
 
     detector = detrax.load(args.checkpoint, runtime=args.runtime)
     # the run's own data config (its val transform), else the preset's, else the official 800/1333
-    data_cfg = configs.get(args.config).data if args.config else detector.data or configs.DataConfig()
+    data_cfg = presets.get(args.config).data if args.config else detector.data or configs.DataConfig()
     data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val", data_cfg.task)
     ds = read_split(args.data, split, task=data_cfg.task)
@@ -213,7 +213,7 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 def cmd_demo(args) -> int:
     """Synthetic data -> train the `demo` preset -> COCO AP -> predictions drawn on val images."""
     import detrax
-    from detrax import configs
+    from detrax import presets
     from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
     from detrax.predict import read_image, write_results
@@ -223,7 +223,7 @@ def cmd_demo(args) -> int:
     data = os.path.join(args.workdir, "data")
     if not os.path.isdir(os.path.join(data, "annotations")):
         total = args.num_images + args.num_val
-        counts = write_dataset(data, total, args.seed, val_fraction=args.num_val / total, shape=configs.DEMO_SHAPE)
+        counts = write_dataset(data, total, args.seed, val_fraction=args.num_val / total, shape=presets.DEMO_SHAPE)
         print(f"synthetic dataset: {counts['train']} train and {counts['val']} val images in {data}")
     cfg = _config(args, "demo")
     summary = fit(cfg, Run(data, args.workdir, resume=args.resume, allow_changes=args.allow_changes))

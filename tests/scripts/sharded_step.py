@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from detrax import configs
+from detrax import configs, presets
 from detrax.data.coco import read_coco
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.transforms import normalize_batch
@@ -20,7 +20,7 @@ from detrax.model import DETR
 
 def main(data_dir):
     assert jax.device_count() == 4, jax.devices()
-    cfg = configs.override(configs.get("demo"), ["model.dropout=0.0", "model.num_classes=4"])
+    cfg = configs.override(presets.get("demo"), ["model.dropout=0.0", "model.num_classes=4"])
     records = read_coco(data_dir, "train").records
     augment = Augment(True, configs.DataConfig(scales=(128,), max_size=160))
     with Loader(dataset(records, augment, 4, max_targets=16, step=64, seed=0)) as loader:
