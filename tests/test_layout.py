@@ -14,7 +14,7 @@ FLOORS = [
     {"weights", "convert", "flax_detr", "checkpoint"},
     {"optim", "infer", "export", "runtimes", "start", "train_step", "reporting", "evaluate", "actions", "train",
      "predict", "attention_maps"},
-    {"api", "cli", "presets", "__init__", "__main__"},
+    {"api", "commands", "cli", "presets", "__init__", "__main__"},
 ]
 CONFIG_REGISTRIES = {"backbones", "matching", "attention"}  # what configs imports to validate a name
 
