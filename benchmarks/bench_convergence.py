@@ -16,7 +16,8 @@ Evaluations about every `--eval-steps`. `--resume` keeps the runs in `--out`: a 
 one continues from its last checkpoint (detrax's `--resume`), one recorded with another config starts again.
 
 Prints the CPU model, a line per run, a table per set and last one JSON object: per set and variant the budget,
-the steps to 0.3 / 0.5 per seed (null: not reached), the median, AP50 at the end (mean, min, max), minutes (a
+the steps to 0.3 / 0.5 per seed (null: not reached), the median (a seed that did not get there counts as later
+than any that did; null unless most did), AP50 at the end (mean, min, max), minutes (a
 resumed run's without the time it was cut), and each variant's ratio of median steps to 0.5 against the first
 variant's (or, where the first did not get there in its budget, the bound `ratio_steps_to_0.5_below`).
 """
@@ -24,6 +25,7 @@ variant's (or, where the first did not get there in its budget, the bound `ratio
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -129,10 +131,11 @@ def main():
                       f"{' '.join(f'{s}:{ap:.3f}' for s, ap in r['curve'])}", flush=True)
             to = {lv: [first_step(r["curve"], lv) for r in runs] for lv in (0.3, 0.5)}
             finals = [r["curve"][-1][1] if r["curve"] else 0.0 for r in runs]
-            reached = [s for s in to[0.5] if s is not None]
+            # a seed that did not get there counts as later than any that did: the median is defined while most did
+            median = statistics.median(math.inf if s is None else s for s in to[0.5])
             figures[name][variant] = {
                 "steps_to_0.3": to[0.3], "steps_to_0.5": to[0.5],
-                "median_steps_to_0.5": statistics.median(reached) if len(reached) == len(runs) else None,
+                "median_steps_to_0.5": None if math.isinf(median) else median,
                 "ap50_end_mean": round(statistics.mean(finals), 3), "ap50_end_min": round(min(finals), 3),
                 "ap50_end_max": round(max(finals), 3),
                 "steps": own, "minutes_mean": round(statistics.mean(r["minutes"] for r in runs), 1)}
