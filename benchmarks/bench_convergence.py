@@ -4,7 +4,9 @@ of different sizes and class sets that the project generates:
 
 - shapes: `write_dataset`'s rectangles, ellipses and triangles (ids 1-3) at the demo's 128x160;
 - varied: `write_varied_dataset`'s diamonds, crosses and rings (ids 7, 15, 23) of mixed image sizes, with crowd
-  regions and empty images.
+  regions and empty images;
+- foreign (not in the default `--sets`): `foreign_set.py`'s, written apart from detrax's generators, harder (class
+  by shape only, textured backgrounds, images up to 320 pixels): a stand-in for a user's folder.
 
     .venv/bin/python benchmarks/bench_convergence.py [--sets shapes varied] [--seeds 0 1 2] [--steps 1800 6000]
         [--variant NAME:key=value,key=value ...] [--preset demo] [--out /tmp/bench_convergence] [--resume]
@@ -31,7 +33,8 @@ import shutil
 import statistics
 import subprocess
 
-PRESETS = {"shapes": "demo", "varied": "small"}
+PRESETS = {"shapes": "demo", "varied": "small", "foreign": "small"}
+BUDGETS = {"shapes": 1800, "varied": 6000, "foreign": 6000}  # the aids' step budget per set
 PLAIN = "model.query_groups=1,model.dn_groups=0,model.encoder_head=false"  # the official DETR's training
 # plain DETR with three times the budget (a ratio of steps to 0.5 of at most 1/3 shows even where it falls short),
 # then the preset with its training-only aids
@@ -46,8 +49,12 @@ def write_set(name: str, out: str) -> str:
     if not os.path.isdir(os.path.join(path, "annotations")):
         if name == "shapes":
             write_dataset(path, 1600, seed=101, val_fraction=0.25, shape=presets.DEMO_SHAPE)
-        else:
+        elif name == "varied":
             write_varied_dataset(path, 600, seed=202)
+        else:
+            from foreign_set import write  # beside this script
+
+            write(path, 500, seed=7)
     return path
 
 
@@ -96,10 +103,10 @@ def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--sets", nargs="+", default=["shapes", "varied"], choices=["shapes", "varied"])
+    p.add_argument("--sets", nargs="+", default=["shapes", "varied"], choices=["shapes", "varied", "foreign"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, nargs="+", default=[1800, 6000], help="the step budget of each set, in "
-                   "--sets order (one number: every set)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="the step budget of each set, in --sets "
+                   "order (one number: every set; default: shapes 1800, the others 6000, small's own)")
     p.add_argument("--eval-steps", type=int, default=250)
     p.add_argument("--preset", default=None, help="one preset for every set (default: demo on shapes, small on "
                    "varied)")
@@ -116,7 +123,10 @@ def main():
     variants = [(v.split(":", 1)[0], [o for o in v.split(":", 1)[1].split(",") if o] if ":" in v else [])
                 for v in (args.variant or DEFAULT_VARIANTS)]
     figures: dict = {"seeds": args.seeds}
-    for name, steps in zip(args.sets, args.steps * len(args.sets) if len(args.steps) == 1 else args.steps):
+    budgets = args.steps or [BUDGETS[s] for s in args.sets]
+    if len(budgets) not in (1, len(args.sets)):
+        p.error(f"--steps: {len(budgets)} budgets for {len(args.sets)} sets")
+    for name, steps in zip(args.sets, budgets * len(args.sets) if len(budgets) == 1 else budgets):
         data = write_set(name, args.out)
         preset = args.preset or PRESETS[name]
         figures[name] = {"preset": preset, "steps": steps}
