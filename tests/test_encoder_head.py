@@ -86,3 +86,7 @@ def test_the_encoder_loss_is_zero_for_exact_outputs_and_counts_every_positive_to
     np.testing.assert_allclose(float(with_head["loss_enc"]), float(wrong_class["loss_ce"]), rtol=1e-6)
     np.testing.assert_allclose(float(with_head["loss"]) - float(with_head["loss_enc"]), float(plain["loss"]),
                                rtol=1e-6)
+    heavy = set_loss({**outputs, "enc_outputs": _enc(exact["pred_boxes"], [2, 1])}, targets,
+                     dataclasses.replace(cfg, enc_weight=10.0))
+    np.testing.assert_allclose(float(heavy["loss_enc"]), float(with_head["loss_enc"]), rtol=1e-6)  # logged unweighted
+    np.testing.assert_allclose(float(heavy["loss"]) - 10 * float(heavy["loss_enc"]), float(plain["loss"]), rtol=1e-5)

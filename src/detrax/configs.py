@@ -146,6 +146,7 @@ class LossConfig:
     # with a mask head: sigmoid focal and dice losses of the last layer's matched masks (the official's 1 and 1)
     mask_weight: float = 1.0
     dice_weight: float = 1.0
+    enc_weight: float = 1.0  # with `model.encoder_head`: its dense losses' weight in the total
 
     def __post_init__(self):
         from detrax.matching import MATCHERS  # the registry: built-in matchers and registered ones

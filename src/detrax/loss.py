@@ -141,6 +141,6 @@ def set_loss(outputs, targets, cfg: LossConfig | None = None, *, axis_name=None,
     if "enc_outputs" in outputs:  # the encoder head's dense one-to-many supervision
         enc = encoder_losses(outputs["enc_outputs"], labels, tgt_boxes, valid, cfg.eos_coef, axis_name)
         out["loss_enc"] = sum(w * enc[k] for k, w in weights.items()) + cfg.bbox_weight * enc["loss_centre"]
-        out["loss"] = out["loss"] + out["loss_enc"]
+        out["loss"] = out["loss"] + cfg.enc_weight * out["loss_enc"]
     return out
 
