@@ -109,7 +109,7 @@ def main():
                    "order (one number: every set; default: shapes 1800, the others 6000, small's own)")
     p.add_argument("--eval-steps", type=int, default=250)
     p.add_argument("--preset", default=None, help="one preset for every set (default: demo on shapes, small on "
-                   "varied)")
+                   "varied and foreign)")
     p.add_argument("--variant", action="append", default=None, help="NAME:key=value,key=value (repeatable)")
     p.add_argument("--out", default="/tmp/bench_convergence")
     p.add_argument("--resume", action="store_true", help="keep the runs in --out: read back the finished ones, "
