@@ -90,8 +90,9 @@ def demo(smoke: bool = False) -> Config:
     Made for `detrax demo`'s 3000 training images of `DEMO_SHAPE` (one batch shape: one compilation): 4 epochs
     (1500 steps of 8), the learning rate x0.1 after 3. The class count follows the data. Training-only aids that
     leave the model (inference, export, the official weights) as it is: four query groups (Group DETR), two
-    denoising groups (DN-DETR) and the encoder head; with them the demo's kind of data passes AP50 0.5 at step
-    1500 on each of three seeds, without them at a median of 3600 (one seed not in 5400; benchmarks/README.md)."""
+    denoising groups (DN-DETR) and the encoder head, its dense losses weighted 10x; with them the demo's kind of
+    data passes AP50 0.5 by step 1200 on each of three seeds, without them at a median of 3600 (one seed not in
+    5400; benchmarks/README.md)."""
     model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_queries=16,
                         hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128, dropout=0.0,
                         frozen_stages=0, query_groups=4, dn_groups=2, encoder_head=True)
@@ -103,7 +104,7 @@ def demo(smoke: bool = False) -> Config:
     if smoke:
         train = dataclasses.replace(train, epochs=1, eval_every=1)
     # the on-device exact matcher: for a model this small, scipy's host round trip costs (benchmarks/README.md)
-    return Config("demo", model, loss=LossConfig(matcher="hungarian_jax"), data=data, train=train)
+    return Config("demo", model, loss=LossConfig(matcher="hungarian_jax", enc_weight=10.0), data=data, train=train)
 
 
 def small(smoke: bool = False) -> Config:
@@ -111,15 +112,14 @@ def small(smoke: bool = False) -> Config:
     FOLDER`): the demo's model and training-only aids with 32 queries; every image resized to at most 192 pixels
     a side and padded to one 192x192 canvas (one batch shape, one compilation, whatever the images' sizes); the
     official augmentations (flips, scales, crops), as the images repeat for many epochs; a fixed number of steps
-    whatever the folder's size, the learning rate x0.1 for the last 40%; the encoder head's dense losses weighted
-    10x, which brings the phase transition forward (benchmarks/README.md)."""
+    whatever the folder's size, the learning rate x0.1 for the last 40% (benchmarks/README.md)."""
     cfg = demo(smoke)
     model = dataclasses.replace(cfg.model, num_queries=32)
     data = DataConfig(scales=(128, 144, 160, 176, 192), max_size=192, crop_scales=(128, 160), crop_size=(96, 160),
                       val_size=160, max_targets=32, bucket_step=192, augment=True)
     # with `steps`, the drop falls at lr_drop / epochs of them: 3 / 5, after 60%
     train = cfg.train if smoke else dataclasses.replace(cfg.train, steps=6000, epochs=5, lr_drop=3, eval_every=10)
-    return Config("small", model, loss=dataclasses.replace(cfg.loss, enc_weight=10.0), data=data, train=train)
+    return dataclasses.replace(cfg, name="small", model=model, data=data, train=train)
 
 
 def detr_r50_panoptic(smoke: bool = False) -> Config:
@@ -138,11 +138,12 @@ def demo_panoptic_detector(smoke: bool = False) -> Config:
     """The first stage of `demo_panoptic`: the demo's detector (8 attention heads, as the mask head's GroupNorm
     needs) trained on the boxes of every segment, things and stuff, of a synthetic panoptic folder (`detrax data
     synth --panoptic` writes them as instances too), as the official recipe trains its detector on COCO panoptic's
-    boxes first. 12 epochs of its 1500 images, the learning rate x0.1 after 10."""
+    boxes first. 12 epochs of its 1500 images, the learning rate x0.1 after 10; the encoder head's losses at
+    weight 1, as when its figures (benchmarks/README.md) were measured."""
     cfg = demo(smoke)
     train = cfg.train if smoke else dataclasses.replace(cfg.train, epochs=12, lr_drop=10, eval_every=4)
     return dataclasses.replace(cfg, name="demo_panoptic_detector", model=dataclasses.replace(cfg.model, num_heads=8),
-                               train=train)
+                               loss=dataclasses.replace(cfg.loss, enc_weight=1.0), train=train)
 
 
 def demo_panoptic(smoke: bool = False) -> Config:
