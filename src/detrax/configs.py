@@ -195,10 +195,19 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0: only at the end
     log_every: int = 20  # steps
     calibrate_bn: bool = False  # from scratch: set the frozen batch-norm statistics from a first batch
+    # a fresh start's backbone warm-up (`crop_warmup.py`): this many steps of classifying the training objects
+    # before the detector's first step, at this learning rate
+    crop_steps: int = 0
+    crop_lr: float = 1e-3
     # only the mask head trains (the official second stage for segmentation, `--frozen_weights`): start from a
     # trained detector with --init
     freeze_detector: bool = False
     max_bad_steps: int = 5  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+
+    def __post_init__(self):
+        if self.crop_steps < 0 or not self.crop_lr > 0:
+            raise ValueError(f"crop_steps must be at least 0 (got {self.crop_steps}) and crop_lr above 0 (got "
+                             f"{self.crop_lr})")
 
 
 @dataclasses.dataclass(frozen=True)

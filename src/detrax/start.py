@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 from detrax import configs, weights
 from detrax.errors import ResumeConflict
@@ -115,12 +116,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def initialise(model, start: Start, records, cfg: configs.Config, allow_changes: bool = False) -> list[str]:
+def initialise(model, start: Start, records, cfg: configs.Config, allow_changes: bool = False,
+               log: Callable[[str], None] | None = None) -> list[str]:
     """A fresh start: `--init` weights into `model` (the class head may differ and is then left fresh), or its
-    frozen batch norm calibrated on the first training images; completes `start.record`. Returns notes."""
+    frozen batch norm calibrated on the first training images; then, with `train.crop_steps`, the backbone's
+    warm-up on the training objects (`crop_warmup.py`); completes `start.record`. Returns notes, each also
+    given to `log` as it comes (the warm-up takes minutes)."""
     from detrax import backbones
 
     notes, init = [], start.record.get("init")
+
+    def note(line: str) -> None:
+        notes.append(line)
+        if log is not None:
+            log(line)
+
     if init:
         arrays, class_ids = weights.read_init(init["path"])
         init["weights_sha256"] = digest = weights.digest(arrays)
@@ -129,13 +139,17 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
                                  f"run started from (sha256 {start.expect_init[:12]}); give --init the run's "
                                  "weights, or pass --allow-changes to start it again from these")
         init["fresh"] = fresh = weights.init_from(model, arrays, init["path"], class_ids)
-        notes.append(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
+        note(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
                      + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     elif cfg.train.calibrate_bn and backbones.get(cfg.model.backbone).calibrates:
         n = min(len(records), 4 * cfg.train.batch_size)
         calibrate(model, records[:n], cfg.data)
         start.record["calibration"] = {"images": n}
-        notes.append(f"frozen batch norm calibrated on {n} images")
+        note(f"frozen batch norm calibrated on {n} images")
+    if cfg.train.crop_steps:
+        from detrax.crop_warmup import warm_up
+
+        start.record["crop_warmup"] = warm_up(model, records, cfg, note)
     return notes
 
 

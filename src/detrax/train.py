@@ -123,8 +123,7 @@ def setup(cfg: configs.Config, run: Run) -> Trainer:
         replicated, sharded = shardings(mesh)
         model = DETR(cfg.model, rngs=nnx.Rngs(tc.seed))
         if begin.restore is None:
-            for note in start.initialise(model, begin, train_ds.records, cfg, run.allow_changes):
-                reporter.line(note)
+            start.initialise(model, begin, train_ds.records, cfg, run.allow_changes, log=reporter.line)
             start.write_record(run.workdir, begin.record)
         model.eval()
         eval_graphdef = nnx.graphdef(model)  # dropout off, the same state
