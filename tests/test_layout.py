@@ -12,8 +12,8 @@ FLOORS = [
     {"matching", "loss", "postprocess", "pq", "panoptic"},
     {"data"},
     {"weights", "convert", "flax_detr", "checkpoint"},
-    {"optim", "infer", "export", "runtimes", "start", "train_step", "reporting", "evaluate", "actions", "train",
-     "predict", "attention_maps"},
+    {"optim", "infer", "export", "runtimes", "crop_warmup", "start", "train_step", "reporting", "evaluate",
+     "actions", "train", "predict", "attention_maps"},
     {"api", "commands", "cli", "presets", "__init__", "__main__"},
 ]
 CONFIG_REGISTRIES = {"backbones", "matching", "attention"}  # what configs imports to validate a name
