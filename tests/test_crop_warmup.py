@@ -50,6 +50,10 @@ def test_windows_hold_each_object_at_the_training_scale(tmp_path):
         assert abs(ys.mean() - 32) < 5 and abs(xs.mean() - 32) < 5  # centred, give or take the jitter
     corner = windows[4:].astype(int).sum(-1)  # the object in the corner: its windows leave the image
     assert ((corner == 0).mean((1, 2)) > 0.2).all()  # black outside the image
+    # without augmentation the training resize is the val transform's: here x1, the object 20 pixels
+    windows, _ = object_crops([record], DataConfig(scales=(50,), val_size=100, max_size=1000, augment=False),
+                              variants=2)
+    assert all(300 <= w.sum() <= 500 for w in _red(windows[:2]))
 
 
 def test_windows_stop_at_max_crops_and_empty_images_give_none(tmp_path):

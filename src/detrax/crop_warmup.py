@@ -46,8 +46,8 @@ class Classifier(nnx.Module):
 def warm_up(model, records, cfg: Config, log: Callable[[str], None] = lambda line: None) -> dict:
     """Train `model`'s backbone in place for `cfg.train.crop_steps` steps of `BATCH` windows of the objects of
     `records` (AdamW at `train.crop_lr`, the run's weight decay, random horizontal flips, seeded by
-    `train.seed`). Returns what it did, for the run's record: steps, objects, windows, the accuracy over the
-    last 10% of the steps' batches, seconds."""
+    `train.seed`: every host of a multi-host run computes the same). Returns what it did, for the run's record:
+    steps, windows, the accuracy over the last 10% of the steps' batches, seconds."""
     tc, t0 = cfg.train, time.time()
     windows, labels = object_crops(records, cfg.data, seed=tc.seed)  # [N, S, S, 3], [N]
     if not len(windows):

@@ -140,7 +140,7 @@ def initialise(model, start: Start, records, cfg: configs.Config, allow_changes:
                                  "weights, or pass --allow-changes to start it again from these")
         init["fresh"] = fresh = weights.init_from(model, arrays, init["path"], class_ids)
         note(f"initialised from {init['path']} (weights sha256 {digest[:12]})"
-                     + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+             + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     elif cfg.train.calibrate_bn and backbones.get(cfg.model.backbone).calibrates:
         n = min(len(records), 4 * cfg.train.batch_size)
         calibrate(model, records[:n], cfg.data)

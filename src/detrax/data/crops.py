@@ -18,11 +18,12 @@ JITTER = 0.15  # a window's centre moves up to this fraction of the object's siz
 def object_crops(records, data: DataConfig, variants: int = 8, max_crops: int = 16384, seed: int = 0,
                  size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Every object of `records` (boxes absolute xyxy, labels category ids) in `variants` windows of `size`
-    pixels: each at a scale the training resize can give its image (a shorter side drawn from `data.scales`,
-    the longer at most `data.max_size`), centred on the object give or take `JITTER`; the image's outside
-    black. Images are read in order until `max_crops` windows are cut. Returns (uint8 [N, size, size, 3],
-    category ids [N] int32); none if the records hold no object."""
+    pixels: each at a scale the training resize can give its image (a shorter side drawn from `data.scales`, or
+    `data.val_size` without augmentation, the longer at most `data.max_size`), centred on the object give or take
+    `JITTER`; the image's outside black. Images are read in order until `max_crops` windows are cut. Returns
+    (uint8 [N, size, size, 3], category ids [N] int32); none if the records hold no object."""
     rng = np.random.default_rng(seed)
+    scales = data.scales if data.augment else (data.val_size,)
     windows: list[np.ndarray] = []
     labels: list[int] = []
     for record in records:
@@ -33,7 +34,7 @@ def object_crops(records, data: DataConfig, variants: int = 8, max_crops: int = 
         image = load_image(record)
         for (x0, y0, x1, y1), label in zip(record["boxes"], record["labels"]):
             for _ in range(variants):
-                h, _ = resized_size(record["width"], record["height"], int(rng.choice(data.scales)), data.max_size)
+                h, _ = resized_size(record["width"], record["height"], int(rng.choice(scales)), data.max_size)
                 side = size * record["height"] / h  # the window's side in the image's own pixels
                 cx = (x0 + x1) / 2 + rng.uniform(-JITTER, JITTER) * (x1 - x0)
                 cy = (y0 + y1) / 2 + rng.uniform(-JITTER, JITTER) * (y1 - y0)
