@@ -1,0 +1,108 @@
+"""What keeps a detector's AP50 down: its detections (a COCO results JSON, as `detrax eval --out` writes) against
+the ground truth, split into the errors that cost precision.
+
+    .venv/bin/python benchmarks/detection_errors.py RESULTS.json INSTANCES.json [SCORE=0.3]
+
+Prints AP50 as pycocotools gives it; class-agnostic AP50 (every category one: what localisation alone gives);
+both again after a class-agnostic NMS at IoU 0.5 (what duplicates cost: DETR has no NMS, its set loss must
+teach the queries not to repeat each other); and, among the detections scoring at least SCORE, taken best
+first, the true positives (IoU >= 0.5 with a gt not yet claimed, class ignored), duplicates (IoU >= 0.5 with a
+claimed gt), misplaced (best IoU 0.1-0.5) and background (below 0.1). Detections on crowd regions are left out,
+as COCO leaves them. The last line is one JSON object of these figures.
+"""
+
+import contextlib
+import copy
+import io
+import json
+import sys
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+
+def ap50(gt: dict, dets: list) -> float:
+    if not dets:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = copy.deepcopy(gt)
+        coco.createIndex()
+        e = COCOeval(coco, coco.loadRes(dets), "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return float(e.stats[1])
+
+
+def agnostic(gt: dict, dets: list) -> tuple[dict, list]:
+    gt = dict(gt, categories=[{"id": 1, "name": "object"}],
+              annotations=[dict(a, category_id=1) for a in gt["annotations"]])
+    return gt, [dict(d, category_id=1) for d in dets]
+
+
+def iou(box, boxes):  # xywh [4], [N, 4] -> [N]
+    lo = np.maximum(box[:2], boxes[:, :2])
+    hi = np.minimum(box[:2] + box[2:], boxes[:, :2] + boxes[:, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), -1)
+    return inter / (np.prod(box[2:]) + np.prod(boxes[:, 2:], -1) - inter)
+
+
+def by_image(items: list) -> dict:
+    out: dict = {}
+    for d in items:
+        out.setdefault(d["image_id"], []).append(d)
+    return out
+
+
+def nms(dets: list, threshold: float = 0.5) -> list:
+    kept = []
+    for ds in by_image(dets).values():
+        mine: list = []
+        for d in sorted(ds, key=lambda d: -d["score"]):
+            if not mine or iou(np.array(d["bbox"]), np.array([k["bbox"] for k in mine])).max() <= threshold:
+                mine.append(d)
+        kept += mine
+    return kept
+
+
+def error_kinds(gt: dict, dets: list, score: float) -> dict:
+    gts, counts, claimed = by_image(gt["annotations"]), dict(tp=0, duplicate=0, misplaced=0, background=0), set()
+    for d in sorted(dets, key=lambda d: -d["score"]):
+        if d["score"] < score:
+            break
+        objects = gts.get(d["image_id"], [])
+        overlaps = iou(np.array(d["bbox"]), np.array([a["bbox"] for a in objects]).reshape(-1, 4))
+        k = int(overlaps.argmax()) if len(objects) else -1
+        if k >= 0 and overlaps[k] >= 0.5:
+            if not objects[k].get("iscrowd"):
+                kind = "duplicate" if (d["image_id"], k) in claimed else "tp"
+                claimed.add((d["image_id"], k))
+                counts[kind] += 1
+        else:
+            counts["misplaced" if k >= 0 and overlaps[k] >= 0.1 else "background"] += 1
+    return counts
+
+
+def main(results: str, instances: str, score: float = 0.3) -> dict:
+    try:
+        dets, gt = json.load(open(results)), json.load(open(instances))
+    except (OSError, ValueError) as e:
+        sys.exit(f"detection_errors: cannot read {e.filename if isinstance(e, OSError) else results}: {e}")
+    deduped = nms(dets)
+    figures = {"AP50": ap50(gt, dets), "AP50_agnostic": ap50(*agnostic(gt, dets)),
+               "AP50_nms": ap50(gt, deduped), "AP50_agnostic_nms": ap50(*agnostic(gt, deduped)),
+               "score": score, **error_kinds(gt, dets, score)}
+    print(f"AP50 {figures['AP50']:.3f}, class-agnostic {figures['AP50_agnostic']:.3f}; after NMS at IoU 0.5: "
+          f"{figures['AP50_nms']:.3f}, class-agnostic {figures['AP50_agnostic_nms']:.3f}")
+    print(f"detections scoring >= {score}: {figures['tp']} true, {figures['duplicate']} duplicates, "
+          f"{figures['misplaced']} misplaced (IoU 0.1-0.5), {figures['background']} on background")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    return figures
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2], *(float(a) for a in sys.argv[3:]))
