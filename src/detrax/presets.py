@@ -119,7 +119,7 @@ def small(smoke: bool = False) -> Config:
     data = DataConfig(scales=(128, 144, 160, 176, 192), max_size=192, crop_scales=(128, 160), crop_size=(96, 160),
                       val_size=160, max_targets=32, bucket_step=192, augment=True)
     # with `steps`, the drop falls at lr_drop / epochs of them: 3 / 5, after 60%
-    train = cfg.train if smoke else dataclasses.replace(cfg.train, steps=6000, epochs=5, lr_drop=3, eval_every=10,
+    train = cfg.train if smoke else dataclasses.replace(cfg.train, steps=12000, epochs=5, lr_drop=3, eval_every=10,
                                                         crop_steps=2000)
     return dataclasses.replace(cfg, name="small", model=model, data=data, train=train)
 
