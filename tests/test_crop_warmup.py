@@ -104,7 +104,7 @@ def test_warm_up_trains_the_backbone_alone_and_learns_the_classes(tmp_path):
 
 def test_a_run_records_its_warm_up_and_resumes_without_it(tmp_path, capsys):
     root = tmp_path / "synth"
-    write_dataset(str(root), num_images=12, seed=3)
+    write_dataset(str(root), num_images=12, seed=3, shape=presets.DEMO_SHAPE)  # one compilation
     cfg = configs.override(presets.get("demo"), ["train.steps=2", "train.eval_every=0", "train.ckpt_every=1",
                                                  "train.crop_steps=3", "data.workers=0"])
     fit(cfg, Run(str(root), str(tmp_path / "run")))

@@ -90,7 +90,7 @@ def test_ground_truth_gives_the_same_ap(fake_tfds, coco_tiny):  # noqa: F811
 
 def test_train_and_eval_on_tfds(monkeypatch, tmp_path):
     root = tmp_path / "synth"
-    write_dataset(str(root), num_images=10, seed=2)  # categories 1..3 stand in for COCO's first three
+    write_dataset(str(root), num_images=10, seed=2, shape=presets.DEMO_SHAPE)  # categories 1..3: COCO's first three
 
     class Source(FakeCocoSource):
         def __init__(self, root, split):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from detrax import cli, configs, presets
 from detrax.data.synthetic import write_dataset
@@ -15,8 +16,9 @@ FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.wo
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
+    """One image shape, the demo's: each run compiles its train step once (compilation is most of a test's time)."""
     root = tmp_path_factory.mktemp("synth")
-    write_dataset(str(root), num_images=24, seed=3)
+    write_dataset(str(root), num_images=24, seed=3, shape=presets.DEMO_SHAPE)
     return str(root)
 
 
@@ -169,9 +171,17 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
     """The evaluation during training (on the live training state), `detrax eval`, `detrax predict` and
     `Detector.predict` see the same image the same way (the run's own val transform, each image on its own
     shape bucket): the same detections, with no size or config flag."""
+    import shutil
+
     import detrax
 
-    run, data = str(tmp_path / "run"), synth
+    run, data = str(tmp_path / "run"), tmp_path / "data"  # the val images of several shapes, the train ones of one
+    write_dataset(str(tmp_path / "varied"), num_images=24, seed=3)
+    shutil.copytree(synth, data, ignore=shutil.ignore_patterns("val", "instances_val.json"))
+    shutil.copytree(tmp_path / "varied" / "val", data / "val")
+    shutil.copy(tmp_path / "varied" / "annotations" / "instances_val.json", data / "annotations")
+    assert len({Image.open(f).size for f in (data / "val").iterdir()}) > 2
+    data = str(data)
     live = fit(_cfg("train.steps=12", "train.lr=1e-3", "data.val_size=112", "data.max_size=160"),
                Run(data, run, quiet=True))["eval"]
     assert cli.main(["eval", run, "--data", data, "--out", str(tmp_path / "ev")]) == 0
