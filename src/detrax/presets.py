@@ -111,15 +111,16 @@ def small(smoke: bool = False) -> Config:
     """A COCO-format folder of a few hundred images, from scratch on a CPU (`detrax train --config small --data
     FOLDER`): the demo's model and training-only aids with 32 queries; every image resized to at most 192 pixels
     a side and padded to one 192x192 canvas (one batch shape, one compilation, whatever the images' sizes); the
-    official augmentations (flips, scales, crops), as the images repeat for many epochs; a fixed number of steps
-    whatever the folder's size, the learning rate x0.1 for the last 40%; first, the backbone's warm-up: 2000
-    steps classifying the folder's own objects (`crop_warmup.py`, about 3 minutes on 2 cores; benchmarks/README.md)."""
+    official augmentations (flips, scales, crops), as the images repeat for many epochs; 18000 steps whatever the
+    folder's size (about 75 minutes on 2 cores), the learning rate x0.1 for the last 40%; first, the backbone's
+    warm-up: 2000 steps classifying the folder's own objects (`crop_warmup.py`, about 3 minutes;
+    benchmarks/README.md)."""
     cfg = demo(smoke)
     model = dataclasses.replace(cfg.model, num_queries=32)
     data = DataConfig(scales=(128, 144, 160, 176, 192), max_size=192, crop_scales=(128, 160), crop_size=(96, 160),
                       val_size=160, max_targets=32, bucket_step=192, augment=True)
     # with `steps`, the drop falls at lr_drop / epochs of them: 3 / 5, after 60%
-    train = cfg.train if smoke else dataclasses.replace(cfg.train, steps=12000, epochs=5, lr_drop=3, eval_every=10,
+    train = cfg.train if smoke else dataclasses.replace(cfg.train, steps=18000, epochs=5, lr_drop=3, eval_every=10,
                                                         crop_steps=2000)
     return dataclasses.replace(cfg, name="small", model=model, data=data, train=train)
 
