@@ -9,13 +9,17 @@ of different sizes and class sets that the project generates:
   by shape only, textured backgrounds, images up to 320 pixels): a stand-in for a user's folder.
 
     .venv/bin/python benchmarks/bench_convergence.py [--sets shapes varied] [--seeds 0 1 2] [--steps 1800 6000]
-        [--variant NAME:key=value,key=value ...] [--preset demo] [--out /tmp/bench_convergence] [--resume]
+        [--variant NAME:key=value,key=value ...] [--preset demo] [--base-until STEP] [--out /tmp/bench_convergence]
+        [--resume]
 
 Each variant is the preset with its overrides (default: `plain` = the official DETR's training, without the
 preset's training-only aids: one query group, no denoising, no encoder head, with three times the set's budget;
 `aids` = the preset as it is). A variant's `train.steps=N` is its budget, `train.steps=Kx` K times the set's.
 Evaluations about every `--eval-steps`. `--resume` keeps the runs in `--out`: a finished run is read back, a cut
 one continues from its last checkpoint (detrax's `--resume`), one recorded with another config starts again.
+`--base-until STEP` runs the first variant only as far as a ratio against it needs: each seed stops (with a
+checkpoint) once it passes AP50 0.5, or at STEP, its schedule still its budget's; its AP50 at the end is then at
+the stop. Plain DETR's seeds at three times the aids' median steps to 0.5 settle the goal's third either way.
 
 Prints the CPU model, a line per run, a table per set and last one JSON object: per set and variant the budget,
 the steps to 0.3 / 0.5 per seed (null: not reached), the median (a seed that did not get there counts as later
@@ -30,8 +34,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
+import threading
 
 PRESETS = {"shapes": "demo", "varied": "small", "foreign": "small"}
 # the aids' step budget per set: foreign `small`'s own; varied the 6000 its figures were measured at
@@ -74,7 +80,38 @@ def budget(overrides, steps):
     return (round(float(own[-1][:-1]) * steps) if own[-1].endswith("x") else int(own[-1])), rest
 
 
-def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume):
+def read_curve(workdir):
+    """{step: AP50} of the run's evaluations (a step evaluated again after a resume: its last value)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = [json.loads(line) for line in open(path) if line.endswith("\n")]  # a line being written: not yet
+    return dict((r["step"], r["AP50"]) for r in rows if r["kind"] == "eval")
+
+
+def settled(curve, until):
+    """Whether a run stopped at `until` = (level, cap) has nothing left to show: it passed the level or the cap."""
+    return until is not None and any(ap >= until[0] or step >= until[1] for step, ap in curve.items())
+
+
+class StopWhenSettled(threading.Thread):
+    """Asks the training loop in this process to stop (SIGTERM: it saves a checkpoint and returns, as on a
+    user's Ctrl-C) once the run's evaluations pass `until`'s level or its cap step."""
+
+    def __init__(self, workdir, until):
+        super().__init__(daemon=True)
+        self.workdir, self.until, self.done = workdir, until, threading.Event()
+
+    def run(self):
+        while not self.done.wait(5.0):
+            if settled(read_curve(self.workdir), self.until):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume, until=None):
+    """One training run; its AP50 curve and minutes. `until` = (level, cap): stop once AP50 passes the level
+    or at the cap step (the curve is cut there, so a cap smaller than a recorded run's reads it back the same)."""
     from detrax import configs, presets
     from detrax.data.sources import read_split
     from detrax.errors import ResumeConflict
@@ -84,21 +121,30 @@ def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume):
     cfg = configs.override(presets.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
     per_epoch = images // cfg.train.batch_size
     cfg = configs.override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
-    for again in [True, False] if resume else [False]:  # a resume that conflicts starts again
+    cut = resume and settled(read_curve(workdir), until)  # stopped as asked before: read back, not continued
+    for again in [] if cut else [True, False] if resume else [False]:  # a resume that conflicts starts again
         if not again:
             shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(workdir, exist_ok=True)
         try:
-            with open(os.path.join(workdir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), \
-                    contextlib.redirect_stderr(log):
-                fit(cfg, Run(data, workdir, resume=again))  # its metrics.jsonl holds the curve
+            watch = StopWhenSettled(workdir, until)
+            if until is not None:
+                watch.start()
+            late = signal.signal(signal.SIGTERM, lambda *_: None)  # one the watcher sends as fit returns: ignored
+            try:
+                with open(os.path.join(workdir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), \
+                        contextlib.redirect_stderr(log):
+                    fit(cfg, Run(data, workdir, resume=again))  # its metrics.jsonl holds the curve
+            finally:
+                watch.done.set()
+                signal.signal(signal.SIGTERM, late)
             break
         except ResumeConflict as e:
             if not again:
                 raise
             print(f"{workdir}: recorded with another config, starting again ({str(e).splitlines()[0]})", flush=True)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    curve = dict((r["step"], r["AP50"]) for r in rows if r["kind"] == "eval")  # a resumed step: its last value
+    curve = {s: ap for s, ap in read_curve(workdir).items() if until is None or s <= until[1]}
     starts = [i for i, r in enumerate(rows) if r["kind"] in ("start", "resume")] + [len(rows)]
     seconds = sum(rows[b - 1]["time"] - rows[a]["time"] for a, b in zip(starts, starts[1:]))  # cut time left out
     with open(os.path.join(workdir, "run.json")) as f:  # the backbone's warm-up, before the first row
@@ -117,6 +163,9 @@ def main():
                    "varied and foreign)")
     p.add_argument("--variant", action="append", default=None, help="NAME:key=value,key=value (repeatable)")
     p.add_argument("--out", default="/tmp/bench_convergence")
+    p.add_argument("--base-until", type=int, default=None, help="the first variant's seeds stop once they pass "
+                   "AP50 0.5, or at this step (its budget's schedule unchanged): enough to settle a ratio of steps "
+                   "to 0.5 against it, e.g. 3x the others' median for the goal's third")
     p.add_argument("--resume", action="store_true", help="keep the runs in --out: read back the finished ones, "
                    "continue the cut ones")
     args = p.parse_args()
@@ -137,10 +186,12 @@ def main():
         figures[name] = {"preset": preset, "steps": steps}
         for variant, overrides in variants:
             own, rest = budget(overrides, steps)
+            capped = variant == variants[0][0] and args.base_until is not None
+            until = (0.5, args.base_until) if capped else None
             runs = []
             for seed in args.seeds:
                 workdir = os.path.join(args.out, "runs", f"{name}-{variant}-{seed}")
-                r = one_run(preset, rest, data, workdir, seed, own, args.eval_steps, args.resume)
+                r = one_run(preset, rest, data, workdir, seed, own, args.eval_steps, args.resume, until)
                 runs.append(r)
                 print(f"{name} {variant} seed {seed}: {r['minutes']:.1f} min, AP50 by step "
                       f"{' '.join(f'{s}:{ap:.3f}' for s, ap in r['curve'])}", flush=True)
@@ -154,6 +205,9 @@ def main():
                 "ap50_end_mean": round(statistics.mean(finals), 3), "ap50_end_min": round(min(finals), 3),
                 "ap50_end_max": round(max(finals), 3),
                 "steps": own, "minutes_mean": round(statistics.mean(r["minutes"] for r in runs), 1)}
+            if capped:  # stopped at 0.5 or the cap: its `ap50_end` is at the stop; a bound ratio is against the cap
+                figures[name][variant].update(budget=own, steps=min(own, args.base_until),
+                                              stopped_at=[r["curve"][-1][0] if r["curve"] else None for r in runs])
         base = figures[name][variants[0][0]]["median_steps_to_0.5"]
         print(f"\n{name}: variant, steps to AP50 0.3 / 0.5 per seed, AP50 at the end of its budget (mean [min, max])")
         for variant, _ in variants:
