@@ -109,6 +109,17 @@ class StopWhenSettled(threading.Thread):
                 return
 
 
+def same_config(workdir, cfg):
+    """Whether the run recorded in `workdir` has `cfg` (the class count aside, which it resolved from the data)."""
+    from detrax import configs
+    from detrax.start import config_differences
+
+    with open(os.path.join(workdir, "run.json")) as f:
+        recorded = json.load(f)["config"]
+    diffs = config_differences(recorded, configs.to_dict(cfg))
+    return all(d.startswith("model.num_classes:") for d in diffs)
+
+
 def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume, until=None):
     """One training run; its AP50 curve and minutes. `until` = (level, cap): stop once AP50 passes the level
     or at the cap step (the curve is cut there, so a cap smaller than a recorded run's reads it back the same)."""
@@ -121,7 +132,7 @@ def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume, u
     cfg = configs.override(presets.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
     per_epoch = images // cfg.train.batch_size
     cfg = configs.override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
-    cut = resume and settled(read_curve(workdir), until)  # stopped as asked before: read back, not continued
+    cut = resume and settled(read_curve(workdir), until) and same_config(workdir, cfg)  # read back, not continued
     for again in [] if cut else [True, False] if resume else [False]:  # a resume that conflicts starts again
         if not again:
             shutil.rmtree(workdir, ignore_errors=True)
