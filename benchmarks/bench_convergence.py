@@ -141,7 +141,9 @@ def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume, u
             watch = StopWhenSettled(workdir, until)
             if until is not None:
                 watch.start()
-            late = signal.signal(signal.SIGTERM, lambda *_: None)  # one the watcher sends as fit returns: ignored
+            late = signal.getsignal(signal.SIGTERM)
+            if until is not None:  # one the watcher sends as fit returns: ignored (a user's, without it, is not)
+                signal.signal(signal.SIGTERM, lambda *_: None)
             try:
                 with open(os.path.join(workdir, "log.txt"), "a") as log, contextlib.redirect_stdout(log), \
                         contextlib.redirect_stderr(log):
