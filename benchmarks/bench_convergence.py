@@ -51,7 +51,7 @@ DEFAULT_VARIANTS = [f"plain:{PLAIN},train.steps=3x", "aids:"]
 
 
 def write_set(name: str, out: str) -> str:
-    from detrax import presets
+    from detrax.config import presets
     from detrax.data.synthetic import write_dataset, write_varied_dataset
 
     path = os.path.join(out, "data", name)
@@ -111,27 +111,28 @@ class StopWhenSettled(threading.Thread):
 
 def same_config(workdir, cfg):
     """Whether the run recorded in `workdir` has `cfg` (the class count aside, which it resolved from the data)."""
-    from detrax import configs
-    from detrax.start import config_differences
+    from detrax.config import schema
+    from detrax.training.start import config_differences
 
     with open(os.path.join(workdir, "run.json")) as f:
         recorded = json.load(f)["config"]
-    diffs = config_differences(recorded, configs.to_dict(cfg))
+    diffs = config_differences(recorded, schema.to_dict(cfg))
     return all(d.startswith("model.num_classes:") for d in diffs)
 
 
 def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume, until=None):
     """One training run; its AP50 curve and minutes. `until` = (level, cap): stop once AP50 passes the level
     or at the cap step (the curve is cut there, so a cap smaller than a recorded run's reads it back the same)."""
-    from detrax import configs, presets
+    from detrax.config import presets
+    from detrax.config.overrides import override
     from detrax.data.sources import read_split
     from detrax.errors import ResumeConflict
-    from detrax.train import Run, fit
+    from detrax.training.loop import Run, fit
 
     images = len(read_split(data, "train").records)
-    cfg = configs.override(presets.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
+    cfg = override(presets.get(preset), [*overrides, f"train.seed={seed}", f"train.steps={steps}"])
     per_epoch = images // cfg.train.batch_size
-    cfg = configs.override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
+    cfg = override(cfg, [f"train.eval_every={max(1, round(eval_steps / per_epoch))}"])
     cut = resume and settled(read_curve(workdir), until) and same_config(workdir, cfg)  # read back, not continued
     for again in [] if cut else [True, False] if resume else [False]:  # a resume that conflicts starts again
         if not again:
@@ -182,7 +183,7 @@ def main():
     p.add_argument("--resume", action="store_true", help="keep the runs in --out: read back the finished ones, "
                    "continue the cut ones")
     args = p.parse_args()
-    from detrax.devices import prefer_eigen_convolutions
+    from detrax.training.devices import prefer_eigen_convolutions
 
     prefer_eigen_convolutions()  # as the `detrax` command
     print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]

@@ -31,20 +31,21 @@ def main():
     import jax
     from flax import nnx
 
-    from detrax import configs, presets
     from detrax.api import Detector
+    from detrax.config import presets
+    from detrax.config.overrides import override
     from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
     from detrax.data.transforms import normalize_batch
-    from detrax.devices import local_copy
-    from detrax.evaluate import evaluate
-    from detrax.infer import make_infer
-    from detrax.model import DETR, assemble, weight_arrays
-    from detrax.postprocess import postprocess
+    from detrax.evaluation.coco import evaluate
+    from detrax.models.detr import DETR, assemble, weight_arrays
+    from detrax.serving.infer import make_infer
+    from detrax.serving.postprocess import postprocess
+    from detrax.training.devices import local_copy
 
     root = tempfile.mkdtemp(prefix="bench-eval-")
     write_dataset(root, args.images + 8, seed=0, val_fraction=args.images / (args.images + 8))
-    cfg = configs.override(presets.get("demo"), ["model.num_classes=4"])  # the synthetic shapes: ids 1..3
+    cfg = override(presets.get("demo"), ["model.num_classes=4"])  # the synthetic shapes: ids 1..3
     val = read_split(root, "val")
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     model.eval()

@@ -56,7 +56,7 @@ def detector():
     from flax import nnx
 
     import detrax
-    from detrax import presets
+    from detrax.config import presets
 
     cfg = dataclasses.replace(presets.detr_r50().model, num_classes=91)
     return detrax.Detector(detrax.DETR(cfg, rngs=nnx.Rngs(0)))
@@ -65,8 +65,8 @@ def detector():
 def worker_detrax(shapes, iters, bf16_cpu):
     import jax
 
-    from detrax.export import export
-    from detrax.infer import normalized, run_model
+    from detrax.serving.export import export
+    from detrax.serving.infer import normalized, run_model
 
     det = detector()
     onnx = os.path.join(tempfile.mkdtemp(), "detr.onnx")

@@ -24,8 +24,8 @@ def worker_detrax(h, w, iters, bf16=False):
     from flax import nnx
 
     import detrax
-    from detrax import presets
-    from detrax.model import DETR
+    from detrax.config import presets
+    from detrax.models.detr import DETR
 
     cfg = dataclasses.replace(presets.detr_r50().model, num_classes=91)  # COCO
     det = detrax.Detector(DETR(dataclasses.replace(cfg, dtype="bfloat16") if bf16 else cfg, rngs=nnx.Rngs(0)))

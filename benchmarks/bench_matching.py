@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from detrax import matching
-from detrax.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from detrax.criterion import matching
+from detrax.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 L, N, C, M = 6, 100, 91, 50
 

@@ -25,10 +25,10 @@ def main():
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args()
-    from detrax import presets
+    from detrax.config import presets
     from detrax.data.synthetic import write_panoptic_dataset
-    from detrax.devices import prefer_eigen_convolutions
-    from detrax.train import Run, fit
+    from detrax.training.devices import prefer_eigen_convolutions
+    from detrax.training.loop import Run, fit
 
     prefer_eigen_convolutions()  # as the `detrax` command
     print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]

@@ -88,7 +88,7 @@ def main():
     if args.forward_only:
         print(json.dumps(forward_batch_effect()))
         return
-    from detrax.predict import read_image
+    from detrax.serving.images import read_image
 
     images = [read_image(f) for f in sorted(glob.glob(os.path.join(args.data, "*.jpg")))]
     figures = {"images": len(images)}

@@ -61,8 +61,8 @@ def main():
     p.add_argument("--kills", default="12,28", help="logged steps after which to SIGKILL the run")
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
-    from detrax.checkpoint import load_run
-    from detrax.model import weight_arrays
+    from detrax.models.detr import weight_arrays
+    from detrax.weights.checkpoint import load_run
 
     root = args.workdir or tempfile.mkdtemp(prefix="resume-")
     data = os.path.join(root, "data")

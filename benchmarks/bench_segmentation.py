@@ -28,10 +28,10 @@ def worker_detrax(b, h, w, iters):
     import jax
     from flax import nnx
 
-    from detrax import presets
-    from detrax.devices import prefer_eigen_convolutions
-    from detrax.infer import run_model
-    from detrax.model import DETR
+    from detrax.config import presets
+    from detrax.models.detr import DETR
+    from detrax.serving.infer import run_model
+    from detrax.training.devices import prefer_eigen_convolutions
 
     prefer_eigen_convolutions()
     cfg = dataclasses.replace(presets.get("detr_r50_panoptic").model, dropout=0.0)

@@ -43,14 +43,15 @@ def main():
         import tracemalloc
 
         tracemalloc.start(8)
-    from detrax import configs, presets
+    from detrax.config import presets
+    from detrax.config.overrides import override
     from detrax.data.synthetic import write_dataset
-    from detrax.train import Run, fit
+    from detrax.training.loop import Run, fit
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="soak-")
     data = os.path.join(workdir, "data")
     write_dataset(data, args.images, seed=0, val_fraction=0.1)
-    cfg = configs.override(presets.get("demo"), ["train.epochs=10000", "train.lr_drop=10000", "train.eval_every=5",
+    cfg = override(presets.get("demo"), ["train.epochs=10000", "train.lr_drop=10000", "train.eval_every=5",
                                                  "train.ckpt_every=500"])
     samples, t0 = [], time.time()
     done = threading.Event()

@@ -33,13 +33,14 @@ def worker_detrax(size, iters):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from detrax import configs, presets
-    from detrax.loss import set_loss
-    from detrax.model import DETR
-    from detrax.optim import optimizer
-    from detrax.train_step import make_train_step
+    from detrax.config import presets
+    from detrax.config.overrides import override
+    from detrax.criterion.loss import set_loss
+    from detrax.models.detr import DETR
+    from detrax.training.optim import optimizer
+    from detrax.training.step import make_train_step
 
-    cfg = configs.override(presets.get("detr_r50"), ["model.num_classes=91"])  # COCO
+    cfg = override(presets.get("detr_r50"), ["model.num_classes=91"])  # COCO
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optimizer(cfg.train, 10**6, 10**6), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
@@ -72,7 +73,7 @@ def loss_times(cfg, model, b, iters):
     step spends on them (the step's matcher, host round trip included)."""
     import jax
 
-    from detrax.loss import set_loss
+    from detrax.criterion.loss import set_loss
 
     model.eval()
     outputs = jax.jit(lambda m, x, mask: m(x, mask))(model, b["pixels"].astype("float32"), b["mask"])
@@ -135,7 +136,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         if args.worker == "detrax":  # as the `detrax` command runs: CPU convolutions through Eigen
-            from detrax.devices import prefer_eigen_convolutions
+            from detrax.training.devices import prefer_eigen_convolutions
 
             prefer_eigen_convolutions()
         fn = worker_torch if args.worker == "torch" else worker_detrax

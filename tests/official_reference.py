@@ -290,7 +290,7 @@ def post_process_panoptic(logits, masks, size, target_size, is_thing, threshold=
     import numpy as np
     from PIL import Image
 
-    from detrax.pq import id2rgb, rgb2id
+    from detrax.data.masks import id2rgb, rgb2id
 
     scores, labels = logits.softmax(-1).max(-1)
     keep = labels.ne(logits.shape[-1] - 1) & (scores > threshold)

@@ -1,5 +1,5 @@
 """An independent rendering of COCO panopticapi's `pq_compute` (evaluation.py: pq_compute_single_core and
-PQStat.pq_average) on in-memory id maps, as the reference for detrax.pq. Not installable from PyPI."""
+PQStat.pq_average) on in-memory id maps, as the reference for detrax.evaluation.pq. Not installable from PyPI."""
 
 from collections import defaultdict
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from detrax import cli, configs, presets
-from detrax import convert as cv
-from detrax.configs import ModelConfig
+from detrax import cli
+from detrax.config import presets
+from detrax.config.overrides import override
+from detrax.config.schema import ModelConfig
 from detrax.data.synthetic import write_dataset
-from detrax.model import DETR
-from detrax.train import Run, fit
+from detrax.models.detr import DETR
+from detrax.training.loop import Run, fit
+from detrax.weights import convert as cv
 
 # ------------------------------------------------------------------ BiT in NumPy, reading BiT's own names
 
@@ -182,7 +184,7 @@ def test_presets_and_config_errors():
         ("bit50", (3, 4, 6, 3), 64, 1)
     assert presets.get("detr_bit_r101").model.depths == (3, 4, 23, 3)
     assert presets.get("detr_bit_r50_dc5").model.dilation
-    x2 = configs.override(cfg, ["model.width=128"]).model
+    x2 = override(cfg, ["model.width=128"]).model
     assert x2.backbone_channels == 4096
     with pytest.raises(ValueError, match="backbone 'bit50' has depths .* use backbone='bit' for custom depths"):
         ModelConfig(backbone="bit50", depths=(1, 1, 1, 1))
@@ -199,7 +201,7 @@ def test_root_and_block1_frozen_like_the_resnet():
 
 def test_bit_detr_trains_on_synthetic_data(tmp_path):
     write_dataset(str(tmp_path / "data"), num_images=24, seed=3, shape=presets.DEMO_SHAPE)  # one compilation
-    cfg = configs.override(presets.get("demo"), ["model.backbone=bit", "model.width=32", "train.steps=20",
+    cfg = override(presets.get("demo"), ["model.backbone=bit", "model.width=32", "train.steps=20",
                                                  "train.lr=1e-3", "train.log_every=1", "train.eval_every=0"])
     fit(cfg, Run(str(tmp_path / "data"), str(tmp_path / "run"), quiet=False))
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detrax import box_ops
+from detrax.models import box_ops
 
 
 def _boxes(rs, n):

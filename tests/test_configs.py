@@ -1,6 +1,7 @@
 import pytest
 
-from detrax import configs, presets
+from detrax.config import presets, schema
+from detrax.config.overrides import override
 
 
 def test_num_classes_is_auto_or_a_number():
@@ -8,17 +9,17 @@ def test_num_classes_is_auto_or_a_number():
     from a number only."""
     from flax import nnx
 
-    from detrax.model import DETR
+    from detrax.models.detr import DETR
 
-    assert configs.override(presets.get("demo"), ["model.num_classes=24"]).model.num_classes == 24
-    assert configs.override(presets.get("tiny"), ["model.num_classes=auto"]).model.num_classes == "auto"
+    assert override(presets.get("demo"), ["model.num_classes=24"]).model.num_classes == 24
+    assert override(presets.get("tiny"), ["model.num_classes=auto"]).model.num_classes == "auto"
     with pytest.raises(ValueError, match="num_classes must be a number or auto, not 'many'"):
-        configs.override(presets.get("demo"), ["model.num_classes=many"])
+        override(presets.get("demo"), ["model.num_classes=many"])
     with pytest.raises(ValueError, match="num_classes must be at least 1"):
-        configs.override(presets.get("demo"), ["model.num_classes=0"])
+        override(presets.get("demo"), ["model.num_classes=0"])
     with pytest.raises(ValueError, match="a training run sets it from its data"):
         DETR(presets.get("demo").model, rngs=nnx.Rngs(0))
-    assert configs.from_dict(configs.to_dict(presets.get("demo"))) == presets.get("demo")
+    assert schema.from_dict(schema.to_dict(presets.get("demo"))) == presets.get("demo")
 
 
 def test_presets():
@@ -34,42 +35,42 @@ def test_presets():
 
 
 def test_override_and_its_errors():
-    cfg = configs.override(presets.get("tiny"), ["model.num_classes=20", "model.pre_norm=true",
+    cfg = override(presets.get("tiny"), ["model.num_classes=20", "model.pre_norm=true",
                                                  "model.depths=1,2,1,1"])
     assert cfg.model.num_classes == 20 and cfg.model.pre_norm and cfg.model.depths == (1, 2, 1, 1)
     with pytest.raises(ValueError, match="unknown config key 'model.num_clases'.*num_classes"):
-        configs.override(cfg, ["model.num_clases=3"])
+        override(cfg, ["model.num_clases=3"])
     with pytest.raises(ValueError, match="bad value for 'model.pre_norm'"):
-        configs.override(cfg, ["model.pre_norm=maybe"])
+        override(cfg, ["model.pre_norm=maybe"])
     with pytest.raises(ValueError, match="not key=value"):
-        configs.override(cfg, ["model.num_classes"])
+        override(cfg, ["model.num_classes"])
     with pytest.raises(ValueError, match="unknown config 'detr_r5'"):
         presets.get("detr_r5")
 
 
 def test_invalid_model_configs():
     with pytest.raises(ValueError, match="not divisible"):
-        configs.ModelConfig(hidden_dim=250)
+        schema.ModelConfig(hidden_dim=250)
     with pytest.raises(ValueError, match="use backbone='resnet'"):
-        configs.ModelConfig(backbone="resnet50", depths=(1, 1, 1, 1))
+        schema.ModelConfig(backbone="resnet50", depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="attention must be"):
-        configs.ModelConfig(attention="flash")
+        schema.ModelConfig(attention="flash")
 
 
 def test_model_config_json_round_trip():
     cfg = presets.get("detr_r101_dc5").model
     import json
 
-    assert configs.model_config_from_dict(json.loads(configs.model_config_to_json(cfg))) == cfg
+    assert schema.model_config_from_dict(json.loads(schema.model_config_to_json(cfg))) == cfg
     with pytest.raises(ValueError, match="unknown model config keys"):
-        configs.model_config_from_dict({"bogus": 1})
+        schema.model_config_from_dict({"bogus": 1})
 
 
 def test_length_shortcuts():
-    cfg = configs.override(presets.get("demo"), ["steps=7", "epochs=3", "batch_size=4"])
+    cfg = override(presets.get("demo"), ["steps=7", "epochs=3", "batch_size=4"])
     assert (cfg.train.steps, cfg.train.epochs, cfg.train.batch_size) == (7, 3, 4)
 
 
 def test_config_dict_round_trip():
     cfg = presets.get("detr_r50_dc5")
-    assert configs.from_dict(configs.to_dict(cfg)) == cfg
+    assert schema.from_dict(schema.to_dict(cfg)) == cfg

@@ -9,10 +9,10 @@ import pytest
 from conftest import require
 from hf_reference import build_hf_detr, hf_all_layers, padded_batch
 
-from detrax import convert as cv
-from detrax import weights
-from detrax.backbone import ResNet
-from detrax.configs import ModelConfig
+from detrax.config.schema import ModelConfig
+from detrax.models.backbones.resnet import ResNet
+from detrax.weights import convert as cv
+from detrax.weights import files as weights
 
 torch = require("torch")
 import official_reference as ref  # noqa: E402
@@ -214,6 +214,6 @@ def test_cli_convert(tmp_path, capsys, official_sd):
                      "--num-heads", "4"]) == 0
     out = capsys.readouterr().out
     assert "official checkpoint" in out and "DC5" in out
-    assert weights.read_config(tmp_path / "w.safetensors").dilation
+    assert weights.model_config(tmp_path / "w.safetensors").dilation
     assert cli.main(["convert", str(tmp_path / "nothing.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert "nothing.pth: no such file" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The backbone's warm-up on the training objects (detrax.crop_warmup, detrax.data.crops): windows cut at the
+"""The backbone's warm-up on the training objects (detrax.training.crop_warmup, detrax.data.crops): windows cut at the
 detector's scale, a backbone that learns from them while everything else stays as it was, and a run that
 records it."""
 
@@ -11,13 +11,14 @@ from flax import nnx
 from PIL import Image
 
 import detrax
-from detrax import configs, presets
-from detrax.backbone import Frozen
-from detrax.configs import DataConfig
-from detrax.crop_warmup import warm_up
+from detrax.config import presets
+from detrax.config.overrides import override
+from detrax.config.schema import DataConfig
 from detrax.data.crops import object_crops
 from detrax.data.synthetic import write_dataset
-from detrax.train import Run, fit
+from detrax.models.backbones.resnet import Frozen
+from detrax.training.crop_warmup import warm_up
+from detrax.training.loop import Run, fit
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 
@@ -80,7 +81,7 @@ def _colour_records(tmp_path, n=8):
 
 
 def test_warm_up_trains_the_backbone_alone_and_learns_the_classes(tmp_path):
-    cfg = configs.override(presets.get("tiny"), ["train.crop_steps=40", "train.crop_lr=3e-3", "data.scales=[96]",
+    cfg = override(presets.get("tiny"), ["train.crop_steps=40", "train.crop_lr=3e-3", "data.scales=[96]",
                                                  "data.max_size=96"])
     records = _colour_records(tmp_path)
     model = detrax.DETR(cfg.model, rngs=nnx.Rngs(0))
@@ -105,14 +106,14 @@ def test_warm_up_trains_the_backbone_alone_and_learns_the_classes(tmp_path):
 def test_a_run_records_its_warm_up_and_resumes_without_it(tmp_path, capsys):
     root = tmp_path / "synth"
     write_dataset(str(root), num_images=12, seed=3, shape=presets.DEMO_SHAPE)  # one compilation
-    cfg = configs.override(presets.get("demo"), ["train.steps=2", "train.eval_every=0", "train.ckpt_every=1",
+    cfg = override(presets.get("demo"), ["train.steps=2", "train.eval_every=0", "train.ckpt_every=1",
                                                  "train.crop_steps=3", "data.workers=0"])
     fit(cfg, Run(str(root), str(tmp_path / "run")))
     record = json.load(open(tmp_path / "run" / "run.json"))
     assert record["crop_warmup"]["steps"] == 3 and record["crop_warmup"]["windows"] > 0
     err = capsys.readouterr().err
     assert "frozen batch norm calibrated" in err and "backbone warm-up done" in err
-    longer = configs.override(cfg, ["train.steps=3"])
+    longer = override(cfg, ["train.steps=3"])
     fit(longer, Run(str(root), str(tmp_path / "run"), resume=True, allow_changes=True))
     assert "backbone warm-up" not in capsys.readouterr().err  # a checkpoint holds the warmed-up backbone
 
@@ -120,4 +121,4 @@ def test_a_run_records_its_warm_up_and_resumes_without_it(tmp_path, capsys):
 @pytest.mark.parametrize("override", ["train.crop_steps=-1", "train.crop_lr=0"])
 def test_bad_warm_up_settings_are_refused(override):
     with pytest.raises(ValueError, match="crop_steps must be at least 0"):
-        configs.override(presets.get("tiny"), [override])
+        override(presets.get("tiny"), [override])

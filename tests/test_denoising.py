@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax import presets
-from detrax.configs import LossConfig, ModelConfig
-from detrax.denoising import noise_targets
-from detrax.loss import set_loss
-from detrax.model import DETR, weight_arrays
+from detrax.config import presets
+from detrax.config.schema import LossConfig, ModelConfig
+from detrax.criterion.loss import set_loss
+from detrax.models.denoising import noise_targets
+from detrax.models.detr import DETR, weight_arrays
 
 CFG = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=4, num_classes=5,
                   enc_layers=1, dec_layers=2, ffn_dim=32, num_queries=6, query_groups=2, dn_groups=2, dropout=0.0)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax.configs import LossConfig, ModelConfig
-from detrax.encoder_head import assign
-from detrax.loss import encoder_losses, set_loss
-from detrax.model import DETR, weight_arrays
+from detrax.config.schema import LossConfig, ModelConfig
+from detrax.criterion.loss import encoder_losses, set_loss
+from detrax.models.detr import DETR, weight_arrays
+from detrax.models.encoder_head import assign
 
 CFG = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=4, num_classes=5,
                   enc_layers=1, dec_layers=2, ffn_dim=32, num_queries=6, encoder_head=True, dropout=0.0)

@@ -9,12 +9,15 @@ import pytest
 from flax import nnx
 
 import detrax
-from detrax import backbones, cli, configs, presets
+from detrax import cli
+from detrax.config import presets, schema
+from detrax.config.overrides import override
 from detrax.data.synthetic import scene
-from detrax.export import FORMATS, Shape, export, load_stablehlo
-from detrax.infer import batches
+from detrax.models.backbones import registry as backbones
+from detrax.serving.export import FORMATS, Shape, export, load_stablehlo
+from detrax.serving.infer import batches
 
-DATA = configs.DataConfig(val_size=96, max_size=150, bucket_step=32)
+DATA = schema.DataConfig(val_size=96, max_size=150, bucket_step=32)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,7 @@ def test_a_model_onnx_cannot_hold_is_named(tmp_path):
     require("jax2onnx", "onnx")
     backbones.register(backbones.Backbone("host", _callback_backbone))
     try:
-        cfg = configs.override(presets.tiny(), ["model.backbone=host"]).model
+        cfg = override(presets.tiny(), ["model.backbone=host"]).model
         det = detrax.Detector(detrax.DETR(cfg, rngs=nnx.Rngs(0)))
         with pytest.raises(ValueError, match="cannot be exported to ONNX: .*'pure_callback'"):
             export(det, tmp_path / "host.onnx", "onnx")

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from detrax import backbones, cli, configs, matching, presets
+from detrax import cli
+from detrax.config import presets
+from detrax.config.overrides import override
+from detrax.criterion import matching
 from detrax.data import sources
 from detrax.data.coco import Dataset
 from detrax.data.synthetic import SHAPES, scene, write_dataset
-from detrax.train import Run, fit
+from detrax.models.backbones import registry as backbones
+from detrax.training.loop import Run, fit
 
 FAST = ["train.steps=2", "train.batch_size=2", "train.log_every=1", "train.eval_every=0", "data.val_split=none",
         "data.bucket_step=192"]
@@ -42,10 +46,10 @@ def synth(tmp_path_factory):
 
 def test_a_registered_matcher_is_validated_and_trains(synth, tmp_path):
     with pytest.raises(ValueError, match="matcher must be one of"):
-        configs.override(presets.get("tiny"), ["loss.matcher=in_order"])
+        override(presets.get("tiny"), ["loss.matcher=in_order"])
     matching.register_matcher("in_order", in_order)
     try:
-        cfg = configs.override(presets.get("demo"), ["loss.matcher=in_order", *FAST])
+        cfg = override(presets.get("demo"), ["loss.matcher=in_order", *FAST])
         fit(cfg, Run(synth, str(tmp_path / "run"), quiet=False))
     finally:
         del matching.MATCHERS["in_order"]
@@ -70,10 +74,10 @@ class Patches(nnx.Module):
 
 def test_a_registered_backbone_is_validated_builds_and_trains(synth, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown backbone 'patches'"):
-        configs.override(presets.get("demo"), ["model.backbone=patches"])
+        override(presets.get("demo"), ["model.backbone=patches"])
     backbones.register(backbones.Backbone("patches", Patches))
     try:
-        cfg = configs.override(presets.get("demo"), ["model.backbone=patches", *FAST])
+        cfg = override(presets.get("demo"), ["model.backbone=patches", *FAST])
         fit(cfg, Run(synth, str(tmp_path / "run"), quiet=False))  # calibration skipped: it has no frozen statistics
         import detrax
 
@@ -122,7 +126,7 @@ def test_a_registered_data_source_trains_evaluates_and_checks(tmp_path, capsys):
         assert cli.main(["data", "check", "shapes:4"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["ok"] and report["splits"]["val"]["images"] == 4
-        cfg = configs.override(presets.get("demo"), [*FAST, "data.val_split=val"])
+        cfg = override(presets.get("demo"), [*FAST, "data.val_split=val"])
         summary = fit(cfg, Run("shapes:8", str(tmp_path / "run"), quiet=False))  # evaluated on its ground truth
     finally:
         sources.SOURCES.pop(0)
@@ -133,8 +137,8 @@ def test_a_registered_data_source_trains_evaluates_and_checks(tmp_path, capsys):
 
 def test_a_registered_export_format_is_taken_by_the_cli(tmp_path, capsys):
     """A toy export format (the weights as .npz, the input shape beside them) through `detrax export`."""
-    from detrax import export
-    from detrax.model import weight_arrays
+    from detrax.models.detr import weight_arrays
+    from detrax.serving import export
 
     def arrays(detector, path, shape):
         np.savez(path, **{k: np.asarray(v) for k, v in weight_arrays(detector.model).items()},
@@ -156,7 +160,7 @@ def test_a_registered_export_format_is_taken_by_the_cli(tmp_path, capsys):
 
 def test_a_registered_runtime_runs_predict(tmp_path, capsys):
     """A toy runtime (XLA's, counting the images it sees) through `detrax predict --runtime`."""
-    from detrax import runtimes
+    from detrax.serving import runtimes
 
     seen = []
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 import detrax
-from detrax import cli, flax_detr
-from detrax.coco_names import COCO_2017_IDS, COCO_NAMES
-from detrax.configs import ModelConfig
-from detrax.convert import ConversionError, convert, read_state_dict
-from detrax.model import weight_arrays
+from detrax import cli
+from detrax.config.schema import ModelConfig
+from detrax.data.coco_names import COCO_2017_IDS, COCO_NAMES
+from detrax.models.detr import weight_arrays
+from detrax.weights import flax_detr
+from detrax.weights.convert import ConversionError, convert, read_state_dict
 
 TINY = dict(num_classes=81, hidden_dim=32, num_queries=7, num_heads=4, enc_layers=2, dec_layers=3, mlp_dim=64,
             blocks=(1, 2, 1, 1), width=8)
@@ -190,8 +191,9 @@ def test_bad_checkpoints_are_named(tmp_path, post_norm):
 def test_init_maps_its_class_outputs_to_their_ids(post_norm):
     from flax import nnx
 
-    from detrax.model import DETR
-    from detrax.weights import init_from, read_init
+    from detrax.models.detr import DETR
+    from detrax.weights.files import init_from
+    from detrax.weights.opener import read_init
 
     path = post_norm[2]
     arrays, class_ids = read_init(str(path))

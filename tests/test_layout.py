@@ -1,47 +1,78 @@
-"""The floors of docs/architecture.md: no module imports one above its own (imports inside functions count)."""
+"""The wings of docs/architecture.md: each imports only from its own wing and the wings below it (imports inside
+functions count), no module imports itself back through others, and the top of the package holds only what a
+user touches."""
 
 import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "detrax"
-FLOORS = [
-    {"errors", "configs"},  # read by every floor (configs validates names against the registries below it)
-    {"box_ops", "position_encoding", "attention", "devices", "coco_names"},
-    {"keys", "backbone", "bit", "backbones", "transformer", "segmentation", "denoising", "encoder_head",
-     "model"},
-    {"matching", "loss", "postprocess", "pq", "panoptic"},
-    {"data"},
-    {"weights", "convert", "flax_detr", "checkpoint"},
-    {"optim", "infer", "export", "runtimes", "crop_warmup", "start", "train_step", "reporting", "evaluate",
-     "actions", "train", "predict", "attention_maps"},
-    {"api", "commands", "cli", "presets", "__init__", "__main__"},
-]
-CONFIG_REGISTRIES = {"backbones", "matching", "attention"}  # what configs imports to validate a name
+# from the bottom; `errors` (the exceptions a user catches) is read by every wing
+WINGS = ["errors", "config", "models", "criterion", "data", "weights", "serving", "evaluation", "training", "top"]
+TOP = {"__init__", "__main__", "api", "cli", "commands", "errors"}
 
 
-def _floor(module: str) -> int:
-    top = module.split(".")[0]
-    for i, names in enumerate(FLOORS):
-        if top in names:
-            return i
-    raise AssertionError(f"detrax.{module} is on no floor: add it here and to docs/architecture.md")
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(SRC).with_suffix("").parts): p for p in SRC.rglob("*.py")}
 
 
-def test_no_module_imports_a_floor_above_its_own():
+def _wing(module: str) -> str:
+    head = module.split(".")[0]
+    if head == "errors":
+        return "errors"
+    if head in TOP:
+        return "top"
+    assert head in WINGS, f"detrax.{module} is in no wing: add its wing here and to docs/architecture.md"
+    return head
+
+
+def _imports(path: Path, modules) -> set[str]:
+    """The detrax modules that `path` imports (a package's name counts as its __init__)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "detrax":
+            base = node.module.removeprefix("detrax").lstrip(".")
+            names = [f"{base}.{a.name}".lstrip(".") for a in node.names]
+            names = [n if n in modules or f"{n}.__init__" in modules else base for n in names]
+        elif isinstance(node, ast.Import):
+            names = [a.name.removeprefix("detrax.") for a in node.names if a.name.startswith("detrax.")]
+        for name in names:
+            found.add(name if name in modules else f"{name}.__init__".lstrip("."))
+    return found
+
+
+def test_the_top_holds_only_what_a_user_touches():
+    top = {p.stem for p in SRC.glob("*.py")}
+    assert top <= TOP, f"modules at the top of detrax that belong in a wing: {sorted(top - TOP)}"
+
+
+def test_no_module_imports_a_wing_above_its_own():
+    modules = _modules()
     wrong = []
-    for path in SRC.rglob("*.py"):
-        module = ".".join(path.relative_to(SRC).with_suffix("").parts)
-        mine = _floor(module)
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("detrax"):
-                names = [node.module] if node.module != "detrax" else [a.name for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.startswith("detrax.")]
-            for name in names:
-                target = name.removeprefix("detrax.") if name != "detrax" else "__init__"
-                if module == "configs" and target in CONFIG_REGISTRIES:
-                    continue
-                if _floor(target) > mine:
-                    wrong.append(f"{module} (floor {mine}) imports {target} (floor {_floor(target)})")
-    assert not wrong, "\n".join(wrong)
+    for module, path in modules.items():
+        mine = WINGS.index(_wing(module))
+        for target in _imports(path, modules):
+            if WINGS.index(_wing(target)) > mine:
+                wrong.append(f"{module} ({WINGS[mine]}) imports {target} ({_wing(target)})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_no_import_circle():
+    modules = _modules()
+    graph = {m: _imports(p, modules) - {m, "__init__"} for m, p in modules.items()}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(m, trail):
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                circles.append(" -> ".join([*trail[trail.index(n):], n]))
+            elif n not in state:
+                visit(n, [*trail, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, "\n".join(circles)

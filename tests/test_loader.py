@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from detrax.configs import DataConfig
+from detrax.config.schema import DataConfig
 from detrax.data.batching import Collate, bucket_shape, fill_size
 from detrax.data.coco import DataError, read_coco
 from detrax.data.loader import Augment, Loader, dataset

@@ -7,8 +7,8 @@ import pytest
 from conftest import require
 
 import detrax
-from detrax.configs import LossConfig
-from detrax.loss import layer_losses
+from detrax.config.schema import LossConfig
+from detrax.criterion.loss import layer_losses
 
 torch = require("torch")
 hf_loss = require("transformers.loss.loss_for_object_detection")
@@ -106,17 +106,18 @@ def test_sinkhorn_loss_close_to_exact():
 
 
 def test_loss_from_config_and_no_aux():
-    from detrax import configs, presets
+    from detrax.config import presets
+    from detrax.config.overrides import override
 
     rs = np.random.default_rng(4)
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
-    cfg = configs.override(presets.get("tiny"), ["loss.aux_loss=false", "loss.matcher=hungarian_jax"]).loss
+    cfg = override(presets.get("tiny"), ["loss.aux_loss=false", "loss.matcher=hungarian_jax"]).loss
     out = detrax.set_loss(_outputs(logits, boxes), targets, cfg)
     assert "loss_ce_0" not in out
     assert float(out["loss"]) == pytest.approx(float(out["loss_ce"] + 5 * out["loss_bbox"] + 2 * out["loss_giou"]))
     with pytest.raises(ValueError, match="matcher must be"):
-        configs.override(presets.get("tiny"), ["loss.matcher=auction"])
+        override(presets.get("tiny"), ["loss.matcher=auction"])
 
 
 @pytest.mark.parametrize("aux", [True, False])

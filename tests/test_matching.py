@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from detrax import matching
+from detrax.criterion import matching
 
 
 def _optimum(c, v):

@@ -9,11 +9,12 @@ import pytest
 from conftest import require
 from flax import nnx
 
-from detrax import configs, presets
-from detrax.attention import attention
-from detrax.backbone import Frozen
-from detrax.model import DETR
-from detrax.position_encoding import resize_mask, sine_position_embedding
+from detrax.config import presets
+from detrax.config.overrides import override
+from detrax.models.attention import attention
+from detrax.models.backbones.resnet import Frozen
+from detrax.models.detr import DETR
+from detrax.models.position_encoding import resize_mask, sine_position_embedding
 
 torch = require("torch")
 
@@ -49,9 +50,9 @@ def test_model_options_reach_the_layers_and_travel_in_weights_files(tmp_path):
     import dataclasses
 
     import detrax
-    from detrax import configs
+    from detrax.config.overrides import override
 
-    cfg = configs.override(presets.tiny(), ["model.norm_eps=1e-6", "model.pixel_mean=0.48,0.456,0.406",
+    cfg = override(presets.tiny(), ["model.norm_eps=1e-6", "model.pixel_mean=0.48,0.456,0.406",
                                             "model.mask_resize=half_pixel"]).model
     assert cfg.pixel_mean == (0.48, 0.456, 0.406)
     model = DETR(cfg, rngs=nnx.Rngs(0))
@@ -172,7 +173,7 @@ def test_train_mode_dropout_and_eval_determinism():
 
 def test_layer_dropout_masks_keep_the_right_fraction_independently():
     """A layer draws all its sites' masks at once: each keeps 1 - rate of its entries, sites and calls differ."""
-    from detrax.transformer import _dropout_masks
+    from detrax.models.transformer import _dropout_masks
 
     drop = nnx.Dropout(0.25, rngs=nnx.Rngs(3))
     shapes = {"dropout": (2, 50, 300), "self_attn": (2, 4, 50, 50), "dropout1": (2, 50, 64)}
@@ -191,7 +192,7 @@ def test_layer_dropout_masks_keep_the_right_fraction_independently():
 def test_bfloat16_compute_is_close_to_float32(tiny):
     import dataclasses
 
-    from detrax.model import assemble, weight_arrays
+    from detrax.models.detr import assemble, weight_arrays
 
     bf16 = assemble(dataclasses.replace(tiny.config, dtype="bfloat16"), weight_arrays(tiny))
     pixels, mask = _batch()
@@ -205,7 +206,7 @@ def test_bfloat16_compute_is_close_to_float32(tiny):
 def test_model_kernels_agree(tiny):
     import dataclasses
 
-    from detrax.model import assemble, weight_arrays
+    from detrax.models.detr import assemble, weight_arrays
 
     dot = assemble(dataclasses.replace(tiny.config, attention="dot_product"), weight_arrays(tiny))
     pixels, mask = _batch()
@@ -233,7 +234,7 @@ def test_batch_norm_calibration_normalises_a_from_scratch_backbone():
 def test_fast_conv_and_folded_batch_norm_equal_the_plain_formulation(k, stride, dilation):
     """The backbone's speed-ups (1x1 convolutions as matrix products, frozen batch norm folded into the kernel)
     leave outputs and gradients as lax.conv followed by the normalisation, within 1e-4."""
-    from detrax.backbone import Conv, FrozenBatchNorm, _conv_bn
+    from detrax.models.backbones.resnet import Conv, FrozenBatchNorm, _conv_bn
 
     rs = np.random.default_rng(k * 10 + stride + dilation)
     conv = Conv(16, 24, k, stride=stride, dilation=dilation, padding=dilation * (k // 2), rngs=nnx.Rngs(0))
@@ -268,7 +269,7 @@ def test_fast_conv_and_folded_batch_norm_equal_the_plain_formulation(k, stride, 
 def test_stem_max_pool_is_the_padded_reduce_window_and_its_symbolic_form_too():
     """Static sizes: values and gradient bitwise those of the padded reduce_window (training unchanged by export
     work), ties included; symbolic sizes (an export of any size): the nine-slice form, the same values."""
-    from detrax.backbone import max_pool
+    from detrax.models.backbones.resnet import max_pool
 
     x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 19, 24, 4)))
     x = jnp.round(x * 4) / 4  # many ties
@@ -289,11 +290,11 @@ def test_query_groups_train_only_each_group_decodes_alone():
     """Group DETR: in eval mode a model with query groups is the official DETR (its first group); in training
     every group decodes the same image on its own: group g's outputs are those of a one-group model whose
     queries are group g's (self-attention never crosses groups)."""
-    from detrax.model import weight_arrays
+    from detrax.models.detr import weight_arrays
 
-    c = configs.override(presets.tiny(), ["model.dropout=0.0", "model.query_groups=3"]).model
+    c = override(presets.tiny(), ["model.dropout=0.0", "model.query_groups=3"]).model
     grouped = DETR(c, rngs=nnx.Rngs(1))
-    one = DETR(configs.override(presets.tiny(), ["model.dropout=0.0"]).model, rngs=nnx.Rngs(2))
+    one = DETR(override(presets.tiny(), ["model.dropout=0.0"]).model, rngs=nnx.Rngs(2))
     arrays = weight_arrays(grouped)
     assert arrays["group_queries"].shape == (2, c.num_queries, c.hidden_dim)
     assert "group_queries" not in weight_arrays(one)
@@ -323,7 +324,7 @@ def test_query_groups_train_only_each_group_decodes_alone():
 
 
 def detrax_assemble(arrays, config):
-    from detrax.model import assemble
+    from detrax.models.detr import assemble
 
     return assemble(config, arrays)
 
@@ -336,7 +337,7 @@ def test_cli_runs_cpu_convolutions_through_eigen_with_the_same_numbers(monkeypat
     import subprocess
     import sys
 
-    from detrax.devices import EIGEN_CONVOLUTIONS, prefer_eigen_convolutions
+    from detrax.training.devices import EIGEN_CONVOLUTIONS, prefer_eigen_convolutions
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     assert prefer_eigen_convolutions()

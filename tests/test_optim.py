@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from detrax import presets
-from detrax.loss import set_loss
-from detrax.model import DETR
-from detrax.optim import lr_factor, optimizer
-from detrax.train_step import make_train_step
+from detrax.config import presets
+from detrax.criterion.loss import set_loss
+from detrax.models.detr import DETR
+from detrax.training.optim import lr_factor, optimizer
+from detrax.training.step import make_train_step
 
 
 def test_lr_factor_drops_tenfold_at_the_drop_step():

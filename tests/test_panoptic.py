@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import require
 
-from detrax.panoptic import instance_masks, panoptic_segments
+from detrax.serving.panoptic import instance_masks, panoptic_segments
 
 torch = require("torch")
 import official_reference as ref  # noqa: E402

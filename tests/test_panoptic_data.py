@@ -10,14 +10,16 @@ import pytest
 from conftest import require
 from PIL import Image
 
-from detrax import cli, configs, presets
+from detrax import cli
+from detrax.config import presets, schema
+from detrax.config.overrides import override
 from detrax.data import transforms as T
 from detrax.data.batching import Collate
 from detrax.data.coco import DataError
 from detrax.data.coco_panoptic import load_masks, masks_to_boxes, read_panoptic
 from detrax.data.loader import Augment
 from detrax.data.synthetic import write_panoptic_dataset
-from detrax.pq import pq_compute
+from detrax.evaluation.pq import pq_compute
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +41,13 @@ def test_synthetic_panoptic_reads_back_and_scores_itself_perfectly(pan):
         want = np.array([[x, y, x + w - 1, y + h - 1] for x, y, w, h in (s["bbox"] for s in a["segments_info"])])
         np.testing.assert_array_equal(masks_to_boxes(masks), want)  # first and last pixel, as the official
         assert [int(m.sum()) for m in masks] == [s["area"] for s in a["segments_info"]]
-    from detrax.data.coco import instance_masks, read_coco
+    from detrax.data.coco import read_coco, record_masks
 
     inst = read_coco(str(pan), "train")  # every segment as an instance too: the first stage's boxes, mask AP
     assert inst.names == {c["id"]: c["name"] for c in data["categories"]}
     for r, a in zip(ds.records, inst.records):
         masks = load_masks(r)
-        np.testing.assert_array_equal(instance_masks(a), masks)
+        np.testing.assert_array_equal(record_masks(a), masks)
         np.testing.assert_array_equal(a["boxes"], masks_to_boxes(masks) + [0, 0, 1, 1])
     gt = str(pan / "annotations" / "panoptic_val.json")
     result = pq_compute(gt, gt, str(pan / "annotations" / "panoptic_val"), str(pan / "annotations" / "panoptic_val"))
@@ -92,7 +94,7 @@ def _cli_json(argv):
 
 def test_masks_follow_boxes_through_the_official_transforms_and_batching(pan):
     ds = read_panoptic(str(pan), "train")
-    cfg = configs.DataConfig(scales=(48, 64, 96), max_size=200, crop_scales=(40, 64), crop_size=(24, 48),
+    cfg = schema.DataConfig(scales=(48, 64, 96), max_size=200, crop_scales=(40, 64), crop_size=(24, 48),
                              task="panoptic")
     augment = Augment(True, cfg)
     examples = []
@@ -160,7 +162,7 @@ def test_panoptic_task_trains_evaluates_and_predicts(pan, tmp_path, capsys):
                                 "--out", str(pred)]))
     assert got["images"] == 4 and got["segments"] >= 4
     panoptic = json.loads((pred / "panoptic.json").read_text())["annotations"]
-    from detrax.pq import rgb2id
+    from detrax.data.masks import rgb2id
 
     for a in panoptic:
         ids = rgb2id(np.asarray(Image.open(pred / a["file_name"])))
@@ -177,10 +179,10 @@ def test_a_frozen_detector_leaves_all_but_the_mask_head_alone(pan, tmp_path):
     from flax import nnx
 
     import detrax
-    from detrax.model import weight_arrays
-    from detrax.train import Run, fit
+    from detrax.models.detr import weight_arrays
+    from detrax.training.loop import Run, fit
 
-    cfg = configs.override(presets.get("demo_panoptic", smoke=True),
+    cfg = override(presets.get("demo_panoptic", smoke=True),
                            ["train.freeze_detector=true", "train.steps=2", "train.batch_size=4", "train.eval_every=0",
                             "train.calibrate_bn=false", "data.workers=0", "train.lr=1e-2", "model.num_classes=6"])
     start = detrax.Detector(detrax.DETR(cfg.model, rngs=nnx.Rngs(5)))
@@ -198,15 +200,16 @@ def test_a_detectors_weights_start_the_second_stage_with_a_fresh_mask_head(tmp_p
     from flax import nnx
 
     import detrax
-    from detrax import weights
-    from detrax.model import weight_arrays
+    from detrax.models.detr import weight_arrays
+    from detrax.weights import files as weights
+    from detrax.weights.opener import read_init
 
     cfg = dataclasses.replace(presets.get("demo_panoptic", smoke=True).model, num_classes=5)
     detector = detrax.Detector(detrax.DETR(dataclasses.replace(cfg, masks=False), rngs=nnx.Rngs(1)))
     detector.save(tmp_path / "boxes.safetensors")
     model = detrax.DETR(cfg, rngs=nnx.Rngs(2))
     fresh_head = weight_arrays(model)
-    arrays, class_ids = weights.read_init(str(tmp_path / "boxes.safetensors"))
+    arrays, class_ids = read_init(str(tmp_path / "boxes.safetensors"))
     assert weights.init_from(model, arrays, "boxes.safetensors", class_ids) == ["the mask head (32 weights)"]
     got, want = weight_arrays(model), weight_arrays(detector.model)
     head = [k for k in got if k.startswith(("mask_head/", "bbox_attention/"))]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hf_reference import build_hf_detr, hf_all_layers, padded_batch
 
-from detrax import convert as cv
+from detrax.weights import convert as cv
 
 SIZES = [(96, 128), (128, 80)]  # padded to 128 x 128: both images carry padding
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 from conftest import require
 
-from detrax.postprocess import postprocess, select
+from detrax.serving.postprocess import postprocess, select
 
 
 def test_equals_hf_post_process_object_detection(rng):

@@ -8,7 +8,8 @@ import pytest
 from panopticapi_reference import average, new_stat, single_image
 from PIL import Image
 
-from detrax import pq
+from detrax.data import masks
+from detrax.evaluation import pq
 
 CATS = {1: {"id": 1, "isthing": 1, "name": "a"}, 2: {"id": 2, "isthing": 1, "name": "b"},
         3: {"id": 3, "isthing": 0, "name": "sky"}}
@@ -116,8 +117,8 @@ def test_random_scenes_equal_panopticapi_through_files(tmp_path):
     ref = new_stat()
     for k in range(40):
         gt, segs, pred, pred_segs = _random_scene(rs)
-        Image.fromarray(pq.id2rgb(gt)).save(tmp_path / "gt" / f"{k}.png")
-        Image.fromarray(pq.id2rgb(pred)).save(tmp_path / "pred" / f"{k}.png")
+        Image.fromarray(masks.id2rgb(gt)).save(tmp_path / "gt" / f"{k}.png")
+        Image.fromarray(masks.id2rgb(pred)).save(tmp_path / "pred" / f"{k}.png")
         gt_json["annotations"].append({"image_id": k, "file_name": f"{k}.png", "segments_info": segs})
         pred_json["annotations"].append({"image_id": k, "file_name": f"{k}.png", "segments_info": pred_segs})
         single_image(gt, segs, pred, pred_segs, CATS, ref)
@@ -140,5 +141,5 @@ def test_random_scenes_equal_panopticapi_through_files(tmp_path):
 
 def test_rgb_ids_round_trip():
     ids = np.array([[0, 1, 255, 256], [65535, 65536, 2**24 - 1, 12345678]], np.uint32)
-    np.testing.assert_array_equal(pq.rgb2id(pq.id2rgb(ids)), ids)
-    assert pq.id2rgb(np.array([[256 + 2]]))[0, 0].tolist() == [2, 1, 0]
+    np.testing.assert_array_equal(masks.rgb2id(masks.id2rgb(ids)), ids)
+    assert masks.id2rgb(np.array([[256 + 2]]))[0, 0].tolist() == [2, 1, 0]

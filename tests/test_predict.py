@@ -146,7 +146,7 @@ def test_attention_panels_for_each_detection(weights, images, tmp_path, capsys):
 def test_attention_weights_are_distributions(weights):
     import jax.numpy as jnp
 
-    from detrax.attention_maps import forward_with_attention
+    from detrax.serving.attention_maps import forward_with_attention
 
     det = detrax.load(weights)
     x = np.random.default_rng(0).standard_normal((1, 128, 128, 3)).astype(np.float32)
@@ -163,7 +163,7 @@ def test_set_weights_keeps_compiled_shapes(weights):
     import jax.numpy as jnp
     from flax import nnx
 
-    from detrax.model import DETR, weight_arrays
+    from detrax.models.detr import DETR, weight_arrays
 
     det = detrax.load(weights)
     x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)

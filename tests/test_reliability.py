@@ -14,14 +14,16 @@ import jax
 import numpy as np
 import pytest
 
-from detrax import cli, configs, presets
-from detrax import train as train_mod
-from detrax.checkpoint import Checkpoints, load_run
+from detrax import cli
+from detrax.config import presets
+from detrax.config.overrides import override
 from detrax.data.loader import Loader
 from detrax.data.synthetic import write_dataset
 from detrax.errors import BadSteps, CheckpointWriteError
-from detrax.model import weight_arrays
-from detrax.train import Run, fit, params_digest
+from detrax.models.detr import weight_arrays
+from detrax.training import loop as train_mod
+from detrax.training.loop import Run, fit, params_digest
+from detrax.weights.checkpoint import Checkpoints, load_run
 
 KILLABLE = Path(__file__).parent / "scripts" / "killable.py"
 STEPS = 24
@@ -208,7 +210,7 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig
 
 
 def _cfg(*overrides):
-    return configs.override(presets.get("tiny"), FAST + ["train.batch_size=2", "data.max_targets=8",
+    return override(presets.get("tiny"), FAST + ["train.batch_size=2", "data.max_targets=8",
                                                          "data.scales=64,80", "data.max_size=96",
                                                          "data.crop_scales=48,64", "data.crop_size=32,48",
                                                          "data.bucket_step=96"] + list(overrides))
@@ -260,7 +262,7 @@ def test_k_bad_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(synt
 def test_the_finiteness_watch_reads_a_step_only_once_the_next_is_queued():
     """WatchFinite never waits on the step just dispatched (the host would idle the device while it loads the next
     batch): it reads step k's flag at step k + 1, and `finish` reads the last; the counting is unchanged."""
-    from detrax.actions import WatchFinite
+    from detrax.training.actions import WatchFinite
 
     read, lines = [], []
 

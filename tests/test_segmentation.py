@@ -8,10 +8,10 @@ import pytest
 from conftest import require
 from hf_reference import build_hf_detr, hf_segmentation, padded_batch
 
-from detrax import convert as cv
-from detrax import weights
-from detrax.configs import ModelConfig
-from detrax.segmentation import resize_nearest
+from detrax.config.schema import ModelConfig
+from detrax.models.mask_head import resize_nearest
+from detrax.weights import convert as cv
+from detrax.weights import files as weights
 
 torch = require("torch")
 import official_reference as ref  # noqa: E402
@@ -106,7 +106,7 @@ def test_mask_head_widths_that_group_norm_cannot_split_are_refused():
 def test_the_attention_gain_scales_only_the_first_convolutions_attention_channels():
     from flax import nnx
 
-    from detrax.model import DETR, weight_arrays
+    from detrax.models.detr import DETR, weight_arrays
 
     cfg = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=8, hidden_dim=32, num_heads=8, masks=True,
                       num_classes=3, enc_layers=1, dec_layers=1, ffn_dim=32, num_queries=4)
@@ -121,7 +121,7 @@ def test_the_attention_gain_scales_only_the_first_convolutions_attention_channel
 def test_mask_losses_equal_the_official_loss_masks():
     import jax.numpy as jnp
 
-    from detrax.loss import mask_losses, set_loss
+    from detrax.criterion.loss import mask_losses, set_loss
 
     rs = np.random.default_rng(0)
     pred = rs.normal(0, 2, (2, 10, 8, 9)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""How a run begins (detrax.start): fresh or restored, decided in one place; a resumed command line that
+"""How a run begins (detrax.training.start): fresh or restored, decided in one place; a resumed command line that
 contradicts the run is refused, naming the difference; the start record."""
 
 import shutil
@@ -7,9 +7,16 @@ import pytest
 from flax import nnx
 
 import detrax
-from detrax import configs, presets, start
-from detrax import weights as weights_io
+from detrax.config import presets, schema
+from detrax.config.overrides import override
 from detrax.errors import ResumeConflict
+from detrax.training import start
+from detrax.weights import files as weights_io
+from detrax.weights.opener import read_init
+
+
+def read_init_arrays(path):
+    return read_init(path)[0]
 
 DATA = {"path": "/data/shapes", "split": "train", "images": 24}
 
@@ -40,14 +47,14 @@ def weights(tmp_path_factory):
 
 
 def _cfg(*overrides):
-    return configs.override(presets.get("tiny"), list(overrides))
+    return override(presets.get("tiny"), list(overrides))
 
 
 def _recorded(workdir, cfg, init=None):
     """The record a fresh start of `cfg` (from `init`) leaves in `workdir`, as `fit` writes it."""
     s = start.plan(cfg, str(workdir), False, init, DATA, FakeCheckpoints())
     if init:
-        s.record["init"]["weights_sha256"] = weights_io.digest(weights_io.read_arrays(init))
+        s.record["init"]["weights_sha256"] = weights_io.digest(read_init_arrays(init))
     start.write_record(str(workdir), s.record)
     return s.record
 
@@ -60,7 +67,7 @@ def test_a_new_run_and_a_resume_with_nothing_recorded_start_fresh(tmp_path):
 
 
 def test_a_workdir_with_a_checkpoint_is_resumed_never_restarted(tmp_path):
-    ckpts = FakeCheckpoints({4: {"step": 4, "config": configs.to_dict(_cfg())}})
+    ckpts = FakeCheckpoints({4: {"step": 4, "config": schema.to_dict(_cfg())}})
     with pytest.raises(ResumeConflict, match=r"already holds a run \(checkpoint of step 4 .*--resume continues it"):
         start.plan(_cfg(), str(tmp_path), False, None, DATA, ckpts)
     s = start.plan(_cfg(), str(tmp_path), True, None, DATA, ckpts)
@@ -77,8 +84,8 @@ def test_resume_without_a_checkpoint_restarts_the_recorded_run_with_its_init(tmp
     notes = start.initialise(model, s, [], _cfg())
     assert s.record["init"]["weights_sha256"] == record["init"]["weights_sha256"]
     assert notes[0].startswith(f"initialised from {weights['a']}")
-    assert weights_io.digest(weights_io.read_arrays(weights["a"])) == weights_io.digest(
-        {k: v for k, v in detrax.model.weight_arrays(model).items()})
+    assert weights_io.digest(read_init_arrays(weights["a"])) == weights_io.digest(
+        {k: v for k, v in detrax.models.detr.weight_arrays(model).items()})
     # the same weights under another name are the same start
     s = start.plan(_cfg(), str(tmp_path), True, weights["a_copy"], DATA, FakeCheckpoints())
     assert s.record["init"] == {"path": weights["a_copy"]} and not s.changes
@@ -106,15 +113,15 @@ def test_recorded_init_weights_that_changed_on_disk_are_refused(tmp_path, weight
 
 
 def test_init_on_resuming_a_run_that_started_without_is_refused(tmp_path, weights):
-    ckpts = FakeCheckpoints({2: {"step": 2, "config": configs.to_dict(_cfg()),
-                                 "start": {"config": configs.to_dict(_cfg()), "init": None, "calibration": None,
+    ckpts = FakeCheckpoints({2: {"step": 2, "config": schema.to_dict(_cfg()),
+                                 "start": {"config": schema.to_dict(_cfg()), "init": None, "calibration": None,
                                            "data": DATA}}})
     with pytest.raises(ResumeConflict, match=rf"--init {weights['a']}: the run started without --init"):
         start.plan(_cfg(), str(tmp_path), True, weights["a"], DATA, ckpts)
 
 
 def test_config_changes_are_refused_bookkeeping_is_free(tmp_path):
-    ckpts = FakeCheckpoints({2: {"step": 2, "config": configs.to_dict(_cfg())}})  # before start records
+    ckpts = FakeCheckpoints({2: {"step": 2, "config": schema.to_dict(_cfg())}})  # before start records
     with pytest.raises(ResumeConflict, match=r"checkpoint 2:\n  model.num_queries: 10 in the run, 12 now\n  "
                                              r"train.lr: 0.0001 in the run, 0.001 now\nrun the same command"):
         start.plan(_cfg("train.lr=1e-3", "model.num_queries=12"), str(tmp_path), True, None, DATA, ckpts)
@@ -126,7 +133,7 @@ def test_config_changes_are_refused_bookkeeping_is_free(tmp_path):
 
 
 def test_a_run_recorded_by_another_version_names_the_setting_this_one_lacks(tmp_path):
-    old = configs.to_dict(_cfg())
+    old = schema.to_dict(_cfg())
     old["model"]["position_cycles"] = 1.0  # a setting this version has not
     del old["model"]["encoder_head"]  # one that came later: its default
     ckpts = FakeCheckpoints({2: {"step": 2, "config": old}})

@@ -12,14 +12,15 @@ from conftest import require
 from test_data import coco_tiny  # noqa: F401  (fixture)
 from tfds_fake import FakeCocoSource
 
-from detrax import configs, presets
+from detrax.config import presets, schema
+from detrax.config.overrides import override
 from detrax.data import tfds_coco
 from detrax.data.coco import DataError, load_image, read_coco
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import ground_truth, list_splits, read_split
 from detrax.data.synthetic import write_dataset
-from detrax.evaluate import coco_ap
-from detrax.train import Run, fit
+from detrax.evaluation.coco import coco_ap
+from detrax.training.loop import Run, fit
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_same_batches_as_the_folder(fake_tfds, coco_tiny):  # noqa: F811
     folder, ds = read_coco(coco_tiny, "train2017"), read_split(fake_tfds, "train")
     order = {r["image_id"]: i for i, r in enumerate(folder.records)}
     records = sorted(ds.records, key=lambda r: order[r["image_id"]])
-    aug = Augment(True, configs.DataConfig(scales=(96, 128), max_size=160, crop_scales=(80,), crop_size=(64, 96)))
+    aug = Augment(True, schema.DataConfig(scales=(96, 128), max_size=160, crop_scales=(80,), crop_size=(64, 96)))
     batches = [list(Loader(dataset(recs, aug, 4, max_targets=32, step=32, seed=5, epochs=1)))
                for recs in (folder.records, records)]
     for a, b in zip(*batches, strict=True):
@@ -100,7 +101,7 @@ def test_train_and_eval_on_tfds(monkeypatch, tmp_path):
     monkeypatch.setattr(tfds_coco, "_open", lambda name, split, d: Source(str(root), {"validation": "val"}.get(split,
                                                                                                             split)))
     assert list_splits("tfds:coco/2017") == ["train", "validation"]
-    cfg = configs.override(presets.get("demo"), ["train.steps=3", "train.batch_size=2", "model.num_classes=91",
+    cfg = override(presets.get("demo"), ["train.steps=3", "train.batch_size=2", "model.num_classes=91",
                                                  "train.eval_every=1", "data.workers=0"])
     summary = fit(cfg, Run("tfds:coco/2017", str(tmp_path / "run"), quiet=True))
     assert summary["step"] == 3 and set(summary["eval"]) >= {"AP", "AP50"}

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detrax import cli, configs, presets
+from detrax import cli
+from detrax.config import presets
+from detrax.config.overrides import override
 from detrax.data.synthetic import write_dataset
-from detrax.train import Run, fit
+from detrax.training.loop import Run, fit
 
 FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0"]
 
@@ -23,7 +25,7 @@ def synth(tmp_path_factory):
 
 
 def _cfg(*overrides):
-    return configs.override(presets.get("demo"), FAST + list(overrides))
+    return override(presets.get("demo"), FAST + list(overrides))
 
 
 def _losses(workdir):
@@ -53,9 +55,9 @@ def test_overfits_four_images_to_ap50(tmp_path):
 
 
 def test_stop_and_resume_equals_a_straight_run(synth, tmp_path, capsys):
-    from detrax.checkpoint import load_run
     from detrax.errors import ResumeConflict
-    from detrax.model import weight_arrays
+    from detrax.models.detr import weight_arrays
+    from detrax.weights.checkpoint import load_run
 
     cfg = _cfg("train.steps=9", "train.ckpt_every=4", "model.dropout=0.1")  # dropout: RNG state must resume too
     fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
@@ -77,7 +79,7 @@ def test_stop_and_resume_equals_a_straight_run(synth, tmp_path, capsys):
 def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
     import detrax
 
-    other = configs.override(presets.get("demo"), ["model.num_classes=7"]).model
+    other = override(presets.get("demo"), ["model.num_classes=7"]).model
     from flax import nnx
 
     detrax.Detector(detrax.DETR(other, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
@@ -93,7 +95,7 @@ def test_query_groups_start_fresh_from_one_group_weights_and_train(synth, tmp_pa
 
     import detrax
 
-    one = configs.override(presets.get("demo"), ["model.num_classes=4", "model.query_groups=1"]).model
+    one = override(presets.get("demo"), ["model.num_classes=4", "model.query_groups=1"]).model
     detrax.Detector(detrax.DETR(one, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
     fit(_cfg("train.steps=2", "model.query_groups=3"), Run(synth, str(tmp_path / "run"),
                                                            init=str(tmp_path / "w.safetensors")))
@@ -217,10 +219,10 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     import jax
     from flax import nnx
 
-    from detrax import train_step
-    from detrax.loss import set_loss
-    from detrax.model import DETR
-    from detrax.optim import optimizer
+    from detrax.criterion.loss import set_loss
+    from detrax.models.detr import DETR
+    from detrax.training import step as train_step
+    from detrax.training.optim import optimizer
 
     cfg = presets.tiny()
     rs = np.random.default_rng(0)

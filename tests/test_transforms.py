@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detrax.configs import DataConfig, ModelConfig
+from detrax.config.schema import DataConfig, ModelConfig
 from detrax.data import transforms as T
 
 

@@ -11,10 +11,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from detrax import configs, presets
-from detrax.coco_names import class_names
-from detrax.infer import Preprocess, batches, detect, make_infer, run_model
-from detrax.model import DETR
+from detrax.config import presets, schema
+from detrax.data.coco_names import class_names
+from detrax.models.detr import DETR
+from detrax.serving.infer import Preprocess, batches, detect, make_infer, run_model
 
 
 class Detector:
@@ -24,12 +24,12 @@ class Detector:
     weights that do not say)."""
 
     def __init__(self, model: DETR, names: dict | None = None, per_image: bool | None = None,
-                 data: configs.DataConfig | None = None, runtime: str = "xla", runtime_options: dict | None = None,
+                 data: schema.DataConfig | None = None, runtime: str = "xla", runtime_options: dict | None = None,
                  things: dict | None = None):
         """`per_image`: see `infer.run_model` (image by image inside one compiled call: the CPU default for large
         images; results are the same either way, a test). `data`: the data config the model was trained with
         (a run's), whose val transform inference uses; None: the official 800/1333. `runtime`: what runs
-        `infer` and `predict` (`detrax.runtimes`: xla, onnxruntime, openvino), with its `runtime_options`.
+        `infer` and `predict` (`detrax.serving.runtimes`: xla, onnxruntime, openvino), with its `runtime_options`.
         `things`: {category id: thing (True) or stuff}, for panoptic segmentation (missing: thing)."""
         model.eval()
         self.model = model
@@ -37,7 +37,7 @@ class Detector:
         self.names = names if names is not None else class_names(int(model.config.num_classes))
         self.per_image = per_image
         self.data = data
-        self.preprocess = Preprocess.of(data or configs.DataConfig())
+        self.preprocess = Preprocess.of(data or schema.DataConfig())
         graphdef, state = nnx.split(model)
         self._state = state
         self._forward = jax.jit(lambda state, pixels, mask: run_model(nnx.merge(graphdef, state), pixels, mask,
@@ -50,7 +50,7 @@ class Detector:
 
     def with_runtime(self, runtime: str, **options) -> Detector:
         """This detector (the same model and weights) run by another runtime."""
-        from detrax import runtimes
+        from detrax.serving import runtimes
 
         runtimes.check(runtime)  # named now, not at the first image
         other = copy.copy(self)
@@ -59,7 +59,7 @@ class Detector:
 
     def with_config(self, **overrides) -> Detector:
         """A detector of the same weights whose model config differs (e.g. `dtype="bfloat16"`)."""
-        from detrax.model import assemble, weight_arrays
+        from detrax.models.detr import assemble, weight_arrays
 
         model = assemble(dataclasses.replace(self.config, **overrides), weight_arrays(self.model))
         return Detector(model, self.names, self.per_image, self.data, self.runtime, self.runtime_options,
@@ -68,7 +68,7 @@ class Detector:
     def set_weights(self, arrays: dict) -> None:
         """New weights ({"backbone/conv1/kernel": array, ...}, all of them) of the same shapes: the compiled
         forward passes are kept, nothing recompiles."""
-        from detrax.model import WEIGHTS, assemble
+        from detrax.models.detr import WEIGHTS, assemble
 
         nnx.update(self.model, nnx.state(assemble(self.config, arrays), WEIGHTS))
         self._state = nnx.state(self.model)
@@ -83,7 +83,7 @@ class Detector:
         """uint8 pixels [B, H, W, 3], mask [B, H, W], orig_size [B, 2] -> (scores, labels, boxes) for every query
         (see `infer.make_infer`), by the detector's runtime."""
         if self._run is None:
-            from detrax import runtimes
+            from detrax.serving import runtimes
 
             self._run = runtimes.make(self.runtime, self, **self.runtime_options)
         return self._run(pixels, mask, orig_size)
@@ -101,8 +101,8 @@ class Detector:
         [H, W] uint32 (segment ids from 1, 0 where none) and `segments` [{id, category_id, name, isthing, area,
         score}] (`panoptic.panoptic_segments`, threshold 0.85 by default); for `segm`, the detections of
         `predict` (threshold 0.7) with their `masks` [N, H, W] bool (`panoptic.instance_masks`)."""
-        from detrax.panoptic import instance_masks, panoptic_segments
-        from detrax.postprocess import select
+        from detrax.serving.panoptic import instance_masks, panoptic_segments
+        from detrax.serving.postprocess import select
 
         if task not in ("panoptic", "segm"):
             raise ValueError(f"task must be panoptic or segm, not {task!r}")
@@ -148,7 +148,7 @@ class Detector:
     def attention(self, image, det: dict, size: int | None = None, max_size: int | None = None, points=None):
         """A PNG-ready panel of what the model looked at for each detection of `det` (from `predict` on this
         image), and of the encoder's self-attention at `points` [(x, y), ...] in image pixels."""
-        from detrax.attention_maps import attention_panels
+        from detrax.serving.attention_maps import attention_panels
 
         image = _image(image)
         batch = next(batches([image], self._prep(size, max_size), 1))
@@ -156,7 +156,7 @@ class Detector:
 
     def save(self, path: str | os.PathLike) -> None:
         """Detrax weights with this detector's class names and val transform."""
-        from detrax.weights import save_weights
+        from detrax.weights.files import save_weights
 
         categories = [{"id": i, "name": n} | ({"isthing": int(self.things[i])} if i in self.things else {})
                       for i, n in sorted(self.names.items())]
@@ -167,7 +167,7 @@ class Detector:
 
 def _image(im) -> Image.Image:
     """A path, PIL image or HxWx3 uint8 array -> an RGB PIL image."""
-    from detrax.predict import read_image
+    from detrax.serving.images import read_image
 
     if isinstance(im, (str, os.PathLike)):
         return read_image(os.fspath(im))
@@ -178,7 +178,7 @@ def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> D
     """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
     `detrax convert` or `Detector.save`, with the class names and val transform they carry), an official / HF /
     torchvision / BiT / MasterSkepticista/detr checkpoint (converted on the fly), or `random:PRESET` for random
-    weights; run by `runtime` (`detrax.runtimes`)."""
+    weights; run by `runtime` (`detrax.serving.runtimes`)."""
     detector = _load(os.fspath(path), **config_overrides)
     return detector if runtime == "xla" else detector.with_runtime(runtime)
 
@@ -187,22 +187,11 @@ def _load(path: str, **config_overrides) -> Detector:
     if path.startswith("random:"):
         cfg = dataclasses.replace(presets.get(path.split(":", 1)[1]).model, **config_overrides)
         return Detector(DETR(cfg.with_classes(), rngs=nnx.Rngs(0)))
-    from detrax.weights import is_run, load_model
+    from detrax.weights.opener import open_weights
 
-    if is_run(path):
-        from detrax import checkpoint
-
-        model, meta = checkpoint.load_run(path, with_meta=True)
-        names = ({int(c["id"]): c["name"] for c in meta["categories"]} if "categories" in meta else
-                 {int(k): v for k, v in meta.get("names", {}).items()}) or None  # runs written before categories
-        return Detector(model, names=names, data=configs.from_dict(meta["config"]).data,  # the run's val transform
-                        things=_things(meta.get("categories", [])))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
-    model, meta = load_model(path, with_meta=True, **config_overrides)
-    names = {int(c["id"]): c["name"] for c in meta.get("categories", [])} or None
-    data = configs.DataConfig(**meta["data"]) if "data" in meta else None
-    return Detector(model, names=names, data=data, things=_things(meta.get("categories", [])))
+    opened = open_weights(path, **config_overrides)
+    names = {int(c["id"]): c["name"] for c in opened.categories} or None
+    return Detector(opened.model, names=names, data=opened.data, things=_things(opened.categories))
 
 
 def _things(categories: list) -> dict:

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention-points", type=int, default=2, help="encoder self-attention points (box centres)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
-                   "(detrax.runtimes; the latter two export it to ONNX first)")
+                   "(detrax.serving.runtimes; the latter two export it to ONNX first)")
     s.set_defaults(func=commands.cmd_predict)
 
     s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "detections out) or onnx (pixels in, model outputs out); any batch and size unless fixed")
     s.add_argument("checkpoint", help="a training workdir, detrax weights, or an official/HF checkpoint")
     s.add_argument("out", help="the file to write")
-    s.add_argument("--format", default="stablehlo", help="a registered export format (detrax.export.FORMATS)")
+    s.add_argument("--format", default="stablehlo", help="a registered export format (detrax.serving.export.FORMATS)")
     s.add_argument("--batch", type=int, default=None, help="images per call (default: any)")
     s.add_argument("--size", default=None, help="HxW: the padded canvas (default: any size)")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_export)
 
     s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
-    s.add_argument("--config", default=None, help="a preset of detrax.configs (default: detr_r50; with --resume, "
+    s.add_argument("--config", default=None, help="a preset of detrax.config.schema (default: detr_r50; with --resume, "
                    "the run's own config)")
     s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics, plots")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
     s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
-                   "(detrax.runtimes; the latter two export it to ONNX first)")
+                   "(detrax.serving.runtimes; the latter two export it to ONNX first)")
     s.set_defaults(func=commands.cmd_eval)
 
     data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     if argv is None:  # the `detrax` command owns its process: CPU convolutions through Eigen (devices.py)
-        from detrax.devices import prefer_eigen_convolutions
+        from detrax.training.devices import prefer_eigen_convolutions
 
         prefer_eigen_convolutions()
     parser = build_parser()

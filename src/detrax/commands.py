@@ -25,7 +25,7 @@ def cmd_predict(args) -> int:
 
     import detrax
     from detrax.data.synthetic import scene
-    from detrax.predict import list_images, read_image, write_results
+    from detrax.serving.images import list_images, read_image, write_results
 
     out = _writable_dir(args.out)
     files = list_images(args.paths)
@@ -52,7 +52,7 @@ def cmd_predict(args) -> int:
               "checkpoint for real detections")
     threshold = args.threshold if args.threshold is not None else 0.85 if args.task == "panoptic" else 0.7
     if args.task != "detection":
-        from detrax.predict import write_instances, write_panoptic
+        from detrax.serving.images import write_instances, write_panoptic
 
         found = detector.segment(images, args.task, threshold, args.batch_size, args.size, args.max_size) \
             if images else []
@@ -79,8 +79,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from detrax import presets
-    from detrax.convert import convert_file
+    from detrax.config import presets
+    from detrax.weights.convert import convert_file
 
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     if args.dilation:
@@ -127,15 +127,16 @@ def cmd_data_check(args) -> int:
 def _config(args, default: str):
     """The preset named by --config with the key=value overrides. Without --config, a resumed run keeps its own
     config (the overrides apply to it) and a new one takes `default`."""
-    from detrax import configs, presets
+    from detrax.config import presets, schema
+    from detrax.config.overrides import override
 
     if args.config is None and args.resume:
-        from detrax.start import recorded_config
+        from detrax.training.start import recorded_config
 
         recorded = recorded_config(args.workdir)
         if recorded is not None:
-            return configs.override(configs.from_dict(recorded), args.overrides)
-    return configs.override(presets.get(args.config or default, smoke=args.smoke), args.overrides)
+            return override(schema.from_dict(recorded), args.overrides)
+    return override(presets.get(args.config or default, smoke=args.smoke), args.overrides)
 
 
 def _distributed(args):
@@ -146,7 +147,7 @@ def _distributed(args):
 
 
 def cmd_train(args) -> int:
-    from detrax.train import Run, fit
+    from detrax.training.loop import Run, fit
 
     cfg = _config(args, "detr_r50")
     _distributed(args)
@@ -166,14 +167,15 @@ def _exit_status(summary) -> int:
 
 def cmd_eval(args) -> int:
     import detrax
-    from detrax import configs, presets
+    from detrax.config import presets, schema
+    from detrax.config.overrides import override
     from detrax.data.sources import read_split, resolve_split
-    from detrax.evaluate import evaluate
+    from detrax.evaluation.coco import evaluate
 
     detector = detrax.load(args.checkpoint, runtime=args.runtime)
     # the run's own data config (its val transform), else the preset's, else the official 800/1333
-    data_cfg = presets.get(args.config).data if args.config else detector.data or configs.DataConfig()
-    data_cfg = configs.override(configs.Config("eval", detector.config, data=data_cfg), args.overrides).data
+    data_cfg = presets.get(args.config).data if args.config else detector.data or schema.DataConfig()
+    data_cfg = override(schema.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val", data_cfg.task)
     ds = read_split(args.data, split, task=data_cfg.task)
     infer = detector.infer_masks if data_cfg.task != "detection" else detector.infer
@@ -187,7 +189,7 @@ def cmd_export(args) -> int:
     import dataclasses
 
     import detrax
-    from detrax.export import FORMATS, Shape, export
+    from detrax.serving.export import FORMATS, Shape, export
 
     if args.format not in FORMATS:  # before the weights are read
         raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(sorted(FORMATS))}")
@@ -212,11 +214,11 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 def cmd_demo(args) -> int:
     """Synthetic data -> train the `demo` preset -> COCO AP -> predictions drawn on val images."""
     import detrax
-    from detrax import presets
+    from detrax.config import presets
     from detrax.data.sources import read_split
     from detrax.data.synthetic import write_dataset
-    from detrax.predict import read_image, write_results
-    from detrax.train import Run, fit
+    from detrax.serving.images import read_image, write_results
+    from detrax.training.loop import Run, fit
 
     t0 = time.time()
     data = os.path.join(args.workdir, "data")

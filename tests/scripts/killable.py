@@ -21,7 +21,7 @@ def _kill():
 def arm(when: str, steps: int) -> None:
     kind, _, arg = when.partition(":")
     if kind == "step":
-        from detrax.reporting import Reporter
+        from detrax.training.reporting import Reporter
 
         progress = Reporter.progress
 
@@ -43,7 +43,7 @@ def arm(when: str, steps: int) -> None:
 
         async_path.rename = patched
     elif kind == "end":
-        from detrax.checkpoint import Checkpoints
+        from detrax.weights.checkpoint import Checkpoints
 
         save = Checkpoints.save
 

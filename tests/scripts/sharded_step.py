@@ -10,19 +10,20 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from detrax import configs, presets
+from detrax.config import presets, schema
+from detrax.config.overrides import override
+from detrax.criterion.loss import set_loss
 from detrax.data.coco import read_coco
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.transforms import normalize_batch
-from detrax.loss import set_loss
-from detrax.model import DETR
+from detrax.models.detr import DETR
 
 
 def main(data_dir):
     assert jax.device_count() == 4, jax.devices()
-    cfg = configs.override(presets.get("demo"), ["model.dropout=0.0", "model.num_classes=4"])
+    cfg = override(presets.get("demo"), ["model.dropout=0.0", "model.num_classes=4"])
     records = read_coco(data_dir, "train").records
-    augment = Augment(True, configs.DataConfig(scales=(128,), max_size=160))
+    augment = Augment(True, schema.DataConfig(scales=(128,), max_size=160))
     with Loader(dataset(records, augment, 4, max_targets=16, step=64, seed=0)) as loader:
         batch = next(loader)
     model = DETR(cfg.model, rngs=nnx.Rngs(0))

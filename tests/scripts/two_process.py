@@ -12,10 +12,11 @@ import jax
 def main(process_id, port, data_dir, workdir, steps, resume):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
-    from detrax import configs, presets
-    from detrax.train import Run, fit, params_digest
+    from detrax.config import presets
+    from detrax.config.overrides import override
+    from detrax.training.loop import Run, fit, params_digest
 
-    cfg = configs.override(presets.get("tiny"), [  # one batch shape: one compile
+    cfg = override(presets.get("tiny"), [  # one batch shape: one compile
         f"train.steps={steps}", "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1", "data.workers=0",
         "data.scales=64,80", "data.max_size=96", "data.crop_scales=48,64", "data.crop_size=32,48",
         "data.max_targets=8", "data.bucket_step=96", "data.val_split=none", "loss.matcher=hungarian_jax"])

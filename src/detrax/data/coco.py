@@ -55,7 +55,7 @@ def splits(root: str) -> list[str]:
     return found
 
 
-def layout(root: str, split: str) -> tuple[str, str]:
+def split_files(root: str, split: str) -> tuple[str, str]:
     """(annotation file, image folder) of `split` under `root`."""
     coco = os.path.join(root, "annotations", f"instances_{split}.json")
     if os.path.isfile(coco):
@@ -94,7 +94,7 @@ def _load_json(path: str) -> dict:
 
 
 def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool = True) -> Dataset:
-    ann_file, image_dir = layout(root, split)
+    ann_file, image_dir = split_files(root, split)
     data = _load_json(ann_file)
     problems, counts = [], {"crowd": 0, "degenerate": 0, "annotations": 0}
 
@@ -196,7 +196,7 @@ def load_image(record: dict) -> Image.Image:
                     f"{want[0]}x{want[1]}")
 
 
-def instance_masks(record: dict) -> np.ndarray:
+def record_masks(record: dict) -> np.ndarray:
     """The record's instance masks [n, H, W] bool from its annotations' `segmentation` (polygons, RLE or
     uncompressed RLE, as pycocotools decodes them), in box order; DataError naming the file and annotation for
     one that is missing or malformed."""

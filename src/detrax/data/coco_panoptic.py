@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from detrax.data.coco import DataError, Dataset, _is_int
-from detrax.pq import rgb2id
+from detrax.data.masks import rgb2id
 
 
 def splits(root: str) -> list[str]:
@@ -28,7 +28,7 @@ def splits(root: str) -> list[str]:
     return sorted(f[len("panoptic_"):-5] for f in os.listdir(ann) if f.startswith("panoptic_") and f.endswith(".json"))
 
 
-def layout(root: str, split: str) -> tuple[str, str, str]:
+def split_files(root: str, split: str) -> tuple[str, str, str]:
     """(panoptic JSON, PNG folder, image folder) of `split` under `root`."""
     ann = os.path.join(root, "annotations", f"panoptic_{split}.json")
     if not os.path.isfile(ann):
@@ -42,7 +42,7 @@ def layout(root: str, split: str) -> tuple[str, str, str]:
 
 
 def read_panoptic(root: str, split: str, skip_bad: bool = False) -> Dataset:
-    ann_file, png_dir, image_dir = layout(root, split)
+    ann_file, png_dir, image_dir = split_files(root, split)
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)

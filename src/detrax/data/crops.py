@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from detrax.configs import DataConfig
+from detrax.config.schema import DataConfig
 from detrax.data.coco import load_image
 from detrax.data.transforms import resized_size
 

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from detrax.configs import DataConfig
+from detrax.config.schema import DataConfig
 from detrax.data import transforms as T
 from detrax.data.batching import Collate, group_by_shape
-from detrax.data.coco import DataError, instance_masks, load_image
+from detrax.data.coco import DataError, load_image, record_masks
 from detrax.data.coco_panoptic import load_masks, masks_to_boxes
 
 
@@ -41,7 +41,7 @@ class Augment:
             target["masks"] = load_masks(record)
             target["boxes"] = masks_to_boxes(target["masks"])
         elif self.data.task == "segm":  # the annotations' polygons or RLE (the official ConvertCocoPolysToMask)
-            target["masks"] = instance_masks(record)
+            target["masks"] = record_masks(record)
         if self.train and self.data.augment:
             return T.train_transform(image, target, rng, self.data)
         return T.val_transform(image, target, self.data.val_size, self.data.max_size)

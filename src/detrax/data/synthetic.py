@@ -146,7 +146,7 @@ def write_panoptic_dataset(out: str, num_images: int = 64, seed: int = 0, val_fr
     images}."""
     from pycocotools import mask as mask_utils
 
-    from detrax.pq import id2rgb
+    from detrax.data.masks import id2rgb
 
     rng = np.random.default_rng(seed)
     n_val = max(1, int(round(num_images * val_fraction)))

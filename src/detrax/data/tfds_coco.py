@@ -16,8 +16,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from detrax.coco_names import COCO_2017_IDS
 from detrax.data.coco import DataError, Dataset
+from detrax.data.coco_names import COCO_2017_IDS
 
 PREFIX = "tfds:"
 SPLITS = ("train", "validation")

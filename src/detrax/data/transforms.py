@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from detrax.configs import DataConfig
+from detrax.config.schema import DataConfig
 
 
 def resized_size(width: int, height: int, size: int, max_size: int | None = None) -> tuple[int, int]:

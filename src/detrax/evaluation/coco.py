@@ -1,0 +1,128 @@
+"""COCO box AP with pycocotools, with the official val transform and post-processing (all queries kept), on
+the one inference path (`infer`); on panoptic data, PQ, SQ and RQ as panopticapi counts them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+
+from detrax.data.loader import Augment, Loader, dataset
+from detrax.data.masks import rle_encode
+from detrax.data.sources import ground_truth
+
+KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1, masks: bool = False) -> list[dict]:
+    """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
+    `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives; its batches
+    hold a multiple of `multiple` images (the devices they are sharded over). With `masks` (an infer made with
+    masks=True), each result's `segmentation` too: its mask at the original size as RLE (the official
+    PostProcessSegm: every query's mask, thresholded at 0.5)."""
+    from detrax.serving.panoptic import instance_masks
+    augment = Augment(False, data_cfg)
+    ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step,
+                 multiple=multiple)
+    results: list[dict] = []
+    with Loader(ds) as loader:
+        for batch in loader:
+            batch = {k: v for k, v in batch.items() if k != "masks"}  # the targets' masks are not needed here
+            out = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
+            scores, labels, boxes = out[:3]
+            for i in np.flatnonzero(batch["real"]):
+                first = len(results)
+                for s, lab, (x0, y0, x1, y1) in zip(scores[i], labels[i], boxes[i]):
+                    results.append({"image_id": int(batch["image_id"][i]), "category_id": int(lab),
+                                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                                    "score": float(s)})
+                if masks:
+                    found = instance_masks(out[4][i], tuple(batch["size"][i]), tuple(batch["orig_size"][i]))
+                    for r, rle in zip(results[first:], rle_encode(found)):
+                        r["segmentation"] = rle
+    return results
+
+
+def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True, iou_type: str = "bbox") -> dict:
+    """pycocotools' COCOeval (`iou_type` bbox or segm) on `results` against `annotations` (a COCO file or dict):
+    AP, AP50, AP75, APs, APm, APl."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        if isinstance(annotations, dict):
+            gt = COCO()
+            gt.dataset = annotations
+            gt.createIndex()
+        else:
+            gt = COCO(annotations)
+        if not results:
+            return dict.fromkeys(KEYS, 0.0)
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, iou_type)
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
+
+
+def panoptic_quality(infer, dataset_, data_cfg, batch_size: int, multiple: int = 1, class_ids=()) -> dict:
+    """PQ, SQ, RQ (all, things, stuff) of `infer` (made with `masks=True`) on a panoptic `data.coco.Dataset`:
+    each image's segments (`panoptic.panoptic_segments` at its original size) against its ground-truth PNG."""
+    from detrax.data.coco_panoptic import load_ids
+    from detrax.evaluation.pq import accumulate, image_stats, summarise
+    from detrax.serving.panoptic import panoptic_segments
+
+    records = {r["image_id"]: r for r in dataset_.records}
+    categories = {c: {"isthing": int(dataset_.isthing.get(c, True))} for c in dataset_.names}
+    ds = dataset(dataset_.records, Augment(False, data_cfg), batch_size, max_targets=data_cfg.max_targets,
+                 step=data_cfg.bucket_step, multiple=multiple)
+    total: dict = {}
+    with Loader(ds) as loader:
+        for batch in loader:
+            batch = {k: v for k, v in batch.items() if k != "masks"}  # the targets' masks: read from the PNG below
+            out = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
+            logits, masks = out[3], out[4]
+            for i in np.flatnonzero(batch["real"]):
+                r = records[int(batch["image_id"][i])]
+                ids, segments = panoptic_segments(logits[i], masks[i], tuple(batch["size"][i]),
+                                                  tuple(batch["orig_size"][i]), dataset_.isthing, class_ids)
+                gt_segments = [{"id": int(k), "category_id": int(c), "iscrowd": int(z)} | ({"area": a} if a else {})
+                               for k, c, z, a in zip(r["segment_ids"], r["labels"], r["iscrowd"], r["areas"])]
+                accumulate(total, image_stats(load_ids(r), gt_segments, ids, segments, categories, r["panoptic_png"]))
+    s = summarise(total, categories)
+    return {f"{m}{suffix}": float(s[name][m.lower()]) for name, suffix in (("All", ""), ("Things", "_th"),
+                                                                          ("Stuff", "_st")) for m in ("PQ", "SQ", "RQ")}
+
+
+def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None, multiple: int = 1,
+             class_ids=()) -> dict:
+    """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset` (PQ on a panoptic one: `panoptic_quality`);
+    with `out_dir`, writes metrics.json (and the box results, results.json) there."""
+    if dataset_.task == "panoptic":
+        metrics = panoptic_quality(infer, dataset_, data_cfg, batch_size, multiple, class_ids)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=1)
+        return metrics
+    segm = dataset_.task == "segm"
+    results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple, masks=segm)
+    gt = ground_truth(dataset_)
+    ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]
+    metrics = coco_ap(gt, results, ids)
+    if segm:  # and the masks' AP, as the official coco_evaluator's segm
+        metrics.update({f"mask_{k}": v for k, v in coco_ap(gt, results, ids, iou_type="segm").items()})
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+    return metrics

@@ -1,0 +1,136 @@
+"""Export formats: a detector written out for serving without detrax, with its weights inside. Input sizes are
+dynamic (symbolic batch, height and width) unless a `Shape` fixes them.
+
+A format is a function (detector, path, shape) -> None, registered with `register_format(name, fn)`; `export`
+and `detrax export` take any registered one. Built in:
+- `stablehlo`: `jax.export`'s serialized StableHLO of the one inference function (`infer.make_infer`: uint8
+  pixels, padding mask and original sizes in; scores, labels and absolute boxes out, normalisation and
+  post-processing included); `load_stablehlo(path)` runs it with JAX alone (on any platform it was exported for).
+- `onnx` (the `onnx` extra: jax2onnx): the model's own outputs for the runtimes people deploy with (ONNX Runtime,
+  OpenVINO; `serving.runtimes`): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image),
+  normalised inside; outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to
+  each image), as `Detector.__call__` gives them. Post-processing stays with the caller (`postprocess`). Large
+  weights are written beside the graph as `<path>.data` (ONNX's external data; the runtimes read it from there).
+`dtype="bfloat16"` exports the model computing in bfloat16 (weights stored in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The exported function's input: `batch` images padded into a `height` x `width` canvas; None: any size
+    (a symbolic dimension)."""
+
+    batch: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+    def dims(self) -> tuple:
+        """(B, H, W) with a symbolic dimension for each one left free."""
+        given = dataclasses.astuple(self)
+        free = [name for name, v in zip("BHW", given) if v is None]
+        symbols = dict(zip(free, jax.export.symbolic_shape(", ".join(free)))) if free else {}
+        return tuple(symbols.get(name, v) for name, v in zip("BHW", given))
+
+    def inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """(pixels uint8 [B, H, W, 3], mask bool [B, H, W], orig_size int32 [B, 2])."""
+        b, h, w = self.dims()
+        return (jax.ShapeDtypeStruct((b, h, w, 3), np.uint8), jax.ShapeDtypeStruct((b, h, w), np.bool_),
+                jax.ShapeDtypeStruct((b, 2), np.int32))
+
+
+FORMATS: dict[str, Callable] = {}
+
+
+def register_format(name: str, fn: Callable) -> None:
+    """`fn(detector, path, shape)` writes `detector` to `path` for inputs of `shape` (a `Shape`)."""
+    FORMATS[name] = fn
+
+
+def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: Shape | None = None,
+           dtype: str | None = None) -> str:
+    """Write `detector` (a `detrax.Detector`) to `path` in a registered format, for inputs of `shape` (default:
+    any batch and size), computing in `dtype` (default: the model's); returns the path."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; formats: {', '.join(sorted(FORMATS))}")
+    if dtype not in (None, detector.config.dtype):
+        detector = detector.with_config(dtype=dtype)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FORMATS[format](detector, path, shape or Shape())
+    return path
+
+
+def serving_function(detector):
+    """(pixels, mask, orig_size) -> (scores, labels, boxes), with the detector's weights inside."""
+    from flax import nnx
+
+    from detrax.serving.infer import make_infer
+
+    graphdef, state = nnx.split(detector.model)
+    infer = make_infer(graphdef, per_image=False)  # no shape-dependent choice: sizes may be symbolic
+    return jax.jit(lambda pixels, mask, orig_size: infer(state, pixels, mask, orig_size))  # weights: constants
+
+
+def _stablehlo(detector, path: str, shape: Shape) -> None:
+    exported = jax.export.export(serving_function(detector))(*shape.inputs())
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+
+
+def load_stablehlo(path: str | os.PathLike) -> Callable:
+    """The function a `stablehlo` export holds: (pixels, mask, orig_size) -> (scores, labels, boxes)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        exported = jax.export.deserialize(bytearray(data))
+    except Exception as e:  # noqa: BLE001 - flatbuffers raise many kinds for bytes that are not an export
+        raise ValueError(f"{os.fspath(path)}: not a detrax stablehlo export ({type(e).__name__})") from None
+    return exported.call
+
+
+def model_function(detector):
+    """(pixels uint8, mask) -> (pred_logits, pred_boxes), normalised inside, with the detector's weights."""
+    from flax import nnx
+
+    from detrax.serving.infer import normalized
+
+    graphdef, state = nnx.split(detector.model)
+
+    def forward(pixels, mask):
+        model = nnx.merge(graphdef, state)
+        out = model(normalized(model, pixels, mask), mask)
+        return out["pred_logits"], out["pred_boxes"]
+
+    return forward
+
+
+def _onnx(detector, path: str, shape: Shape) -> None:
+    try:
+        from jax2onnx import to_onnx
+    except ImportError:
+        raise ValueError("the onnx format needs jax2onnx: pip install 'detrax[onnx]'") from None
+    pixels, mask, _ = shape.inputs()
+    quiet = logging.getLogger("onnx_ir")  # its serializer warns about every shape constant
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        to_onnx(model_function(detector), [pixels, mask], model_name="detr", input_names=["pixels", "mask"],
+                output_names=["pred_logits", "pred_boxes"], return_mode="file", output_path=path)
+    except NotImplementedError as e:  # jax2onnx names the primitive it has no rule for
+        raise ValueError(f"this model cannot be exported to ONNX: {e}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+register_format("stablehlo", _stablehlo)
+register_format("onnx", _onnx)

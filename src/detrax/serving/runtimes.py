@@ -1,0 +1,109 @@
+"""Runtimes: what runs a detector's forward pass for `Detector.predict` / `detrax predict --runtime NAME`.
+
+A runtime is a function (detector, **options) -> infer, where `infer(pixels uint8 [B, H, W, 3], mask [B, H, W],
+orig_size [B, 2])` returns (scores, labels, boxes) as `infer.make_infer` does; `register_runtime(name, fn)` adds
+one. Built in:
+- `xla`: the detector's own jitted inference path (JAX on whatever device it has).
+- `onnxruntime`, `openvino` (the `onnx` extra): the detector exported to ONNX once
+  (`export`, format `onnx`, dynamic batch and size; weights inside), run by that runtime on the CPU; the model's
+  outputs are post-processed by the same `postprocess` as `xla`'s. Options: `onnx`, a file `detrax export
+  --format onnx` wrote of this detector (default: export now, into a temporary folder); for openvino,
+  `precision` (`f32`, or `bf16` on CPUs with bfloat16 instructions).
+The weights are baked into an exported model: after `Detector.set_weights` the next call exports again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from detrax.serving.postprocess import postprocess
+
+RUNTIMES: dict[str, Callable] = {}
+
+
+def register_runtime(name: str, fn: Callable) -> None:
+    """`fn(detector, **options)` -> infer(pixels, mask, orig_size) -> (scores, labels, boxes)."""
+    RUNTIMES[name] = fn
+
+
+def check(name: str) -> str:
+    """`name` if it is a registered runtime, else a ValueError listing them."""
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime {name!r}; runtimes: {', '.join(sorted(RUNTIMES))}")
+    return name
+
+
+def make(name: str, detector, **options) -> Callable:
+    return RUNTIMES[check(name)](detector, **options)
+
+
+def _xla(detector, **options):
+    if options:
+        raise ValueError(f"the xla runtime takes no options, got {sorted(options)}")
+    return lambda pixels, mask, orig_size: detector._infer(detector._state, pixels, mask, orig_size)
+
+
+def onnx_file(detector, onnx: str | None = None) -> str:
+    """`onnx` if given (an export of this detector), else the detector exported now (dynamic batch and size)."""
+    from detrax.serving.export import export
+
+    if onnx is not None:
+        if not os.path.isfile(onnx):
+            raise FileNotFoundError(f"{onnx}: no such ONNX file")
+        return onnx
+    return export(detector, os.path.join(tempfile.mkdtemp(prefix="detrax-onnx-"), "detr.onnx"), "onnx")
+
+
+def _with_postprocess(forward: Callable, class_ids) -> Callable:
+    """forward(pixels, mask) -> (logits, boxes) as NumPy; detections as the xla runtime's."""
+    post = jax.jit(lambda logits, boxes, sizes: postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes,
+                                                            class_ids))
+
+    def infer(pixels, mask, orig_size):
+        logits, boxes = forward(np.asarray(pixels, np.uint8), np.asarray(mask, bool))
+        return post(logits, boxes, np.asarray(orig_size, np.int32))
+
+    return infer
+
+
+def _need(module: str, install: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"this runtime needs {module}: {install}") from None
+
+
+def _onnxruntime(detector, onnx: str | None = None, threads: int = 0):
+    ort = _need("onnxruntime", "pip install 'detrax[onnx]'")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # no warnings about the initializers it folds away
+    options.intra_op_num_threads = threads  # 0: one per core
+    session = ort.InferenceSession(onnx_file(detector, onnx), options, providers=["CPUExecutionProvider"])
+    forward = lambda pixels, mask: session.run(None, {"pixels": pixels, "mask": mask})
+    return _with_postprocess(forward, detector.config.class_ids)
+
+
+def _openvino(detector, onnx: str | None = None, precision: str = "f32"):
+    ov = _need("openvino", "pip install 'detrax[onnx]'")
+    if precision not in ("f32", "bf16"):
+        raise ValueError(f"openvino precision must be f32 or bf16, not {precision!r}")
+    compiled = ov.Core().compile_model(onnx_file(detector, onnx), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    request = compiled.create_infer_request()
+
+    def forward(pixels, mask):
+        out = request.infer({"pixels": pixels, "mask": mask})
+        return out[compiled.output("pred_logits")], out[compiled.output("pred_boxes")]
+
+    return _with_postprocess(forward, detector.config.class_ids)
+
+
+register_runtime("xla", _xla)
+register_runtime("onnxruntime", _onnxruntime)
+register_runtime("openvino", _openvino)

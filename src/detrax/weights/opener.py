@@ -1,0 +1,60 @@
+"""One door for every weights path, for `detrax.load`, `--init` and `detrax convert`: a training run's workdir
+(its latest checkpoint), detrax's own weights file, or any checkpoint `convert` reads (official, HF, torchvision,
+BiT, MasterSkepticista/detr's files and workdirs), each told by its content and read once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from detrax.config import schema
+from detrax.models.detr import DETR, assemble, weight_arrays
+from detrax.weights import checkpoint, convert, files, flax_detr
+
+
+@dataclasses.dataclass
+class Opened:
+    model: DETR  # in eval mode
+    kind: str  # run | detrax | the converted layout (official, hf, torchvision, bit, flax_detr ...)
+    categories: list  # [{id, name (, isthing)}] of the class outputs, where the source names them
+    data: schema.DataConfig | None  # the val transform the weights were trained at, where the source says
+
+    def arrays(self) -> dict:
+        """{name: array} of every weight."""
+        return {k: np.asarray(v) for k, v in weight_arrays(self.model).items()}
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a detrax training run's workdir (not another project's folder of checkpoints)."""
+    return os.path.isdir(path) and flax_detr.latest(os.fspath(path)) is None
+
+
+def open_weights(path: str | os.PathLike, **config_overrides) -> Opened:
+    """The model at `path` and what it knows of its classes and val transform. `config_overrides` may change
+    only what leaves the weights' shapes alone (dtype, attention kernel, dropout, dilation)."""
+    path = os.fspath(path)
+    if is_run(path):
+        model, meta = checkpoint.load_run(path, with_meta=True)
+        if config_overrides:
+            model = assemble(dataclasses.replace(model.config, **config_overrides), weight_arrays(model))
+            model.eval()
+        categories = meta.get("categories") or [{"id": int(k), "name": v} for k, v in meta.get("names", {}).items()]
+        return Opened(model, "run", categories, schema.from_dict(meta["config"]).data)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
+    path = flax_detr.latest(path) or path  # MasterSkepticista/detr's workdir: its newest checkpoint
+    if files.is_detrax(path):
+        meta = files.read_meta(path)
+        data = schema.DataConfig(**meta["data"]) if "data" in meta else None
+        return Opened(files.load_weights(path, **config_overrides), "detrax", meta.get("categories", []), data)
+    model, report = convert.convert(convert.read_state_dict(path), **config_overrides)
+    return Opened(model, report["format"], report["categories"] or [], None)
+
+
+def read_init(path: str | os.PathLike) -> tuple[dict, tuple]:
+    """({name: array} of the weights at `path`, the category id of each class output when the weights name
+    them: `class_ids`), for `--init`."""
+    opened = open_weights(path)
+    return opened.arrays(), tuple(opened.model.config.class_ids)
