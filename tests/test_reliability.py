@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from digests import params_digest
 
 from detrax import cli
 from detrax.config import presets
@@ -22,7 +23,7 @@ from detrax.data.synthetic import write_dataset
 from detrax.errors import BadSteps, CheckpointWriteError
 from detrax.models.detr import weight_arrays
 from detrax.training import loop as train_mod
-from detrax.training.loop import Run, fit, params_digest
+from detrax.training.loop import Run, fit
 from detrax.weights.checkpoint import Checkpoints, load_run
 
 KILLABLE = Path(__file__).parent / "scripts" / "killable.py"

@@ -14,21 +14,22 @@ from PIL import Image
 from detrax.config import presets, schema
 from detrax.data.coco_names import class_names
 from detrax.models.detr import DETR
-from detrax.serving.infer import Preprocess, batches, detect, make_infer, run_model
+from detrax.serving.infer import BATCH_SIZE, Preprocess, batches, detect, make_infer, run, run_model
+from detrax.serving.postprocess import THRESHOLD, select
 
 
 class Detector:
     """A DETR ready for inference. `detector(pixels, mask)` runs the jitted model (compiled once per input
     shape) and returns the model's output dict; `detector.predict(images)` returns detections through the one
-    inference path (`infer`), with the val transform the model was trained with (`preprocess`; 800/1333 for
-    weights that do not say)."""
+    inference path (`infer`), with the val transform the model was trained with (`preprocess`; `DataConfig`'s
+    for weights that do not say)."""
 
     def __init__(self, model: DETR, names: dict | None = None, per_image: bool | None = None,
                  data: schema.DataConfig | None = None, runtime: str = "xla", runtime_options: dict | None = None,
                  things: dict | None = None):
         """`per_image`: see `infer.run_model` (image by image inside one compiled call: the CPU default for large
         images; results are the same either way, a test). `data`: the data config the model was trained with
-        (a run's), whose val transform inference uses; None: the official 800/1333. `runtime`: what runs
+        (a run's), whose val transform inference uses; None: `DataConfig`'s (the official). `runtime`: what runs
         `infer` and `predict` (`detrax.serving.runtimes`: xla, onnxruntime, openvino), with its `runtime_options`.
         `things`: {category id: thing (True) or stuff}, for panoptic segmentation (missing: thing)."""
         model.eval()
@@ -95,45 +96,45 @@ class Detector:
             raise ValueError("this model has no mask head (model.masks): it detects boxes only")
         return self._infer_masks(self._state, pixels, mask, orig_size)
 
-    def segment(self, images, task: str = "panoptic", threshold: float | None = None, batch_size: int = 8,
+    def segment(self, images, task: str = "panoptic", threshold: float | None = None, batch_size: int = BATCH_SIZE,
                 size: int | None = None, max_size: int | None = None) -> list[dict] | dict:
         """Per image (paths, PIL images or arrays, one or a list), with a mask head: for `task` panoptic, `ids`
         [H, W] uint32 (segment ids from 1, 0 where none) and `segments` [{id, category_id, name, isthing, area,
-        score}] (`panoptic.panoptic_segments`, threshold 0.85 by default); for `segm`, the detections of
-        `predict` (threshold 0.7) with their `masks` [N, H, W] bool (`panoptic.instance_masks`)."""
-        from detrax.serving.panoptic import instance_masks, panoptic_segments
-        from detrax.serving.postprocess import select
+        score}] (`panoptic.panoptic_segments`, threshold `panoptic.THRESHOLD` by default); for `segm`, the
+        detections of `predict` (threshold `postprocess.THRESHOLD`) with their `masks` [N, H, W] bool
+        (`panoptic.instance_masks`)."""
+        from detrax.serving import panoptic
 
         if task not in ("panoptic", "segm"):
             raise ValueError(f"task must be panoptic or segm, not {task!r}")
+
+        def one(out, i, batch):
+            scores, labels, boxes, logits, masks = out
+            hw, orig = tuple(batch["size"][i]), tuple(batch["orig_size"][i])
+            if task == "panoptic":
+                ids, segments = panoptic.panoptic_segments(logits[i], masks[i], hw, orig, self.things,
+                                                           self.config.class_ids,
+                                                           panoptic.THRESHOLD if threshold is None else threshold)
+                return {"ids": ids, "segments": [seg | {"name": self._name(seg["category_id"])} for seg in segments]}
+            det = select(scores[i:i + 1], labels[i:i + 1], boxes[i:i + 1],
+                         THRESHOLD if threshold is None else threshold)[0]
+            det["masks"] = panoptic.instance_masks(masks[i][det["queries"]], hw, orig)
+            return det | {"names": [self._name(label) for label in det["labels"]]}
+
         single = not isinstance(images, (list, tuple))
         pil = [_image(im) for im in ([images] if single else images)]
-        results: list = [None] * len(pil)
-        for batch in batches(pil, self._prep(size, max_size), batch_size):
-            scores, labels, boxes, logits, masks = (np.asarray(x) for x in self.infer_masks(
-                batch["pixels"], batch["mask"], batch["orig_size"]))
-            for i in np.flatnonzero(batch["real"]):
-                hw, orig = tuple(batch["size"][i]), tuple(batch["orig_size"][i])
-                if task == "panoptic":
-                    ids, segments = panoptic_segments(logits[i], masks[i], hw, orig, self.things, self.config.class_ids,
-                                                      0.85 if threshold is None else threshold)
-                    for seg in segments:
-                        seg["name"] = self.names.get(seg["category_id"], str(seg["category_id"]))
-                    out = {"ids": ids, "segments": segments}
-                else:
-                    out = select(scores[i:i + 1], labels[i:i + 1], boxes[i:i + 1], 0.7 if threshold is None
-                                 else threshold)[0]
-                    out["masks"] = instance_masks(masks[i][out["queries"]], hw, orig)
-                    out["names"] = [self.names.get(int(label), str(int(label))) for label in out["labels"]]
-                results[int(batch["image_id"][i])] = out
+        results = run(self.infer_masks, pil, self._prep(size, max_size), batch_size, one)
         return results[0] if single else results
+
+    def _name(self, label) -> str:
+        return self.names.get(int(label), str(int(label)))
 
     def _prep(self, size, max_size) -> Preprocess:
         """The model's own preprocessing, with the sizes given here (None: its own)."""
         given = {k: v for k, v in (("size", size), ("max_size", max_size)) if v is not None}
         return dataclasses.replace(self.preprocess, **given)
 
-    def predict(self, images, threshold: float = 0.7, batch_size: int = 8, size: int | None = None,
+    def predict(self, images, threshold: float = THRESHOLD, batch_size: int = BATCH_SIZE, size: int | None = None,
                 max_size: int | None = None) -> list[dict] | dict:
         """Paths, PIL images or HxWx3 uint8 arrays (one or a list) -> per image a dict of `boxes` [N, 4]
         absolute (x0, y0, x1, y1), `scores`, `labels` and `names`, best first. Images are resized as the
@@ -141,8 +142,7 @@ class Detector:
         single = not isinstance(images, (list, tuple))
         pil = [_image(im) for im in ([images] if single else images)]
         dets = detect(self.infer, pil, self._prep(size, max_size), threshold=threshold, batch_size=batch_size)
-        for d in dets:
-            d["names"] = [self.names.get(int(label), str(int(label))) for label in d["labels"]]
+        dets = [d | {"names": [self._name(label) for label in d["labels"]]} for d in dets]
         return dets[0] if single else dets
 
     def attention(self, image, det: dict, size: int | None = None, max_size: int | None = None, points=None):

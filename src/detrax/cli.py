@@ -7,6 +7,11 @@ import argparse
 import sys
 
 from detrax import commands
+from detrax.config.schema import DataConfig
+from detrax.serving import panoptic, postprocess
+from detrax.serving.infer import BATCH_SIZE
+
+VAL = DataConfig()  # the official val transform: what weights files that record none are resized by
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,14 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="*", help="image files or folders (none: generate synthetic scenes)")
     s.add_argument("--out", default="runs/predict", help="output folder")
     s.add_argument("--threshold", type=float, default=None,
-                   help="score to keep a detection or segment (default 0.7; 0.85 for panoptic, as the official)")
+                   help=f"score to keep a detection or segment (default {postprocess.THRESHOLD}; {panoptic.THRESHOLD} "
+                   "for panoptic, as the official)")
     s.add_argument("--task", choices=("detection", "panoptic", "segm"), default="detection",
                    help="panoptic: segments as COCO panoptic PNGs + panoptic.json, drawn; segm: detections with "
                    "masks (RLE in results.json); both need a model with a mask head")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     s.add_argument("--size", type=int, default=None,
-                   help="shorter side after resizing (default: a run's own val_size; 800 for weights files)")
-    s.add_argument("--max-size", type=int, default=None, help="longer side at most (default: as --size, 1333)")
+                   help=f"shorter side after resizing (default: a run's own val_size; {VAL.val_size} for weights "
+                   "files)")
+    s.add_argument("--max-size", type=int, default=None,
+                   help=f"longer side at most (default: as --size, {VAL.max_size})")
     s.add_argument("--generate", type=int, default=2, help="synthetic scenes to make when no image is given")
     s.add_argument("--attention", action="store_true", help="also write <image>_attention.png: each detection's "
                    "decoder cross-attention, and encoder self-attention at the first detections' centres")
@@ -95,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--split", default=None, help="default: the split named val*")
     s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use (default: "
-                   "a run's own, or the one a weights file records; else the official 800/1333)")
+                   f"a run's own, or the one a weights file records; else the official {VAL.val_size}/{VAL.max_size})")
     s.add_argument("--out", default=None, help="write metrics.json and results.json here")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
     s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
                    "(detrax.serving.runtimes; the latter two export it to ONNX first)")

@@ -50,7 +50,10 @@ def cmd_predict(args) -> int:
     if args.checkpoint.startswith("random:"):
         print(f"{args.checkpoint}: RANDOM weights, so the boxes mean nothing; pass a converted or trained "
               "checkpoint for real detections")
-    threshold = args.threshold if args.threshold is not None else 0.85 if args.task == "panoptic" else 0.7
+    from detrax.serving import panoptic, postprocess
+
+    default = panoptic.THRESHOLD if args.task == "panoptic" else postprocess.THRESHOLD
+    threshold = default if args.threshold is None else args.threshold
     if args.task != "detection":
         from detrax.serving.images import write_instances, write_panoptic
 
@@ -173,7 +176,7 @@ def cmd_eval(args) -> int:
     from detrax.evaluation.coco import evaluate
 
     detector = detrax.load(args.checkpoint, runtime=args.runtime)
-    # the run's own data config (its val transform), else the preset's, else the official 800/1333
+    # the run's own data config (its val transform), else the preset's, else the official (DataConfig's)
     data_cfg = presets.get(args.config).data if args.config else detector.data or schema.DataConfig()
     data_cfg = override(schema.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val", data_cfg.task)

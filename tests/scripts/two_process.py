@@ -5,16 +5,21 @@ prints the digest of its final parameters and how it ended; exits 128 + the sign
 import json
 import signal
 import sys
+from pathlib import Path
 
 import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: digests
 
 
 def main(process_id, port, data_dir, workdir, steps, resume):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    from digests import params_digest
+
     from detrax.config import presets
     from detrax.config.overrides import override
-    from detrax.training.loop import Run, fit, params_digest
+    from detrax.training.loop import Run, fit
 
     cfg = override(presets.get("tiny"), [  # one batch shape: one compile
         f"train.steps={steps}", "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1", "data.workers=0",

@@ -90,9 +90,8 @@ def demo(smoke: bool = False) -> Config:
     Made for `detrax demo`'s 3000 training images of `DEMO_SHAPE` (one batch shape: one compilation): 4 epochs
     (1500 steps of 8), the learning rate x0.1 after 3. The class count follows the data. Training-only aids that
     leave the model (inference, export, the official weights) as it is: four query groups (Group DETR), two
-    denoising groups (DN-DETR) and the encoder head, its dense losses weighted 10x; with them the demo's kind of
-    data passes AP50 0.5 by step 1200 on each of three seeds, without them at a median of 3600 (one seed not in
-    5400; benchmarks/README.md)."""
+    denoising groups (DN-DETR) and the encoder head, its dense losses weighted 10x (what they buy, measured:
+    benchmarks/README.md)."""
     model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_queries=16,
                         hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128, dropout=0.0,
                         frozen_stages=0, query_groups=4, dn_groups=2, encoder_head=True)
@@ -112,9 +111,8 @@ def small(smoke: bool = False) -> Config:
     FOLDER`): the demo's model and training-only aids with 32 queries; every image resized to at most 192 pixels
     a side and padded to one 192x192 canvas (one batch shape, one compilation, whatever the images' sizes); the
     official augmentations (flips, scales, crops), as the images repeat for many epochs; 18000 steps whatever the
-    folder's size (about 75 minutes on 2 cores), the learning rate x0.1 for the last 40%; first, the backbone's
-    warm-up: 2000 steps classifying the folder's own objects (`crop_warmup.py`, about 3 minutes;
-    benchmarks/README.md)."""
+    folder's size, the learning rate x0.1 for the last 40%; first, the backbone's warm-up: 2000 steps classifying
+    the folder's own objects (`training/crop_warmup.py`). Its time and accuracy: benchmarks/README.md."""
     cfg = demo(smoke)
     model = dataclasses.replace(cfg.model, num_queries=32)
     data = DataConfig(scales=(128, 144, 160, 176, 192), max_size=192, crop_scales=(128, 160), crop_size=(96, 160),

@@ -13,36 +13,43 @@ import numpy as np
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.masks import rle_encode
 from detrax.data.sources import ground_truth
+from detrax.serving.infer import BATCH_SIZE
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1, masks: bool = False) -> list[dict]:
-    """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
-    `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives; its batches
-    hold a multiple of `multiple` images (the devices they are sharded over). With `masks` (an infer made with
-    masks=True), each result's `segmentation` too: its mask at the original size as RLE (the official
-    PostProcessSegm: every query's mask, thresholded at 0.5)."""
-    from detrax.serving.panoptic import instance_masks
-    augment = Augment(False, data_cfg)
-    ds = dataset(records, augment, batch_size, max_targets=data_cfg.max_targets, step=data_cfg.bucket_step,
-                 multiple=multiple)
-    results: list[dict] = []
+def _outputs(infer, records, data_cfg, batch_size: int, multiple: int):
+    """The one loop over a dataset's records: `infer(pixels uint8, mask, orig_size)` on the val transform's
+    batches, which hold a multiple of `multiple` images (the devices they are sharded over). Yields (batch,
+    outputs as NumPy arrays, i) for every real image i of every batch."""
+    ds = dataset(records, Augment(False, data_cfg), batch_size, max_targets=data_cfg.max_targets,
+                 step=data_cfg.bucket_step, multiple=multiple)
     with Loader(ds) as loader:
         for batch in loader:
             batch = {k: v for k, v in batch.items() if k != "masks"}  # the targets' masks are not needed here
             out = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
-            scores, labels, boxes = out[:3]
             for i in np.flatnonzero(batch["real"]):
-                first = len(results)
-                for s, lab, (x0, y0, x1, y1) in zip(scores[i], labels[i], boxes[i]):
-                    results.append({"image_id": int(batch["image_id"][i]), "category_id": int(lab),
-                                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                    "score": float(s)})
-                if masks:
-                    found = instance_masks(out[4][i], tuple(batch["size"][i]), tuple(batch["orig_size"][i]))
-                    for r, rle in zip(results[first:], rle_encode(found)):
-                        r["segmentation"] = rle
+                yield batch, out, int(i)
+
+
+def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1, masks: bool = False) -> list[dict]:
+    """COCO results (image_id, category_id, bbox as x, y, w, h, score) for every query of every image.
+    `infer(pixels uint8, mask, orig_size)` -> (scores, labels, boxes), as `infer.make_infer` gives. With `masks`
+    (an infer made with masks=True), each result's `segmentation` too: its mask at the original size as RLE (the
+    official PostProcessSegm: every query's mask, thresholded at 0.5)."""
+    from detrax.serving.panoptic import instance_masks
+
+    results: list[dict] = []
+    for batch, out, i in _outputs(infer, records, data_cfg, batch_size, multiple):
+        scores, labels, boxes = out[:3]
+        first = len(results)
+        for s, lab, (x0, y0, x1, y1) in zip(scores[i], labels[i], boxes[i]):
+            results.append({"image_id": int(batch["image_id"][i]), "category_id": int(lab),
+                            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "score": float(s)})
+        if masks:
+            found = instance_masks(out[4][i], tuple(batch["size"][i]), tuple(batch["orig_size"][i]))
+            for r, rle in zip(results[first:], rle_encode(found)):
+                r["segmentation"] = rle
     return results
 
 
@@ -81,37 +88,25 @@ def panoptic_quality(infer, dataset_, data_cfg, batch_size: int, multiple: int =
 
     records = {r["image_id"]: r for r in dataset_.records}
     categories = {c: {"isthing": int(dataset_.isthing.get(c, True))} for c in dataset_.names}
-    ds = dataset(dataset_.records, Augment(False, data_cfg), batch_size, max_targets=data_cfg.max_targets,
-                 step=data_cfg.bucket_step, multiple=multiple)
     total: dict = {}
-    with Loader(ds) as loader:
-        for batch in loader:
-            batch = {k: v for k, v in batch.items() if k != "masks"}  # the targets' masks: read from the PNG below
-            out = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
-            logits, masks = out[3], out[4]
-            for i in np.flatnonzero(batch["real"]):
-                r = records[int(batch["image_id"][i])]
-                ids, segments = panoptic_segments(logits[i], masks[i], tuple(batch["size"][i]),
-                                                  tuple(batch["orig_size"][i]), dataset_.isthing, class_ids)
-                gt_segments = [{"id": int(k), "category_id": int(c), "iscrowd": int(z)} | ({"area": a} if a else {})
-                               for k, c, z, a in zip(r["segment_ids"], r["labels"], r["iscrowd"], r["areas"])]
-                accumulate(total, image_stats(load_ids(r), gt_segments, ids, segments, categories, r["panoptic_png"]))
+    for batch, out, i in _outputs(infer, dataset_.records, data_cfg, batch_size, multiple):
+        r = records[int(batch["image_id"][i])]
+        ids, segments = panoptic_segments(out[3][i], out[4][i], tuple(batch["size"][i]),
+                                          tuple(batch["orig_size"][i]), dataset_.isthing, class_ids)
+        gt_segments = [{"id": int(k), "category_id": int(c), "iscrowd": int(z)} | ({"area": a} if a else {})
+                       for k, c, z, a in zip(r["segment_ids"], r["labels"], r["iscrowd"], r["areas"])]
+        accumulate(total, image_stats(load_ids(r), gt_segments, ids, segments, categories, r["panoptic_png"]))
     s = summarise(total, categories)
     return {f"{m}{suffix}": float(s[name][m.lower()]) for name, suffix in (("All", ""), ("Things", "_th"),
                                                                           ("Stuff", "_st")) for m in ("PQ", "SQ", "RQ")}
 
 
-def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None = None, multiple: int = 1,
+def evaluate(infer, dataset_, data_cfg, batch_size: int = BATCH_SIZE, out_dir: str | None = None, multiple: int = 1,
              class_ids=()) -> dict:
     """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset` (PQ on a panoptic one: `panoptic_quality`);
     with `out_dir`, writes metrics.json (and the box results, results.json) there."""
     if dataset_.task == "panoptic":
-        metrics = panoptic_quality(infer, dataset_, data_cfg, batch_size, multiple, class_ids)
-        if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
-        return metrics
+        return _written(panoptic_quality(infer, dataset_, data_cfg, batch_size, multiple, class_ids), out_dir)
     segm = dataset_.task == "segm"
     results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple, masks=segm)
     gt = ground_truth(dataset_)
@@ -119,10 +114,16 @@ def evaluate(infer, dataset_, data_cfg, batch_size: int = 8, out_dir: str | None
     metrics = coco_ap(gt, results, ids)
     if segm:  # and the masks' AP, as the official coco_evaluator's segm
         metrics.update({f"mask_{k}": v for k, v in coco_ap(gt, results, ids, iou_type="segm").items()})
+    return _written(metrics, out_dir, results)
+
+
+def _written(metrics: dict, out_dir: str | None, results: list | None = None) -> dict:
+    """`metrics` (and the box results), written to metrics.json (results.json) in `out_dir` when given."""
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(results, f)
+        if results is not None:
+            with open(os.path.join(out_dir, "results.json"), "w") as f:
+                json.dump(results, f)
     return metrics

@@ -8,11 +8,6 @@ def box_cxcywh_to_xyxy(b):
     return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)  # [..., 4]
 
 
-def box_xyxy_to_cxcywh(b):
-    x0, y0, x1, y1 = jnp.moveaxis(b, -1, 0)
-    return jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)  # [..., 4]
-
-
 def box_area(b):
     return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # [...]
 

@@ -11,6 +11,8 @@ normalised on the device, as in the training step; post-processing runs on the d
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,7 +20,9 @@ from flax import nnx
 
 from detrax.data import transforms as T
 from detrax.data.batching import Collate, group_by_shape
-from detrax.serving.postprocess import postprocess, select
+from detrax.serving.postprocess import THRESHOLD, postprocess, select
+
+BATCH_SIZE = 8  # images per inference batch, by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +87,20 @@ def batches(images, prep: Preprocess, batch_size: int):
         yield collate([examples[i] for i in group])
 
 
-def detect(infer, images, prep: Preprocess, *, threshold: float = 0.7, batch_size: int = 8) -> list[dict]:
-    """`infer(pixels, mask, orig_size)` -> (scores, labels, boxes). Per PIL image, a dict of `boxes` [N, 4]
-    absolute (x0, y0, x1, y1), `scores` [N], `labels` [N] and `queries` [N], best first."""
+def run(infer, images, prep: Preprocess, batch_size: int, per_image: Callable[[list, int, dict], Any]) -> list:
+    """The one inference loop over PIL images: `infer(pixels, mask, orig_size)` on each batch, then
+    `per_image(outputs, i, batch)` (outputs as NumPy arrays; i the image's row in its batch) for every real image.
+    Returns what `per_image` gave, in the images' order."""
     results: list = [None] * len(images)
     for batch in batches(images, prep, batch_size):
-        scores, labels, boxes = infer(batch["pixels"], batch["mask"], batch["orig_size"])
-        dets = select(scores, labels, boxes, threshold=threshold)
-        for i, det in zip(batch["image_id"][batch["real"]], dets):
-            results[int(i)] = det
+        outputs = [np.asarray(x) for x in infer(batch["pixels"], batch["mask"], batch["orig_size"])]
+        for i in np.flatnonzero(batch["real"]):
+            results[int(batch["image_id"][i])] = per_image(outputs, int(i), batch)
     return results
+
+
+def detect(infer, images, prep: Preprocess, *, threshold: float = THRESHOLD, batch_size: int = BATCH_SIZE) -> list:
+    """`infer(pixels, mask, orig_size)` -> (scores, labels, boxes). Per PIL image, a dict of `boxes` [N, 4]
+    absolute (x0, y0, x1, y1), `scores` [N], `labels` [N] and `queries` [N], best first."""
+    return run(infer, images, prep, batch_size,
+               lambda out, i, _: select(out[0][i:i + 1], out[1][i:i + 1], out[2][i:i + 1], threshold)[0])

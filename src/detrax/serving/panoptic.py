@@ -16,6 +16,8 @@ from detrax.data.masks import id2rgb, rgb2id
 from detrax.models.mask_head import resize_bilinear
 from detrax.models.position_encoding import resize_axis
 
+THRESHOLD = 0.85  # the score a query must pass to compete for pixels (the official PostProcessPanoptic's)
+
 
 def _image_masks(masks, size):
     """masks [K, h4, w4] of the padded batch -> [K, h, w] logits over the image of `size` (h, w)."""
@@ -45,7 +47,7 @@ def instance_masks(masks, size, target_size=None, threshold: float = 0.5):
 
 
 def panoptic_segments(logits, masks, size, target_size=None, is_thing=None, class_ids=(),
-                      threshold: float = 0.85, min_area: int = 5):
+                      threshold: float = THRESHOLD, min_area: int = 5):
     """One image's panoptic segmentation, as the official PostProcessPanoptic.
 
     logits [Q, C + 1]; masks [Q, h4, w4] (the model's `pred_masks` of this image); `size` (h, w) the image as fed

@@ -6,6 +6,8 @@ import numpy as np
 
 from detrax.models.box_ops import box_cxcywh_to_xyxy
 
+THRESHOLD = 0.7  # the score a detection must pass to be reported, by default (the official demo's)
+
 
 def postprocess(outputs, target_sizes, class_ids=()):
     """outputs: the model's dict; target_sizes [B, 2] as (height, width) of each original image; class_ids: the
@@ -25,7 +27,7 @@ def postprocess(outputs, target_sizes, class_ids=()):
     return scores, labels, boxes
 
 
-def select(scores, labels, boxes, threshold: float = 0.5):
+def select(scores, labels, boxes, threshold: float = THRESHOLD):
     """One dict of NumPy arrays per image with the detections scoring above `threshold`, best first: scores,
     labels, boxes and the index of the query that made each."""
     scores, labels, boxes = np.asarray(scores), np.asarray(labels), np.asarray(boxes)

@@ -4,11 +4,8 @@ head on its mean feature that is then dropped. The detector is the same model wi
 
 Why it pays for a DETR from scratch: the set losses reach the backbone through the few matched queries and the
 encoder, a weak signal for which class an object is; a classifier gets one per object, 64 objects a step, on
-windows a tenth the pixels of an image. On a folder whose classes only their shape tells
-(`benchmarks/foreign_set.py`), the encoder head's tokens were still classified right only 55% of the time after
-6000 detector steps (23 minutes), where a classifier of the same backbone got 92% of the val split's objects right
-after 3000 steps (5 minutes); `small` with 2000 of them passes AP50 0.1 at step 2000 instead of 4000 and ends its
-6000 steps at 0.257 instead of 0.135 (benchmarks/README.md). The frozen batch norm keeps
+windows a tenth the pixels of an image (what it buys on a folder whose classes only their shape tells,
+`benchmarks/foreign_set.py`: benchmarks/README.md). The frozen batch norm keeps
 its statistics (calibrated on whole images first) and frozen stages stay frozen: only `nnx.Param`s train.
 """
 

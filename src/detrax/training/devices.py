@@ -10,9 +10,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK, whose gradient with respect to the kernel took 1.6-6x
-# Eigen's time on an AMD EPYC (AVX2), its forward no less (benchmarks/README.md): the CLI runs CPU convolutions
-# through Eigen (matrix products stay on YNNPACK). It touches nothing but the CPU backend.
+# XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK, whose kernel gradient was several times slower than
+# Eigen's on an AVX2 CPU (benchmarks/README.md): the CLI runs CPU convolutions through Eigen (matrix products stay
+# on YNNPACK). It touches nothing but the CPU backend.
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 

@@ -246,15 +246,3 @@ def _evaluator(infer, val_ds, cfg: schema.Config, sharded) -> Callable:
                         class_ids=cfg.model.class_ids)
 
     return run
-
-
-def params_digest(params) -> str:
-    """A hash of parameter values, to compare runs."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return h.hexdigest()
