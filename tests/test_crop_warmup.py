@@ -118,7 +118,7 @@ def test_a_run_records_its_warm_up_and_resumes_without_it(tmp_path, capsys):
     assert "backbone warm-up" not in capsys.readouterr().err  # a checkpoint holds the warmed-up backbone
 
 
-@pytest.mark.parametrize("override", ["train.crop_steps=-1", "train.crop_lr=0"])
-def test_bad_warm_up_settings_are_refused(override):
+@pytest.mark.parametrize("setting", ["train.crop_steps=-1", "train.crop_lr=0"])
+def test_bad_warm_up_settings_are_refused(setting):
     with pytest.raises(ValueError, match="crop_steps must be at least 0"):
-        override(presets.get("tiny"), [override])
+        override(presets.get("tiny"), [setting])

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,9 +97,14 @@ def test_generated_scenes_with_random_weights(tmp_path, capsys):
     assert os.path.exists(tmp_path / "inputs" / "scene000.jpg") and os.path.exists(tmp_path / "scene000.jpg")
 
 
-def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert cli.main(["predict", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)]) == 2
-    assert "nope.safetensors" in capsys.readouterr().err
+def test_bad_checkpoint_is_a_clear_error(weights, tmp_path, capsys):
+    """A missing file, junk, and a detrax file cut short: each named, no traceback."""
+    (tmp_path / "junk.pth").write_bytes(b"not weights at all")
+    (tmp_path / "cut.safetensors").write_bytes(Path(weights).read_bytes()[:5000])
+    for name in ("nope.safetensors", "junk.pth", "cut.safetensors"):
+        assert cli.main(["predict", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2, name
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err, err
 
 
 def test_results_load_in_pycocotools(weights, images, tmp_path, capsys):

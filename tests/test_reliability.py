@@ -103,9 +103,12 @@ def _through_kills(synth, workdir, steps, cache, kills, first=(), extra=(), seed
             while p.poll() is None and _last_logged(workdir) <= start and time.time() < deadline:
                 time.sleep(0.01)  # wait for progress, then kill at a random moment
             time.sleep(rng.uniform(0, 0.5))
-            if p.poll() is None:
+            fired = p.poll() is None
+            if fired:
                 p.send_signal(signal.SIGKILL)
             errs.append(p.communicate(timeout=60)[1])
+            assert fired and p.returncode == -signal.SIGKILL, \
+                f"random kill {i} never fired: the run ended first (status {p.returncode}): {errs[-1][-2000:]}"
         else:
             p = _child(synth, workdir, steps, cache, *args, f"kill={when}")
             errs.append(p.communicate(timeout=600)[1])
