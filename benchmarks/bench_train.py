@@ -37,16 +37,17 @@ def worker_detrax(size, iters):
     from detrax.config.overrides import override
     from detrax.criterion.loss import set_loss
     from detrax.models.detr import DETR
-    from detrax.training.optim import optimizer
+    from detrax.training.optim import learning_rates, optimizer
     from detrax.training.step import make_train_step
 
     cfg = override(presets.get("detr_r50"), ["model.num_classes=91"])  # COCO
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optimizer(cfg.train, 10**6, 10**6), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    step = make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss, mesh=mesh))
+    step = make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss, mesh=mesh),
+                           learning_rates(cfg.train, 10**6, 10**6))
     pixels, boxes, labels = batch(size)
     m = 100
     b = {"pixels": pixels, "mask": np.ones(pixels.shape[:3], bool), "labels": np.zeros((B, m), np.int32),

@@ -6,6 +6,10 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+# the demo preset without its training-only aids (query groups, denoising, encoder head): for the tests that are
+# not about them (a smaller step to compile and run)
+PLAIN = ["model.query_groups=1", "model.dn_groups=0", "model.encoder_head=false"]
+
 
 def require(module: str, extra: str = "dev"):
     """Import a reference package or fail (never skip) with how to install it."""

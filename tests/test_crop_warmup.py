@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import PLAIN
 from flax import nnx
 from PIL import Image
 
@@ -106,7 +107,7 @@ def test_warm_up_trains_the_backbone_alone_and_learns_the_classes(tmp_path):
 def test_a_run_records_its_warm_up_and_resumes_without_it(tmp_path, capsys):
     root = tmp_path / "synth"
     write_dataset(str(root), num_images=12, seed=3, shape=presets.DEMO_SHAPE)  # one compilation
-    cfg = override(presets.get("demo"), ["train.steps=2", "train.eval_every=0", "train.ckpt_every=1",
+    cfg = override(presets.get("demo"), [*PLAIN, "train.steps=2", "train.eval_every=0", "train.ckpt_every=1",
                                                  "train.crop_steps=3", "data.workers=0"])
     fit(cfg, Run(str(root), str(tmp_path / "run")))
     record = json.load(open(tmp_path / "run" / "run.json"))

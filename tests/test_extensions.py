@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PLAIN
 from flax import nnx
 
 from detrax import cli
@@ -21,7 +22,7 @@ from detrax.data.synthetic import SHAPES, scene, write_dataset
 from detrax.models.backbones import registry as backbones
 from detrax.training.loop import Run, fit
 
-FAST = ["train.steps=2", "train.batch_size=2", "train.log_every=1", "train.eval_every=0", "data.val_split=none",
+FAST = [*PLAIN, "train.steps=2", "train.batch_size=2", "train.log_every=1", "train.eval_every=0", "data.val_split=none",
         "data.bucket_step=192"]
 
 

@@ -8,7 +8,7 @@ from flax import nnx
 from detrax.config import presets
 from detrax.criterion.loss import set_loss
 from detrax.models.detr import DETR
-from detrax.training.optim import lr_factor, optimizer
+from detrax.training.optim import learning_rates, lr_factor, optimizer
 from detrax.training.step import make_train_step
 
 
@@ -29,8 +29,8 @@ def test_a_skipped_step_leaves_no_trace_and_the_learning_rate_follows_the_loop_s
     bad = {**good, "boxes": np.full_like(good["boxes"], np.nan)}
     model = DETR(cfg.model, rngs=nnx.Rngs(0))
     model.train()
-    graphdef, initial = nnx.split((model, nnx.Optimizer(model, optimizer(cfg.train, 10, 3), wrt=nnx.Param)))
-    step = make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss))
+    graphdef, initial = nnx.split((model, nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)))
+    step = make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss), learning_rates(cfg.train, 10, 3))
 
     def values(state):
         is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

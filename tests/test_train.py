@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PLAIN
 from PIL import Image
 
 from detrax import cli
@@ -13,7 +14,8 @@ from detrax.config.overrides import override
 from detrax.data.synthetic import write_dataset
 from detrax.training.loop import Run, fit
 
-FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0"]
+FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0", *PLAIN]
+AIDS = ["model.query_groups=4", "model.dn_groups=2", "model.encoder_head=true"]  # the demo's own
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def _set_loss(row, weights=(("loss_ce", 1.0), ("loss_bbox", 5.0), ("loss_giou", 
 
 def test_loss_falls(synth, tmp_path):
     """With the demo's training-only aids on, DETR's own set loss falls (not only the sum with theirs)."""
-    fit(_cfg("train.steps=30", "train.lr=1e-3"), Run(synth, str(tmp_path), quiet=False))
+    fit(_cfg("train.steps=30", "train.lr=1e-3", *AIDS), Run(synth, str(tmp_path), quiet=False))
     rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
     own = [_set_loss(r) for r in rows]
     assert len(rows) == 30 and np.isfinite(own).all() and all(r["loss"] > o for r, o in zip(rows, own))
@@ -227,7 +229,7 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     from detrax.criterion.loss import set_loss
     from detrax.models.detr import DETR
     from detrax.training import step as train_step
-    from detrax.training.optim import optimizer
+    from detrax.training.optim import learning_rates, optimizer
 
     cfg = presets.tiny()
     rs = np.random.default_rng(0)
@@ -241,9 +243,10 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
         monkeypatch.setattr(train_step, "compiler_options", lambda: options)
         model = DETR(cfg.model, rngs=nnx.Rngs(0))
         model.train()
-        opt = nnx.Optimizer(model, optimizer(cfg.train, 100, 100), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)
         graphdef, state = nnx.split((model, opt))
-        step = train_step.make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss))
+        step = train_step.make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss),
+                                          learning_rates(cfg.train, 100, 100))
         losses = []
         for i in range(3):
             state, terms = step(state, batch, i)

@@ -21,7 +21,8 @@ from detrax.models.detr import DETR
 
 def main(data_dir):
     assert jax.device_count() == 4, jax.devices()
-    cfg = override(presets.get("demo"), ["model.dropout=0.0", "model.num_classes=4"])
+    cfg = override(presets.get("demo"), ["model.dropout=0.0", "model.num_classes=4", "model.query_groups=1",
+                                         "model.dn_groups=0", "model.encoder_head=false"])  # the aids: not tested here
     records = read_coco(data_dir, "train").records
     augment = Augment(True, schema.DataConfig(scales=(128,), max_size=160))
     with Loader(dataset(records, augment, 4, max_targets=16, step=64, seed=0)) as loader:

@@ -27,7 +27,7 @@ from detrax.serving.infer import make_infer
 from detrax.training import start
 from detrax.training.actions import Periodic, Stop, WatchFinite
 from detrax.training.devices import data_mesh, global_batch, local_copy, replicate, shardings
-from detrax.training.optim import lr_factor, optimizer
+from detrax.training.optim import learning_rates, optimizer
 from detrax.training.reporting import Reporter, plot
 from detrax.training.step import BATCH_KEYS, MASK_KEYS, make_train_step, trainable
 from detrax.weights.checkpoint import Checkpoints
@@ -130,11 +130,12 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         eval_graphdef = nnx.graphdef(model)  # dropout off, the same state
         model.train()
         wrt = trainable(tc.freeze_detector)
-        opt = nnx.Optimizer(model, optimizer(tc, total, drop), wrt=wrt)
+        opt = nnx.Optimizer(model, optimizer(tc), wrt=wrt)
+        rates = learning_rates(tc, total, drop)
         graphdef, state = nnx.split((model, opt))
         state = replicate(state, replicated)
-        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh), wrt,
-                               tc.seed)
+        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh), rates,
+                               wrt, tc.seed)
 
         train_data = dataset(train_ds.records, Augment(True, dc), tc.batch_size // n_proc, max_targets=dc.max_targets,
                              step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)
@@ -151,13 +152,12 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
                       for i, n in sorted(train_ds.names.items())]
         meta = {"config": schema.to_dict(cfg), "categories": categories, "start": begin.record}
         save = lambda done, state: ckpts.save(done, state[0], state[1], loader.state(), {"step": done, **meta})
-        factor = lr_factor(total, drop)
 
         def log(done, state, terms):
             metrics = jax.device_get(terms)
             results["train"] = {k: float(v) for k, v in metrics.items()}
-            lr = float(factor(done - 1))
-            reporter.log(done, "train", {**metrics, "lr": tc.lr * lr, "lr_backbone": tc.lr_backbone * lr})
+            lr, lr_backbone = (float(r) for r in rates(done - 1))
+            reporter.log(done, "train", {**metrics, "lr": lr, "lr_backbone": lr_backbone})
 
         evaluate_now = _evaluator(make_infer(eval_graphdef, masks=dc.task != "detection"),
                                   _val_split(run.data_dir, dc, reporter), cfg, sharded)

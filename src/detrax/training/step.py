@@ -30,15 +30,16 @@ def compiler_options() -> dict | None:
     return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
 
 
-def make_train_step(graphdef, loss_fn, wrt=nnx.Param, seed: int = 0):
-    """A jitted (state, batch, i) -> (state, metrics): forward, set loss, backward, clip, AdamW at the learning
-    rate of loop step `i` (0-based). A step whose loss or gradient is not finite changes nothing (the state
-    passes through) and reports `skipped` = 1. `graphdef` and the state are `nnx.split((model, optimizer))`'s;
-    `wrt` is the optimizer's (`trainable`): only those weights get gradients. A model with `dn_groups` gets the
-    targets noised afresh each step (`denoising.noise_targets`, from `seed` and `i`)."""
+def make_train_step(graphdef, loss_fn, learning_rates, wrt=nnx.Param, seed: int = 0):
+    """(state, batch, i) -> (state, metrics): forward, set loss, backward, clip, AdamW at `learning_rates(i)`
+    ([lr, lr_backbone] of loop step `i`, 0-based: `optim.learning_rates`), one jitted call whose inputs they are.
+    A step whose loss or gradient is not finite changes nothing (the state passes through) and reports `skipped`
+    = 1. `graphdef` and the state are `nnx.split((model, optimizer))`'s; `wrt` is the optimizer's (`trainable`):
+    only those weights get gradients. A model with `dn_groups` gets the targets noised afresh each step
+    (`denoising.noise_targets`, from `seed` and `i`)."""
 
     @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
-    def step(state, batch, i):
+    def step(state, batch, i, lr):
         old = jax.tree.leaves(state)  # the arrays themselves: merge's variables are updated in place below
         model, opt = nnx.merge(graphdef, state)
         c = model.config
@@ -58,9 +59,9 @@ def make_train_step(graphdef, loss_fn, wrt=nnx.Param, seed: int = 0):
         (loss, terms), grads = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
         terms["grad_norm"] = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(terms["grad_norm"])
-        opt.update(model, grads, step=i)
+        opt.update(model, grads, lr=lr)
         leaves, treedef = jax.tree.flatten(nnx.state((model, opt)))
         terms["skipped"] = (~ok).astype(jnp.int32)
         return jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(leaves, old, strict=True)]), terms
 
-    return step
+    return lambda state, batch, i: step(state, batch, i, learning_rates(i))
