@@ -27,7 +27,7 @@ from detrax.training.loop import Run, fit
 from detrax.weights.checkpoint import Checkpoints, load_run
 
 KILLABLE = Path(__file__).parent / "scripts" / "killable.py"
-STEPS = 24
+STEPS = 12
 FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.1", "data.workers=0",
         "loss.matcher=hungarian_jax"]  # no host callback: the compilation cache (conftest) serves repeated runs
 
