@@ -1,4 +1,5 @@
-"""Data parallel: 4 forced CPU devices equal 1 device; two processes on localhost end with identical weights."""
+"""Data parallel: 4 forced CPU devices equal 1 device; two processes on localhost, each reading its own shard, end
+with identical weights; a signal to one stops both, and they resume exactly."""
 
 import json
 import os
@@ -80,8 +81,12 @@ def straight_pair(synth, tmp_path_factory):
 
 
 def test_two_processes_train_to_identical_weights(straight_pair):
+    """Each process reads its own half of the data, and both end with the same weights: every step's gradient is
+    the whole global batch's (were it each host's own, different data would give different weights)."""
     outs = straight_pair["outs"]
     assert [o["process"] for o in outs] == [0, 1] and all(o["processes"] == 2 and o["devices"] == 2 for o in outs)
+    assert len(outs[0]["images"]) == len(outs[1]["images"]) >= STEPS * 2  # 2 of the global batch of 4 a step
+    assert set(outs[0]["images"]).isdisjoint(outs[1]["images"]), "the hosts read the same images"
     assert outs[0]["digest"] == outs[1]["digest"]
     assert (straight_pair["workdir"] / "checkpoints" / str(STEPS)).is_dir()
 

@@ -156,8 +156,9 @@ def init_weights(tmp_path_factory):
 def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, straight, init_weights, tmp_path,
                                                                        mode):
     """--init weights (given to the first launch only: the relaunches take them from the run's record) or
-    calibrated batch norm: killed before the first checkpoint (and with --init also inside its write and after
-    the last), the resumed run ends bitwise equal to one straight through."""
+    calibrated batch norm: killed before the first checkpoint, the resumed run ends bitwise equal to one straight
+    through. (Kills inside a checkpoint's write and after the last are `test_sigkill_six_times...`'s: a run
+    restored from a checkpoint reads neither --init nor the calibration.)"""
     steps = 4
     first, extra = (["--init", init_weights], []) if mode == "init" else ([], ["train.calibrate_bn=true"])
     ref = tmp_path / "straight"
@@ -168,8 +169,7 @@ def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, st
     assert err.splitlines()[1].startswith(f"initialised from {init_weights} (weights sha256 " if mode == "init"
                                           else "frozen batch norm calibrated on 8 images")
     workdir = tmp_path / "run"
-    kills = ["step:1", "commit:2", "end"] if mode == "init" else ["step:1"]
-    _, errs = _through_kills(synth, workdir, steps, straight["cache"], kills, first, extra, seed=1)
+    _, errs = _through_kills(synth, workdir, steps, straight["cache"], ["step:1"], first, extra, seed=1)
     _assert_same(_weights(workdir), _weights(ref))
     # the relaunch after the first kill had no checkpoint: it says so first, and starts as the run began
     restart = f"--resume: no checkpoint in {workdir} yet: the run starts again from the beginning, exactly as " \
@@ -207,6 +207,8 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig
     assert stopped["stopped"] == sig.name and 3 <= stopped["step"] < STEPS
     assert f"{sig.name}: stopped at step {stopped['step']}, checkpoint saved" in err
     assert _committed(workdir)[-1] == stopped["step"]
+    if sig != signal.SIGTERM:
+        return  # the checkpoint a signal saves is the same whichever signal it was: SIGTERM's resumes below
     p = _child(synth, workdir, STEPS, straight["cache"])  # resume to the end
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]

@@ -89,6 +89,10 @@ class Detector:
             self._run = runtimes.make(self.runtime, self, **self.runtime_options)
         return self._run(pixels, mask, orig_size)
 
+    def infer_xla(self, pixels, mask, orig_size):
+        """As `infer`, by XLA: the `xla` runtime, the detector's own jitted inference function."""
+        return self._infer(self._state, pixels, mask, orig_size)
+
     def infer_masks(self, pixels, mask, orig_size):
         """As `infer`, with the mask head's pred_logits and pred_masks after the detections (XLA; a model with a
         mask head)."""

@@ -25,10 +25,21 @@ def main(process_id, port, data_dir, workdir, steps, resume):
         f"train.steps={steps}", "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1", "data.workers=0",
         "data.scales=64,80", "data.max_size=96", "data.crop_scales=48,64", "data.crop_size=32,48",
         "data.max_targets=8", "data.bucket_step=96", "data.val_split=none", "loss.matcher=hungarian_jax"])
+    from detrax.training import loop
+
+    seen = []  # the images this process read, in order: each host reads its own shard
+
+    class Recording(loop.Loader):
+        def __next__(self):
+            batch = super().__next__()
+            seen.extend(int(i) for i in batch["image_id"][batch["real"]])
+            return batch
+
+    loop.Loader = Recording
     summary = fit(cfg, Run(data_dir, workdir, quiet=True, resume=resume))
     print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                       "devices": jax.device_count(), "digest": params_digest(summary["params"]),
-                      "step": summary["step"], "stopped": summary["stopped"]}), flush=True)
+                      "step": summary["step"], "stopped": summary["stopped"], "images": seen}), flush=True)
     jax.distributed.shutdown()
     return 128 + signal.Signals[summary["stopped"]].value if summary["stopped"] else 0
 

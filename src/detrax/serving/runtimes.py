@@ -45,7 +45,7 @@ def make(name: str, detector, **options) -> Callable:
 def _xla(detector, **options):
     if options:
         raise ValueError(f"the xla runtime takes no options, got {sorted(options)}")
-    return lambda pixels, mask, orig_size: detector._infer(detector._state, pixels, mask, orig_size)
+    return detector.infer_xla
 
 
 def onnx_file(detector, onnx: str | None = None) -> str:
