@@ -91,7 +91,7 @@ def test_gradients_flow_to_predictions_not_through_matching():
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
     for matcher in ("hungarian", "hungarian_jax", "sinkhorn"):
         loss = lambda o: detrax.set_loss(o, targets, LossConfig(matcher=matcher))["loss"]  # noqa: B023
-        g = jax.grad(loss)(_outputs(logits, boxes))
+        g = jax.jit(jax.grad(loss))(_outputs(logits, boxes))  # one compiled program, not op by op
         assert float(jnp.abs(g["pred_boxes"]).sum()) > 0 and float(jnp.abs(g["pred_logits"]).sum()) > 0
         assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
 
@@ -130,8 +130,9 @@ def test_query_groups_loss_is_the_sum_of_each_group_alone(aux):
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
     cfg = LossConfig(aux_loss=aux, matcher="hungarian_jax")
     outputs = {**_outputs(*groups[0][:2]), "group_outputs": [_outputs(*g[:2]) for g in groups[1:]]}
-    out = detrax.set_loss(outputs, targets, cfg)
-    alone = [detrax.set_loss(_outputs(*g[:2]), targets, cfg) for g in groups]
+    set_loss = jax.jit(detrax.set_loss, static_argnums=2)  # compiled whole, not op by op
+    out = set_loss(outputs, targets, cfg)
+    alone = [set_loss(_outputs(*g[:2]), targets, cfg) for g in groups]
     for k, v in alone[0].items():  # the first group's terms, as without groups; `loss` is the sum
         if k != "loss":
             assert float(out[k]) == pytest.approx(float(v), rel=1e-6), k

@@ -154,7 +154,7 @@ def test_stem_and_layer1_are_frozen_and_get_no_gradient(tiny):
     def loss(model):
         return model(pixels, mask)["pred_boxes"].sum()
 
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(tiny)
+    grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param)))(tiny)  # one compiled program
     flat = dict(nnx.to_flat_state(grads))
     assert all("/".join(map(str, p)) in paths for p in flat)
     assert float(jnp.abs(flat[("backbone", "layer2", 0, "conv1", "kernel")].get_value()).max()) > 0
@@ -196,10 +196,11 @@ def test_bfloat16_compute_is_close_to_float32(tiny):
 
     bf16 = assemble(dataclasses.replace(tiny.config, dtype="bfloat16"), weight_arrays(tiny))
     pixels, mask = _batch()
-    a, b = tiny(pixels, mask), bf16(pixels, mask)
+    forward = nnx.jit(lambda model, pixels, mask: model(pixels, mask))  # compiled whole, not op by op
+    a, b = forward(tiny, pixels, mask), forward(bf16, pixels, mask)
     assert b["pred_logits"].dtype == jnp.float32
     assert nnx.state(bf16, nnx.Param)["query_embed"].get_value().dtype == jnp.float32  # float32 master weights
-    other = assemble(tiny.config, weight_arrays(DETR(tiny.config, rngs=nnx.Rngs(1))))(pixels, mask)
+    other = forward(assemble(tiny.config, weight_arrays(DETR(tiny.config, rngs=nnx.Rngs(1)))), pixels, mask)
 
     def logits(out):  # class logits and the boxes before their sigmoid: unbounded, so a spread to compare with
         boxes = np.clip(np.asarray(out["pred_boxes"], np.float64), 1e-6, 1 - 1e-6)
