@@ -76,3 +76,12 @@ def test_no_import_circle():
         if m not in state:
             visit(m, [m])
     assert not circles, "\n".join(circles)
+
+
+def test_the_map_names_every_module_and_wing():
+    """docs/architecture.md names every module (as `wing/module` or by its name) and every wing in its table."""
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    missing = [m for m in _modules() if not m.endswith("__init__") and f"`{m.split('.')[-1]}`" not in doc
+               and f"{m.replace('.', '/')}" not in doc]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
+    assert all(f"| `{w}" in doc for w in WINGS if w not in ("top", "errors")), "a wing is missing from the table"
