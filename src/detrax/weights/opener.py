@@ -38,8 +38,7 @@ def open_weights(path: str | os.PathLike, **config_overrides) -> Opened:
     if is_run(path):
         model, meta = checkpoint.load_run(path, with_meta=True)
         if config_overrides:
-            model = assemble(dataclasses.replace(model.config, **config_overrides), weight_arrays(model))
-            model.eval()
+            model = assemble(dataclasses.replace(model.config, **config_overrides), weight_arrays(model))  # eval mode
         categories = meta.get("categories") or [{"id": int(k), "name": v} for k, v in meta.get("names", {}).items()]
         return Opened(model, "run", categories, schema.from_dict(meta["config"]).data)
     if not os.path.exists(path):
