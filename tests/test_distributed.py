@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 
 from detrax.data.synthetic import write_dataset
 
@@ -25,7 +26,7 @@ def synth(tmp_path_factory):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     env.update(extra)
     return env
 
@@ -36,7 +37,7 @@ def _last_json(text):
 
 def test_four_devices_equal_one_device(synth):
     out = subprocess.run([sys.executable, str(SCRIPTS / "sharded_step.py"), synth], capture_output=True, text=True,
-                         timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                         timeout=600, env=_env(XLA_FLAGS=xla_flags(4)))
     assert out.returncode == 0, out.stderr[-3000:]
     r = _last_json(out.stdout)
     assert r["shards"] == 4 and r["leaves"] > 50
