@@ -7,8 +7,9 @@ import pytest
 
 def xla_flags(devices: int = 1) -> str:
     """The suite's XLA_FLAGS, for its own process and the ones it starts: `devices` CPU devices, and LLVM's
-    level-0 optimisation. The suite compiles hundreds of programs and runs each a few times: level 0 halves
-    the compile time (most of the suite's) and gives the same numbers (`test_cpu_compiler_options...`)."""
+    level-0 optimisation. The suite compiles thousands of programs and runs most of them once or twice: level 0
+    halves their compile time (most of the suite's) and gives the same numbers (`test_cpu_compiler_options...`).
+    The train step keeps its own level 1 (`training.step.compiler_options`): it runs many times."""
     return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
 
 
@@ -47,3 +48,11 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def compiled(module, *args):
+    """`module(*args)` compiled as one program: run eagerly, a model compiles each of its hundreds of operations
+    on its own, several times slower than the whole."""
+    from flax import nnx
+
+    return nnx.jit(lambda m, *a: m(*a))(module, *args)

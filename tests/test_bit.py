@@ -6,7 +6,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PLAIN
+from conftest import PLAIN, compiled
 from flax import nnx
 
 from detrax import cli
@@ -120,7 +120,7 @@ def test_converted_npz_equals_numpy_bit(npz, dilation):
     assert not [k for k in report["fresh"] if k.startswith("backbone/")]  # every backbone weight filled
     x = np.random.default_rng(1).normal(size=(2, 45, 38, 3))
     want = np_bit(x, {k: v.astype(np.float64) for k, v in p.items()}, DEPTHS, dilation)
-    got = np.asarray(model.backbone(jnp.asarray(x, jnp.float32)))
+    got = np.asarray(compiled(model.backbone, jnp.asarray(x, jnp.float32)))
     assert got.shape == want.shape == (2, 2 if not dilation else 3, 2 if not dilation else 3, WIDTH * 32)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -173,8 +173,8 @@ def test_bit_detr_detections_do_not_depend_on_padding():
     x = np.random.default_rng(0).normal(size=(2, 64, 96, 3)).astype(np.float32)
     mask = np.ones((2, 64, 96), bool)
     mask[1, 37:], mask[1, :, 71:] = False, False
-    padded = model(jnp.asarray(x), jnp.asarray(mask))
-    alone = model(jnp.asarray(x[1:, :37, :71]), jnp.asarray(mask[1:, :37, :71]))
+    padded = compiled(model, jnp.asarray(x), jnp.asarray(mask))
+    alone = compiled(model, jnp.asarray(x[1:, :37, :71]), jnp.asarray(mask[1:, :37, :71]))
     for key in ("pred_logits", "pred_boxes"):
         np.testing.assert_allclose(np.asarray(padded[key][1]), np.asarray(alone[key][0]), atol=1e-4)
 

@@ -6,7 +6,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
+from conftest import compiled, require
 from hf_reference import build_hf_detr, hf_all_layers, padded_batch
 
 from detrax.config.schema import ModelConfig
@@ -92,8 +92,8 @@ def test_torchvision_resnet_with_bn_counters_and_classifier():
     x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
     with torch.no_grad():
         want = tv.stages(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[-1].permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(np.asarray(model.backbone(jnp.asarray(x))), want, atol=1e-4, rtol=1e-5)
-    assert model(x)["pred_logits"].shape == (1, 100, 4)
+    np.testing.assert_allclose(np.asarray(compiled(model.backbone, jnp.asarray(x))), want, atol=1e-4, rtol=1e-5)
+    assert compiled(model, x)["pred_logits"].shape == (1, 100, 4)
 
 
 def test_hf_transformers4_hub_names_from_safetensors(tmp_path):

@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import compiled
 from flax import nnx
 
 from detrax.config import presets
@@ -50,9 +51,9 @@ def test_denoising_queries_do_not_leak_and_inference_is_the_plain_detr():
     model = DETR(CFG, rngs=nnx.Rngs(0))
     model.train()
     labels, boxes, valid = _targets()
-    one = model(x, None, noise_targets(jax.random.key(0), labels, boxes, valid, 2, 5))
-    two = model(x, None, noise_targets(jax.random.key(1), labels, boxes, valid, 2, 5))
-    none = model(x, None)
+    one = compiled(model, x, None, noise_targets(jax.random.key(0), labels, boxes, valid, 2, 5))
+    two = compiled(model, x, None, noise_targets(jax.random.key(1), labels, boxes, valid, 2, 5))
+    none = compiled(model, x, None)
     assert len(one["dn_outputs"]) == 2 and one["dn_outputs"][0]["pred_boxes"].shape == (2, 6, 4)
     assert "dn_outputs" not in none and len(one["dn_outputs"][1]["aux_outputs"]) == 1
     for out in (two, none):  # the matched queries and the query groups never see the denoising queries
@@ -67,9 +68,9 @@ def test_denoising_queries_do_not_leak_and_inference_is_the_plain_detr():
     assert all(np.array_equal(a[k], b[k]) for k in b)  # drawn last: the other weights as without them
     model.eval()
     plain.eval()
-    got = model(x, None, noise_targets(jax.random.key(0), labels, boxes, valid, 2, 5))
+    got = compiled(model, x, None, noise_targets(jax.random.key(0), labels, boxes, valid, 2, 5))
     assert "dn_outputs" not in got
-    np.testing.assert_array_equal(got["pred_boxes"], plain(x, None)["pred_boxes"])
+    np.testing.assert_array_equal(got["pred_boxes"], compiled(plain, x, None)["pred_boxes"])
 
 
 def test_the_denoising_loss_scores_query_i_against_target_i_without_matching():

@@ -5,6 +5,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from conftest import compiled
 from flax import nnx
 
 from detrax.config.schema import LossConfig, ModelConfig
@@ -41,7 +42,7 @@ def test_the_encoder_head_runs_in_training_only_and_leaves_inference_as_the_plai
     mask[1, :, 64:] = False
     model = DETR(CFG, rngs=nnx.Rngs(0))
     model.train()
-    enc = model(x, mask)["enc_outputs"]
+    enc = compiled(model, x, mask)["enc_outputs"]
     assert enc["pred_logits"].shape == (2, 6, 6) and enc["pred_boxes"].shape == (2, 6, 4)  # 2 x 3 tokens
     np.testing.assert_array_equal(enc["token_valid"], [[1] * 6, [1, 1, 0, 1, 1, 0]])
     np.testing.assert_allclose(enc["grid"], [[3, 2], [2, 2]])
@@ -54,9 +55,9 @@ def test_the_encoder_head_runs_in_training_only_and_leaves_inference_as_the_plai
     assert all(np.array_equal(a[k], b[k]) for k in b)  # drawn last: the other weights as without it
     model.eval()
     plain.eval()
-    got = model(x, mask)
+    got = compiled(model, x, mask)
     assert "enc_outputs" not in got
-    np.testing.assert_array_equal(got["pred_boxes"], plain(x, mask)["pred_boxes"])
+    np.testing.assert_array_equal(got["pred_boxes"], compiled(plain, x, mask)["pred_boxes"])
 
 
 def _enc(pred_boxes, classes, num_classes=5):

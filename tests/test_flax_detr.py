@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compiled
 
 import detrax
 from detrax import cli
@@ -117,7 +118,7 @@ def test_backbone_only_start_fills_the_resnet(tmp_path):
     assert (model.config.depths, model.config.width, model.config.norm_eps) == ((1, 2, 1, 1), 8, 1e-5)
     del variables["params"]["fc"]
     want = jax.jit(backbone.apply)(variables, x)
-    np.testing.assert_allclose(model.backbone(jnp.asarray(x)), want, atol=1e-4)
+    np.testing.assert_allclose(compiled(model.backbone, jnp.asarray(x)), want, atol=1e-4)
     # the same tree as its resnet.load() reads it: an .npz of "params/..." and "batch_stats/..." arrays
     np.savez(tmp_path / "r50.npz", **read_state_dict(path))
     from_npz, report = convert(read_state_dict(tmp_path / "r50.npz"), base=SMALL)

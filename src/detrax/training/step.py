@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +26,8 @@ def trainable(freeze_detector: bool = False):
 
 def compiler_options() -> dict | None:
     """On the CPU, LLVM's level-1 optimisation: the step's heavy work runs in library kernels (convolutions,
-    matrix products) that it does not touch, and it compiles faster (figures: benchmarks/README.md). A level
-    that XLA_FLAGS sets wins (the test suite's 0)."""
-    if jax.default_backend() != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return {"xla_backend_optimization_level": 1}
+    matrix products) that it does not touch, and it compiles faster (figures: benchmarks/README.md)."""
+    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
 
 
 def make_train_step(graphdef, loss_fn, learning_rates, wrt=nnx.Param, seed: int = 0):
