@@ -12,9 +12,28 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: digests
 
 
+def every_process_writes_the_compilation_cache():
+    """JAX writes its persistent compilation cache from process 0 alone (many hosts, one shared folder); process
+    1's programs run on its own device, under keys of their own, and it compiled them again at every launch of
+    the tests. Here each process writes its own (a test's speed, not the run's behaviour)."""
+    from jax._src import compiler, distributed
+
+    write = compiler._cache_write
+
+    def as_process_zero(*args, **kwargs):
+        process_id, distributed.global_state.process_id = distributed.global_state.process_id, 0
+        try:
+            return write(*args, **kwargs)
+        finally:
+            distributed.global_state.process_id = process_id
+
+    compiler._cache_write = as_process_zero
+
+
 def main(process_id, port, data_dir, workdir, steps, resume):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    every_process_writes_the_compilation_cache()
     from digests import params_digest
 
     from detrax.config import presets
