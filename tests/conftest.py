@@ -1,3 +1,4 @@
+import functools
 import importlib
 import os
 
@@ -50,9 +51,14 @@ def rng():
     return np.random.default_rng(0)
 
 
+@functools.cache
+def _jitted_call():
+    from flax import nnx
+
+    return nnx.jit(lambda m, *a: m(*a))  # one jitted function: a second call of the same shapes traces nothing
+
+
 def compiled(module, *args):
     """`module(*args)` compiled as one program: run eagerly, a model compiles each of its hundreds of operations
     on its own, several times slower than the whole."""
-    from flax import nnx
-
-    return nnx.jit(lambda m, *a: m(*a))(module, *args)
+    return _jitted_call()(module, *args)
