@@ -1,6 +1,5 @@
-"""`detrax train --resume` of a tiny DETR, for the kill and signal tests (tests/test_reliability.py):
-argv = data_dir workdir steps [key=value ...] [--init PATH] [kill=WHEN]. One batch shape and an on-device matcher,
-so that JAX's persistent compilation cache spares every relaunch its compile; no evaluation.
+"""`detrax` with the command line given (tests/test_reliability.py: `detrax train --resume` of a tiny DETR), for the
+kill and signal tests: argv = [kill=WHEN] detrax-arguments ...
 
 kill=WHEN makes the process SIGKILL itself at a chosen moment (the tests also kill it from outside at random
 ones): `step:K` when the loop has done step K, `commit:N` inside the write of checkpoint N (everything written,
@@ -18,7 +17,7 @@ def _kill():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(when: str, steps: int) -> None:
+def arm(when: str, steps: int | None) -> None:
     kind, _, arg = when.partition(":")
     if kind == "step":
         from detrax.training.reporting import Reporter
@@ -58,13 +57,8 @@ def arm(when: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    data, workdir, steps, *extra = sys.argv[1:]
-    for item in [e for e in extra if e.startswith("kill=")]:
-        extra.remove(item)
-        arm(item.split("=", 1)[1], int(steps))
-    sys.exit(cli.main(["train", "--config", "tiny", "--data", data, "--workdir", workdir, "--resume",
-                       f"train.steps={steps}", "train.batch_size=2", "train.ckpt_every=2", "train.keep=2",
-                       "train.log_every=1", "train.eval_every=0", "data.workers=0", "model.dropout=0.1",
-                       "data.scales=64,80", "data.max_size=96", "data.crop_scales=48,64", "data.crop_size=32,48",
-                       "data.val_size=64", "data.max_targets=8", "data.bucket_step=96", "data.val_split=none",
-                       "loss.matcher=hungarian_jax", *extra]))  # no host callback: the compilation cache holds it
+    args = sys.argv[1:]
+    if args and args[0].startswith("kill="):
+        steps = [int(a.split("=")[1]) for a in args if a.startswith("train.steps=")]
+        arm(args.pop(0).split("=", 1)[1], steps[-1] if steps else None)
+    sys.exit(cli.main(args))

@@ -11,6 +11,7 @@ normalised on the device, as in the training step; post-processing runs on the d
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -62,12 +63,14 @@ def normalized(model, pixels, mask):
     return T.normalize_batch(pixels, mask, model.config.pixel_mean, model.config.pixel_std)
 
 
+@functools.lru_cache(maxsize=8)
 def make_infer(graphdef, per_image: bool | None = None, masks: bool = False):
     """A jitted (model state, pixels uint8 [B, H, W, 3], mask [B, H, W], orig_size [B, 2]) -> (scores [B, Q],
     labels [B, Q] (category ids), boxes [B, Q, 4] absolute (x0, y0, x1, y1) in the original image); with `masks`
     (a model with a mask head) also its pred_logits [B, Q, C + 1] and pred_masks [B, Q, H / 4, W / 4], for the
     host's segmentation post-processing (`panoptic`). `graphdef` is a model's in eval mode; the state may be a
-    training run's live, sharded one."""
+    training run's live, sharded one. Kept for equal arguments: another model of the same structure (another
+    run's, a reloaded one) traces and compiles nothing again."""
 
     @jax.jit
     def infer(state, pixels, mask, orig_size):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -134,8 +135,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         rates = learning_rates(tc, total, drop)
         graphdef, state = nnx.split((model, opt))
         state = replicate(state, replicated)
-        step = make_train_step(graphdef, lambda out, targets: set_loss(out, targets, cfg.loss, mesh=mesh), rates,
-                               wrt, tc.seed)
+        step = make_train_step(graphdef, _loss_fn(cfg.loss, mesh), rates, wrt, tc.seed)
 
         train_data = dataset(train_ds.records, Augment(True, dc), tc.batch_size // n_proc, max_targets=dc.max_targets,
                              step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)
@@ -178,6 +178,13 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         batches = (global_batch(local, sharded, keys) for local in loader)
         reporter.start(first)
     return Trainer(state, step, batches, first, end, actions, save, ckpts, reporter, results, graphdef, closing)
+
+
+@functools.lru_cache(maxsize=4)
+def _loss_fn(loss: schema.LossConfig, mesh) -> Callable:
+    """The set loss of `loss` over `mesh`: one object for equal arguments, so that the train step compiled for it
+    serves every run of the process (`make_train_step`)."""
+    return functools.partial(set_loss, cfg=loss, mesh=mesh)
 
 
 @contextlib.contextmanager

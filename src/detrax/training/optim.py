@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -33,13 +35,18 @@ def optimizer(cfg: schema.TrainConfig) -> optax.GradientTransformationExtraArgs:
     lr_backbone])`, from `learning_rates`), a function of the loop's step, not of a count of applied updates: a
     skipped step (see `make_train_step`) leaves the weights and Adam's moments and count as they were, as PyTorch
     does when it skips an optimizer step, while the schedule moves on with the loop, as the official per-epoch
-    StepLR does."""
+    StepLR does. The same object for equal settings: the optimizer is part of the train step's static structure,
+    so runs of one model in one process share their compiled step."""
+    return _optimizer(cfg.weight_decay, cfg.clip_max_norm)
 
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(weight_decay: float, clip_max_norm: float) -> optax.GradientTransformationExtraArgs:
     def adamw(which: int):
-        return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(cfg.weight_decay), _scale_by_lr(which))
+        return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay), _scale_by_lr(which))
 
     return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_max_norm) if cfg.clip_max_norm > 0 else optax.identity(),
+        optax.clip_by_global_norm(clip_max_norm) if clip_max_norm > 0 else optax.identity(),
         optax.multi_transform({"rest": adamw(0), "backbone": adamw(1)}, _group))
 
 

@@ -36,9 +36,16 @@ def make_train_step(graphdef, loss_fn, learning_rates, wrt=nnx.Param, seed: int 
     A step whose loss or gradient is not finite changes nothing (the state passes through) and reports `skipped`
     = 1. `graphdef` and the state are `nnx.split((model, optimizer))`'s; `wrt` is the optimizer's (`trainable`):
     only those weights get gradients. A model with `dn_groups` gets the targets noised afresh each step
-    (`denoising.noise_targets`, from `seed` and `i`)."""
+    (`denoising.noise_targets`, from `seed` and `i`). The jitted step is kept for equal arguments (the same
+    `loss_fn` object, as `loop.setup` gives): a second run of the same model in one process compiles nothing."""
+    options = compiler_options()
+    step = _jitted_step(graphdef, loss_fn, wrt, seed, tuple(sorted(options.items())) if options else None)
+    return lambda state, batch, i: step(state, batch, i, learning_rates(i))
 
-    @functools.partial(jax.jit, donate_argnums=0, compiler_options=compiler_options())
+
+@functools.lru_cache(maxsize=4)
+def _jitted_step(graphdef, loss_fn, wrt, seed: int, options: tuple | None):
+    @functools.partial(jax.jit, donate_argnums=0, compiler_options=dict(options) if options else None)
     def step(state, batch, i, lr):
         old = jax.tree.leaves(state)  # the arrays themselves: merge's variables are updated in place below
         model, opt = nnx.merge(graphdef, state)
@@ -64,4 +71,4 @@ def make_train_step(graphdef, loss_fn, learning_rates, wrt=nnx.Param, seed: int 
         terms["skipped"] = (~ok).astype(jnp.int32)
         return jax.tree.unflatten(treedef, [jnp.where(ok, n, o) for n, o in zip(leaves, old, strict=True)]), terms
 
-    return lambda state, batch, i: step(state, batch, i, learning_rates(i))
+    return step

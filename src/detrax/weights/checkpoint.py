@@ -18,6 +18,16 @@ def _to_saveable(tree):
     return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
 
 
+def _on_host(tree):
+    """Replicated arrays (the training state) as NumPy arrays of this host: orbax writes them from the first
+    process alone, ~3x faster than as device arrays (its per-array cost dominates a small model's checkpoint)."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                        and x.is_fully_replicated else x, tree)
+
+
 def _from_saveable(tree, like):
     import jax
 
@@ -50,7 +60,7 @@ class Checkpoints:
         from flax import nnx
 
         a = self._ocp.args
-        pure = lambda s: _to_saveable(nnx.to_pure_dict(s))
+        pure = lambda s: _on_host(_to_saveable(nnx.to_pure_dict(s)))
         path = self._data_path(step)
         try:
             os.makedirs(self.data_dir, exist_ok=True)
