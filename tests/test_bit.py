@@ -204,7 +204,7 @@ def test_bit_detr_trains_on_synthetic_data(tmp_path):
     write_dataset(str(tmp_path / "data"), num_images=24, seed=3, shape=presets.DEMO_SHAPE)  # one compilation
     cfg = override(presets.get("demo"), [*PLAIN, "model.backbone=bit", "model.width=32", "train.steps=30",
                                          "train.batch_size=4", "train.lr=1e-3", "train.log_every=1",
-                                         "train.eval_every=0"])
+                                         "train.eval_every=0", "data.val_split=none"])
     fit(cfg, Run(str(tmp_path / "data"), str(tmp_path / "run"), quiet=False))
     losses = [r["loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
     assert len(losses) == 30 and np.isfinite(losses).all()

@@ -108,7 +108,7 @@ def test_a_run_records_its_warm_up_and_resumes_without_it(tmp_path, capsys):
     root = tmp_path / "synth"
     write_dataset(str(root), num_images=12, seed=3, shape=presets.DEMO_SHAPE)  # one compilation
     cfg = override(presets.get("demo"), [*PLAIN, "train.steps=2", "train.eval_every=0", "train.ckpt_every=1",
-                                                 "train.crop_steps=3", "data.workers=0"])
+                                                 "train.crop_steps=3", "data.workers=0", "data.val_split=none"])
     fit(cfg, Run(str(root), str(tmp_path / "run")))
     record = json.load(open(tmp_path / "run" / "run.json"))
     assert record["crop_warmup"]["steps"] == 3 and record["crop_warmup"]["windows"] > 0

@@ -135,13 +135,14 @@ def _through_kills(synth, workdir, steps, cache, kills, first=(), extra=(), seed
 
 
 @pytest.fixture(scope="module")
-def straight(synth, tmp_path_factory):
-    """The reference: the same child run straight through."""
+def straight(synth, tmp_path_factory, compilation_cache):
+    """The reference: the same child run straight through. The children share the suite's compilation cache: the
+    runs in the test's own process (the same programs) fill it for them, and they for it."""
     root = tmp_path_factory.mktemp("straight")
-    p = _child(synth, root / "run", STEPS, root / "cache")
+    p = _child(synth, root / "run", STEPS, compilation_cache)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]
-    return {"weights": _weights(root / "run"), "cache": root / "cache"}
+    return {"weights": _weights(root / "run"), "cache": compilation_cache}
 
 
 def test_sigkill_five_times_then_resume_equals_a_straight_run(synth, straight, tmp_path):

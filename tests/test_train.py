@@ -14,7 +14,8 @@ from detrax.config.overrides import override
 from detrax.data.synthetic import write_dataset
 from detrax.training.loop import Run, fit
 
-FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0", *PLAIN]
+FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0", "data.val_split=none",
+        *PLAIN]  # no evaluation: the tests that need one ask for it
 AIDS = ["model.query_groups=4", "model.dn_groups=2", "model.encoder_head=true"]  # the demo's own
 
 
@@ -55,7 +56,7 @@ def test_loss_falls(synth, tmp_path):
 def test_overfits_four_images_to_ap50(tmp_path):
     root = tmp_path / "four"
     write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
-    cfg = _cfg("train.steps=300", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
+    cfg = _cfg("train.steps=200", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
                "model.dilation=false", "data.val_split=train", "train.lr_drop=1000", "train.log_every=50")
     summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
@@ -192,7 +193,7 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
     shutil.copy(tmp_path / "varied" / "annotations" / "instances_val.json", data / "annotations")
     assert len({Image.open(f).size for f in (data / "val").iterdir()}) > 2
     data = str(data)
-    live = fit(_cfg("train.steps=12", "train.lr=1e-3", "data.val_size=112", "data.max_size=160"),
+    live = fit(_cfg("train.steps=12", "train.lr=1e-3", "data.val_size=112", "data.max_size=160", "data.val_split=val"),
                Run(data, run, quiet=True))["eval"]
     assert cli.main(["eval", run, "--data", data, "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == pytest.approx(live, abs=1e-9)
