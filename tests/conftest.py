@@ -29,6 +29,17 @@ def require(module: str, extra: str = "dev"):
         pytest.fail(f"the reference package {module!r} is missing: pip install -e '.[{extra}]'", pytrace=False)
 
 
+# the longest files first (pyproject runs each file on one worker, `--dist loadfile`: its runs share their compiled
+# programs in memory), so that neither worker is left with a long one at the end
+LONGEST = ("test_train.py", "test_reliability.py", "test_distributed.py", "test_flax_detr.py", "test_bit.py",
+           "test_crop_warmup.py", "test_extensions.py", "test_panoptic_data.py", "test_segmentation.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: the rest in their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the whole run, its workers and the processes they start: the

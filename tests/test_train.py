@@ -14,8 +14,10 @@ from detrax.config.overrides import override
 from detrax.data.synthetic import write_dataset
 from detrax.training.loop import Run, fit
 
-FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.0", "data.workers=0", "data.val_split=none",
-        *PLAIN]  # no evaluation: the tests that need one ask for it
+# dropout on (its RNG must resume too), no evaluation (the tests that need one ask for it): the tests of this file
+# train one program, compiled once
+FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.1", "data.workers=0", "data.val_split=none",
+        *PLAIN]
 AIDS = ["model.query_groups=4", "model.dn_groups=2", "model.encoder_head=true"]  # the demo's own
 
 
@@ -57,7 +59,8 @@ def test_overfits_four_images_to_ap50(tmp_path):
     root = tmp_path / "four"
     write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
     cfg = _cfg("train.steps=200", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
-               "model.dilation=false", "data.val_split=train", "train.lr_drop=1000", "train.log_every=50")
+               "model.dilation=false", "model.dropout=0.0", "data.val_split=train", "train.lr_drop=1000",
+               "train.log_every=50")
     summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
 
@@ -67,14 +70,14 @@ def test_stop_and_resume_equals_a_straight_run(synth, tmp_path, capsys):
     from detrax.models.detr import weight_arrays
     from detrax.weights.checkpoint import load_run
 
-    cfg = _cfg("train.steps=9", "train.ckpt_every=4", "model.dropout=0.1")  # dropout: RNG state must resume too
+    cfg = _cfg("train.steps=9", "train.ckpt_every=4")  # with dropout: its RNG state must resume too
     fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
     first = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True, stop_after=5))
     assert first["step"] == 5
     with pytest.raises(ResumeConflict, match="already holds a run .*--resume continues it"):
         fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True))  # a new run would overwrite this one
     with pytest.raises(ResumeConflict, match=r"contradicts the run .*\n  train.lr: 0.0005 in the run, 0.001 now"):
-        fit(_cfg("train.steps=9", "train.ckpt_every=4", "model.dropout=0.1", "train.lr=1e-3"),
+        fit(_cfg("train.steps=9", "train.ckpt_every=4", "train.lr=1e-3"),
             Run(synth, str(tmp_path / "b"), quiet=True, resume=True))
     # the CLI without --config resumes with the run's own config; logging more often changes no number
     assert cli.main(["train", "--data", synth, "--workdir", str(tmp_path / "b"), "--resume", "train.log_every=3"]) == 0
@@ -223,44 +226,24 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
     assert panel.height > 0
 
 
-def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
+def test_cpu_compiler_options_leave_the_step_unchanged(synth, tmp_path, monkeypatch):
     """The train step's CPU compile options (LLVM level 1, for compile time) and the level 0 of the suite's other
-    programs (conftest) give the numbers of XLA's default (level 3)."""
+    programs (conftest) give the numbers of XLA's default (level 3): three steps of this file's run at each."""
     import jax
-    from flax import nnx
 
-    from detrax.criterion.loss import set_loss
-    from detrax.models.detr import DETR
     from detrax.training import step as train_step
-    from detrax.training.optim import learning_rates, optimizer
-
-    cfg = presets.tiny()
-    rs = np.random.default_rng(0)
-    b, m = 2, cfg.data.max_targets
-    batch = {"pixels": rs.integers(0, 256, (b, 64, 96, 3)).astype(np.uint8), "mask": np.ones((b, 64, 96), bool),
-             "labels": rs.integers(0, cfg.model.num_classes, (b, m)).astype(np.int32),
-             "boxes": np.tile(np.array([0.4, 0.5, 0.3, 0.2], np.float32), (b, m, 1)),
-             "valid": np.arange(m)[None].repeat(b, 0) < 3}
-
-    def run(options):
-        monkeypatch.setattr(train_step, "compiler_options", lambda: options)
-        model = DETR(cfg.model, rngs=nnx.Rngs(0))
-        model.train()
-        opt = nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)
-        graphdef, state = nnx.split((model, opt))
-        step = train_step.make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss),
-                                          learning_rates(cfg.train, 100, 100))
-        losses = []
-        for i in range(3):
-            state, terms = step(state, batch, i)
-            losses.append(float(terms["loss"]))
-        return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
 
     assert train_step.compiler_options() == ({"xla_backend_optimization_level": 1}
                                              if jax.default_backend() == "cpu" else None)
-    default_losses, default_params = run({"xla_backend_optimization_level": 3})
+
+    def run(level):
+        monkeypatch.setattr(train_step, "compiler_options", lambda: {"xla_backend_optimization_level": level})
+        summary = fit(_cfg("train.steps=3"), Run(synth, str(tmp_path / str(level)), quiet=True))
+        return summary["train"]["loss"], jax.tree.leaves(summary["params"])
+
+    default_loss, default_params = run(3)
     for level in (1, 0):
-        losses, params = run({"xla_backend_optimization_level": level})
-        np.testing.assert_allclose(losses, default_losses, rtol=1e-4, err_msg=f"level {level}")
-        for a, p in zip(params, default_params):
+        loss, params = run(level)
+        np.testing.assert_allclose(loss, default_loss, rtol=1e-4, err_msg=f"level {level}")
+        for a, p in zip(params, default_params, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(p), rtol=1e-4, atol=1e-5, err_msg=f"level {level}")

@@ -17,7 +17,7 @@ def forward_with_attention(model, pixels, mask):
     enc = model.transformer.encoder[-1].self_attn
     dec.record_weights = enc.record_weights = True
     try:
-        out, inter = nnx.capture(model, nnx.Intermediate)(pixels, mask)
+        out, inter = _captured(model, pixels, mask)
     finally:
         dec.record_weights = enc.record_weights = False
     b = pixels.shape[0]
@@ -26,6 +26,12 @@ def forward_with_attention(model, pixels, mask):
     selfa = inter["transformer"]["encoder"][len(model.transformer.encoder) - 1]["self_attn"]["weights"][0]
     return (out, cross.mean(1).reshape(b, -1, h, w).astype(np.float32),  # [B, Q, h, w]
             selfa.mean(1).reshape(b, h * w, h, w).astype(np.float32))  # [B, h*w, h, w]
+
+
+@nnx.jit
+def _captured(model, pixels, mask):
+    """The model's outputs and its recorded intermediates, compiled as one program."""
+    return nnx.capture(model, nnx.Intermediate)(pixels, mask)
 
 
 def _heat(att: np.ndarray, size: tuple[int, int]) -> Image.Image:
