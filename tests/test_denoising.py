@@ -103,7 +103,7 @@ def test_a_run_with_the_training_only_aids_trains_them_and_reloads(tmp_path):
     run = str(tmp_path / "run")
     assert cli.main(["train", "--config", "demo", "--smoke", "--data", str(data), "--workdir", run,
                      "train.steps=3", "train.log_every=1", "train.eval_every=0", "data.workers=0",
-                     "data.val_split=none", "model.dropout=0.1"]) == 0  # test_train.test_loss_falls's program
+                     "data.val_split=none"]) == 0  # test_train.test_loss_falls's program
     rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["kind"] == "train"]
     assert len(rows) == 3 and all(r[k] > 0 and np.isfinite(r[k]) for r in rows for k in ("loss_dn", "loss_enc"))
     detector = detrax.load(run)

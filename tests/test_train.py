@@ -14,10 +14,9 @@ from detrax.config.overrides import override
 from detrax.data.synthetic import write_dataset
 from detrax.training.loop import Run, fit
 
-# dropout on (its RNG must resume too), no evaluation (the tests that need one ask for it): the tests of this file
-# train one program, compiled once
-FAST = ["train.log_every=1", "train.eval_every=0", "model.dropout=0.1", "data.workers=0", "data.val_split=none",
-        *PLAIN]
+# the demo's model without its aids, no evaluation (the tests that need one ask for it): the tests of this file (and
+# test_crop_warmup's run) train one program, compiled once
+FAST = ["train.log_every=1", "train.eval_every=0", "data.workers=0", "data.val_split=none", *PLAIN]
 AIDS = ["model.query_groups=4", "model.dn_groups=2", "model.encoder_head=true"]  # the demo's own
 
 
@@ -59,7 +58,7 @@ def test_overfits_four_images_to_ap50(tmp_path):
     root = tmp_path / "four"
     write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
     cfg = _cfg("train.steps=200", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
-               "model.dilation=false", "model.dropout=0.0", "data.val_split=train", "train.lr_drop=1000",
+               "model.dilation=false", "data.val_split=train", "train.lr_drop=1000",
                "train.log_every=50")
     summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
@@ -70,7 +69,7 @@ def test_stop_and_resume_equals_a_straight_run(synth, tmp_path, capsys):
     from detrax.models.detr import weight_arrays
     from detrax.weights.checkpoint import load_run
 
-    cfg = _cfg("train.steps=9", "train.ckpt_every=4")  # with dropout: its RNG state must resume too
+    cfg = _cfg("train.steps=9", "train.ckpt_every=4")  # (dropout's RNG resuming too: test_reliability's)
     fit(cfg, Run(synth, str(tmp_path / "a"), quiet=True))
     first = fit(cfg, Run(synth, str(tmp_path / "b"), quiet=True, stop_after=5))
     assert first["step"] == 5
