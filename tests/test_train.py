@@ -1,6 +1,7 @@
 """Training: the loss falls, a tiny DETR overfits 4 images, exact resume, config errors, evaluation."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,21 +100,21 @@ def test_init_from_weights_with_another_class_count(synth, tmp_path, capsys):
 
 
 def test_query_groups_start_fresh_from_one_group_weights_and_train(synth, tmp_path, capsys):
-    """Group DETR from official-layout weights: the extra groups start fresh, the loss logs them, and the run's
-    weights load and infer (first group only)."""
+    """Group DETR (with the demo's other aids: test_loss_falls's program) from official-layout weights: the extra
+    groups start fresh, the loss logs them, and the run's weights load and infer (first group only)."""
     from flax import nnx
 
     import detrax
 
     one = override(presets.get("demo"), ["model.num_classes=4", "model.query_groups=1"]).model
     detrax.Detector(detrax.DETR(one, rngs=nnx.Rngs(5))).save(tmp_path / "w.safetensors")
-    fit(_cfg("train.steps=2", "model.query_groups=3"), Run(synth, str(tmp_path / "run"),
-                                                           init=str(tmp_path / "w.safetensors")))
-    assert "fresh: group_queries" in capsys.readouterr().err
+    fit(_cfg("train.steps=2", *AIDS), Run(synth, str(tmp_path / "run"), init=str(tmp_path / "w.safetensors")))
+    fresh = re.search(r"; fresh: (.*)", capsys.readouterr().err)
+    assert fresh and "group_queries" in fresh.group(1).split(", ")
     rows = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
     assert len(rows) == 2 and all(r["loss_groups"] > 0 and r["loss"] > r["loss_groups"] for r in rows)
     detector = detrax.load(str(tmp_path / "run"))
-    assert detector.model.config.query_groups == 3
+    assert detector.model.config.query_groups == 4
     image = np.full((96, 128, 3), 120, np.uint8)
     assert len(detector.predict([image], threshold=0.0)[0]["scores"]) == one.num_queries
 
@@ -156,10 +157,7 @@ def test_the_class_count_follows_the_data(synth, tmp_path, capsys):
 ])
 def test_config_errors_are_clear(synth, tmp_path, capsys, override, message):
     rc = cli.main(["train", "--config", "demo", "--data", synth, "--workdir", str(tmp_path), override])
-    assert rc == 2
-    import re
-
-    assert re.search(message, capsys.readouterr().err)
+    assert rc == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys):
@@ -225,24 +223,44 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
     assert panel.height > 0
 
 
-def test_cpu_compiler_options_leave_the_step_unchanged(synth, tmp_path, monkeypatch):
+def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     """The train step's CPU compile options (LLVM level 1, for compile time) and the level 0 of the suite's other
-    programs (conftest) give the numbers of XLA's default (level 3): three steps of this file's run at each."""
+    programs (conftest) give the numbers of XLA's default (level 3)."""
     import jax
+    from flax import nnx
 
+    from detrax.criterion.loss import set_loss
+    from detrax.models.detr import DETR
     from detrax.training import step as train_step
+    from detrax.training.optim import learning_rates, optimizer
+
+    cfg = presets.tiny()
+    rs = np.random.default_rng(0)
+    b, m = 2, cfg.data.max_targets
+    batch = {"pixels": rs.integers(0, 256, (b, 64, 96, 3)).astype(np.uint8), "mask": np.ones((b, 64, 96), bool),
+             "labels": rs.integers(0, cfg.model.num_classes, (b, m)).astype(np.int32),
+             "boxes": np.tile(np.array([0.4, 0.5, 0.3, 0.2], np.float32), (b, m, 1)),
+             "valid": np.arange(m)[None].repeat(b, 0) < 3}
+
+    def run(options):
+        monkeypatch.setattr(train_step, "compiler_options", lambda: options)
+        model = DETR(cfg.model, rngs=nnx.Rngs(0))
+        model.train()
+        opt = nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)
+        graphdef, state = nnx.split((model, opt))
+        step = train_step.make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss),
+                                          learning_rates(cfg.train, 100, 100))
+        losses = []
+        for i in range(3):
+            state, terms = step(state, batch, i)
+            losses.append(float(terms["loss"]))
+        return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
 
     assert train_step.compiler_options() == ({"xla_backend_optimization_level": 1}
                                              if jax.default_backend() == "cpu" else None)
-
-    def run(level):
-        monkeypatch.setattr(train_step, "compiler_options", lambda: {"xla_backend_optimization_level": level})
-        summary = fit(_cfg("train.steps=3"), Run(synth, str(tmp_path / str(level)), quiet=True))
-        return summary["train"]["loss"], jax.tree.leaves(summary["params"])
-
-    default_loss, default_params = run(3)
+    default_losses, default_params = run({"xla_backend_optimization_level": 3})
     for level in (1, 0):
-        loss, params = run(level)
-        np.testing.assert_allclose(loss, default_loss, rtol=1e-4, err_msg=f"level {level}")
-        for a, p in zip(params, default_params, strict=True):
+        losses, params = run({"xla_backend_optimization_level": level})
+        np.testing.assert_allclose(losses, default_losses, rtol=1e-4, err_msg=f"level {level}")
+        for a, p in zip(params, default_params):
             np.testing.assert_allclose(np.asarray(a), np.asarray(p), rtol=1e-4, atol=1e-5, err_msg=f"level {level}")
