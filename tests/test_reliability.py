@@ -40,11 +40,9 @@ def synth(tmp_path_factory):
     return str(root)
 
 
-def _env(cache):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=xla_flags(1), JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
+def _env():
+    """The suite's environment (its compilation cache: `conftest.compilation_cache`) on one CPU device."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 def _train_args(synth, workdir, steps, *extra) -> list[str]:
@@ -57,11 +55,11 @@ def _train_args(synth, workdir, steps, *extra) -> list[str]:
             "data.bucket_step=96", "data.val_split=none", "loss.matcher=hungarian_jax", *extra]
 
 
-def _child(synth, workdir, steps, cache, *extra, kill=None):
+def _child(synth, workdir, steps, *extra, kill=None):
     """The training run in a process of its own (`scripts/killable.py`), which kills itself at `kill`."""
     return subprocess.Popen([sys.executable, str(KILLABLE), *([f"kill={kill}"] if kill else []),
                              *_train_args(synth, workdir, steps, *extra)],
-                            env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _committed(workdir) -> list[int]:
@@ -101,7 +99,7 @@ def _check_after_kill(workdir):
         assert (workdir / "data_state" / f"{step}.0.json").is_file()
 
 
-def _through_kills(synth, workdir, steps, cache, kills, first=(), extra=(), seed=0):
+def _through_kills(synth, workdir, steps, kills, first=(), extra=(), seed=0):
     """Run the killable child to the end through `kills`: `random` (SIGKILL from outside at a random moment,
     after some progress, often mid-checkpoint) or a kill point of the child's own (`step:K`, `commit:N`, `end`).
     `first` are arguments of the first launch only (the relaunches resume with the plain command). Returns the
@@ -111,7 +109,7 @@ def _through_kills(synth, workdir, steps, cache, kills, first=(), extra=(), seed
         args = (*(first if i == 0 else ()), *extra)
         if when == "random":
             start = _last_logged(workdir)
-            p = _child(synth, workdir, steps, cache, *args)
+            p = _child(synth, workdir, steps, *args)
             deadline = time.time() + 300
             while p.poll() is None and _last_logged(workdir) <= start and time.time() < deadline:
                 time.sleep(0.01)  # wait for progress, then kill at a random moment
@@ -123,33 +121,32 @@ def _through_kills(synth, workdir, steps, cache, kills, first=(), extra=(), seed
             assert fired and p.returncode == -signal.SIGKILL, \
                 f"random kill {i} never fired: the run ended first (status {p.returncode}): {errs[-1][-2000:]}"
         else:
-            p = _child(synth, workdir, steps, cache, *args, kill=when)
+            p = _child(synth, workdir, steps, *args, kill=when)
             errs.append(p.communicate(timeout=600)[1])
             assert p.returncode == -signal.SIGKILL, f"kill point {when} not reached (status {p.returncode}): " \
                                                     f"{errs[-1][-2000:]}"
         _check_after_kill(workdir)
-    p = _child(synth, workdir, steps, cache, *(first if not kills else ()), *extra)
+    p = _child(synth, workdir, steps, *(first if not kills else ()), *extra)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]
     return out, [*errs, err]
 
 
 @pytest.fixture(scope="module")
-def straight(synth, tmp_path_factory, compilation_cache):
+def straight(synth, tmp_path_factory, compilation_cache):  # the cache set in os.environ first
     """The reference: the same child run straight through. The children share the suite's compilation cache: the
     runs in the test's own process (the same programs) fill it for them, and they for it."""
     root = tmp_path_factory.mktemp("straight")
-    p = _child(synth, root / "run", STEPS, compilation_cache)
+    p = _child(synth, root / "run", STEPS)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]
-    return {"weights": _weights(root / "run"), "cache": compilation_cache}
+    return {"weights": _weights(root / "run")}
 
 
 def test_sigkill_five_times_then_resume_equals_a_straight_run(synth, straight, tmp_path):
     """Before the first checkpoint, inside its write, at random moments, after the last one."""
     workdir = tmp_path / "run"
-    out, errs = _through_kills(synth, workdir, STEPS, straight["cache"], ["step:1", "commit:2", "random", "random",
-                                                                         "end"])
+    out, errs = _through_kills(synth, workdir, STEPS, ["step:1", "commit:2", "random", "random", "end"])
     assert json.loads(out.strip().splitlines()[-1])["step"] == STEPS
     assert errs[-1].startswith(f"resuming {workdir} from its checkpoint of step {STEPS}\n")  # killed after the last
     _assert_same(_weights(workdir), straight["weights"])
@@ -183,7 +180,7 @@ def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, st
     assert err.splitlines()[1].startswith(f"initialised from {init_weights} (weights sha256 " if mode == "init"
                                           else "frozen batch norm calibrated on 8 images")
     workdir = tmp_path / "run"
-    _, errs = _through_kills(synth, workdir, steps, straight["cache"], ["step:1"], first, extra, seed=1)
+    _, errs = _through_kills(synth, workdir, steps, ["step:1"], first, extra, seed=1)
     _assert_same(_weights(workdir), _weights(ref))
     # the relaunch after the first kill had no checkpoint: it says so first, and starts as the run began
     restart = f"--resume: no checkpoint in {workdir} yet: the run starts again from the beginning, exactly as " \
@@ -209,7 +206,7 @@ def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, st
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig, status):
     workdir = tmp_path / "run"
-    p = _child(synth, workdir, STEPS, straight["cache"])
+    p = _child(synth, workdir, STEPS)
     deadline = time.time() + 300
     while _last_logged(workdir) < 3 and time.time() < deadline and p.poll() is None:  # then mid-run
         time.sleep(0.01)
@@ -223,7 +220,7 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig
     assert _committed(workdir)[-1] == stopped["step"]
     if sig != signal.SIGTERM:
         return  # the checkpoint a signal saves is the same whichever signal it was: SIGTERM's resumes below
-    p = _child(synth, workdir, STEPS, straight["cache"])  # resume to the end
+    p = _child(synth, workdir, STEPS)  # resume to the end
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]
     _assert_same(_weights(workdir), straight["weights"])
