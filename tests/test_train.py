@@ -1,6 +1,7 @@
 """Training: the loss falls, a tiny DETR overfits 4 images, exact resume, config errors, evaluation."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -126,9 +127,9 @@ def test_the_class_count_follows_the_data(synth, tmp_path, capsys):
 
     import detrax
 
-    foreign = tmp_path / "foreign"  # the synthetic shapes under other category ids: 5, 17, 23
+    foreign = tmp_path / "foreign"  # the synthetic shapes under other category ids: 5, 17, 90 (COCO's last)
     shutil.copytree(synth, foreign)
-    ids = {1: 5, 2: 17, 3: 23}
+    ids = {1: 5, 2: 17, 3: 90}
     for ann in (foreign / "annotations").iterdir():
         coco = json.loads(ann.read_text())
         for c in coco["categories"]:
@@ -137,15 +138,16 @@ def test_the_class_count_follows_the_data(synth, tmp_path, capsys):
             a["category_id"] = ids[a["category_id"]]
         ann.write_text(json.dumps(coco))
     fit(_cfg("train.steps=2"), Run(str(foreign), str(tmp_path / "auto")))
-    assert "model.num_classes=24 from the training data (3 categories, ids up to 23)" in capsys.readouterr().err
+    assert "model.num_classes=91 from the training data (3 categories, ids up to 90)" in capsys.readouterr().err
     detector = detrax.load(str(tmp_path / "auto"))
-    assert detector.config.num_classes == 24 and detector.names == {5: "rectangle", 17: "ellipse", 23: "triangle"}
-    # on the plain shapes (ids up to 3: auto would be 4), 24 given: the same program as above, compiled once
-    fit(_cfg("train.steps=2", "model.num_classes=24"), Run(synth, str(tmp_path / "own"), stop_after=1))
-    # resumed with the preset's auto: the run keeps its 24 (no conflict), and finishes
+    assert detector.config.num_classes == 91 and detector.names == {5: "rectangle", 17: "ellipse", 90: "triangle"}
+    # on the plain shapes (ids up to 3: auto would be 4), 91 given: the same program as above (and test_tfds's),
+    # compiled once
+    fit(_cfg("train.steps=2", "model.num_classes=91"), Run(synth, str(tmp_path / "own"), stop_after=1))
+    # resumed with the preset's auto: the run keeps its 91 (no conflict), and finishes
     assert cli.main(["train", "--config", "demo", "--data", synth, "--workdir", str(tmp_path / "own"),
                      "--resume", *FAST, "train.steps=2"]) == 0
-    assert detrax.load(str(tmp_path / "own")).config.num_classes == 24
+    assert detrax.load(str(tmp_path / "own")).config.num_classes == 91
 
 
 @pytest.mark.parametrize("override,message", [
@@ -224,8 +226,8 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
 
 
 def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
-    """The train step's CPU compile options (LLVM level 1, for compile time) and the level 0 of the suite's other
-    programs (conftest) give the numbers of XLA's default (level 3)."""
+    """The train step's CPU compile options (LLVM level 1, for compile time; a level in XLA_FLAGS wins) and the
+    suite's level 0 (conftest) give the numbers of XLA's default (level 3)."""
     import jax
     from flax import nnx
 
@@ -256,6 +258,8 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
             losses.append(float(terms["loss"]))
         return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
 
+    assert "xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"] and train_step.compiler_options() is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # read when a step is made
     assert train_step.compiler_options() == ({"xla_backend_optimization_level": 1}
                                              if jax.default_backend() == "cpu" else None)
     default_losses, default_params = run({"xla_backend_optimization_level": 3})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,11 @@ def trainable(freeze_detector: bool = False):
 
 def compiler_options() -> dict | None:
     """On the CPU, LLVM's level-1 optimisation: the step's heavy work runs in library kernels (convolutions,
-    matrix products) that it does not touch, and it compiles faster (figures: benchmarks/README.md)."""
-    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+    matrix products) that it does not touch, and it compiles faster (figures: benchmarks/README.md). A level
+    given in XLA_FLAGS wins (the test suite compiles everything at level 0: most of its steps run a few times)."""
+    if jax.default_backend() != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return {"xla_backend_optimization_level": 1}
 
 
 def make_train_step(graphdef, loss_fn, learning_rates, wrt=nnx.Param, seed: int = 0):
