@@ -127,7 +127,8 @@ def test_a_registered_data_source_trains_evaluates_and_checks(tmp_path, capsys):
         assert cli.main(["data", "check", "shapes:4"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["ok"] and report["splits"]["val"]["images"] == 4
-        cfg = override(presets.get("demo"), [*FAST, "data.val_split=val"])
+        # the demo's batches of 8 images of 128x160: test_train's program, compiled once
+        cfg = override(presets.get("demo"), [*PLAIN, "train.steps=2", "train.log_every=1", "data.val_split=val"])
         summary = fit(cfg, Run("shapes:8", str(tmp_path / "run"), quiet=False))  # evaluated on its ground truth
     finally:
         sources.SOURCES.pop(0)

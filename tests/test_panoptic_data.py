@@ -140,15 +140,30 @@ def test_masks_follow_boxes_through_the_official_transforms_and_batching(pan):
     np.testing.assert_array_equal(flipped["masks"], examples[0][1]["masks"][:, :, ::-1])
 
 
+def _detector(tmp_path):
+    """A detector for the second stage (`--init`), and the frozen-detector config both tests train with: one
+    program (6 classes: the folder's 5 categories + 1, batches of 4), compiled once."""
+    from flax import nnx
+
+    import detrax
+
+    cfg = override(presets.get("demo_panoptic", smoke=True), ["train.batch_size=4", "data.workers=0",
+                                                                "model.num_classes=6"])
+    start = detrax.Detector(detrax.DETR(cfg.model, rngs=nnx.Rngs(5)))
+    start.save(tmp_path / "w.safetensors")
+    return start, str(tmp_path / "w.safetensors"), cfg
+
+
 def test_panoptic_task_trains_evaluates_and_predicts(pan, tmp_path, capsys):
     run = str(tmp_path / "run")
+    _, weights, _ = _detector(tmp_path)
     assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run]) == 2
     assert "freeze_detector=true trains the mask head alone on a trained detector: give" in capsys.readouterr().err
     assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run,
                      "model.dn_groups=2"]) == 2
     assert "denoising queries and encoder head would run frozen, for nothing" in capsys.readouterr().err
-    assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run,
-                     "train.batch_size=4", "data.workers=0", "train.log_every=1", "train.freeze_detector=false"]) == 0
+    assert cli.main(["train", "--config", "demo_panoptic", "--smoke", "--data", str(pan), "--workdir", run, "--init",
+                     weights, "train.batch_size=4", "data.workers=0", "train.log_every=1"]) == 0
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 3 and all(np.isfinite(r["loss_mask"]) and r["loss_dice"] > 0 for r in train)
@@ -176,18 +191,14 @@ def test_panoptic_task_trains_evaluates_and_predicts(pan, tmp_path, capsys):
 
 
 def test_a_frozen_detector_leaves_all_but_the_mask_head_alone(pan, tmp_path):
-    from flax import nnx
-
     import detrax
     from detrax.models.detr import weight_arrays
     from detrax.training.loop import Run, fit
 
-    cfg = override(presets.get("demo_panoptic", smoke=True),
-                           ["train.freeze_detector=true", "train.steps=2", "train.batch_size=4", "train.eval_every=0",
-                            "train.calibrate_bn=false", "data.workers=0", "train.lr=1e-2", "model.num_classes=6"])
-    start = detrax.Detector(detrax.DETR(cfg.model, rngs=nnx.Rngs(5)))
-    start.save(tmp_path / "w.safetensors")
-    fit(cfg, Run(str(pan), str(tmp_path / "run"), init=str(tmp_path / "w.safetensors"), quiet=True))
+    start, weights, cfg = _detector(tmp_path)
+    assert cfg.train.freeze_detector and not cfg.train.calibrate_bn  # the preset's second stage
+    fit(override(cfg, ["train.steps=2", "train.eval_every=0", "train.lr=1e-2"]),
+        Run(str(pan), str(tmp_path / "run"), init=weights, quiet=True))
     before, after = weight_arrays(start.model), weight_arrays(detrax.load(str(tmp_path / "run")).model)
     head = [k for k in before if k.startswith(("mask_head/", "bbox_attention/"))]
     assert head and all(np.array_equal(before[k], after[k]) for k in before if k not in head)

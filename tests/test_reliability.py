@@ -62,6 +62,17 @@ def _child(synth, workdir, steps, *extra, kill=None):
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _here(capsys, synth, workdir, steps, *extra) -> tuple[str, str]:
+    """The same run in the test's own process, for a launch that is not interrupted: the same program as the
+    children's (the suite's XLA flags), traced and compiled once per worker, where a child pays ~15 s of CPU to
+    import, trace and build. Returns its stdout and stderr."""
+    capsys.readouterr()
+    status = cli.main(_train_args(synth, workdir, steps, *extra))
+    out, err = capsys.readouterr()
+    assert status == 0, err[-2000:]
+    return out, err
+
+
 def _committed(workdir) -> list[int]:
     d = Path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
@@ -99,11 +110,11 @@ def _check_after_kill(workdir):
         assert (workdir / "data_state" / f"{step}.0.json").is_file()
 
 
-def _through_kills(synth, workdir, steps, kills, first=(), extra=(), seed=0):
-    """Run the killable child to the end through `kills`: `random` (SIGKILL from outside at a random moment,
-    after some progress, often mid-checkpoint) or a kill point of the child's own (`step:K`, `commit:N`, `end`).
-    `first` are arguments of the first launch only (the relaunches resume with the plain command). Returns the
-    last launch's stdout and every launch's stderr."""
+def _through_kills(capsys, synth, workdir, steps, kills, first=(), extra=(), seed=0):
+    """Run the killable child through `kills`: `random` (SIGKILL from outside at a random moment, after some
+    progress, often mid-checkpoint) or a kill point of the child's own (`step:K`, `commit:N`, `end`), then to the
+    end (in the test's own process: `_here`). `first` are arguments of the first launch only (the relaunches
+    resume with the plain command). Returns the last launch's stdout and every launch's stderr."""
     rng, errs = np.random.default_rng(seed), []
     for i, when in enumerate(kills):
         args = (*(first if i == 0 else ()), *extra)
@@ -126,27 +137,23 @@ def _through_kills(synth, workdir, steps, kills, first=(), extra=(), seed=0):
             assert p.returncode == -signal.SIGKILL, f"kill point {when} not reached (status {p.returncode}): " \
                                                     f"{errs[-1][-2000:]}"
         _check_after_kill(workdir)
-    p = _child(synth, workdir, steps, *(first if not kills else ()), *extra)
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
+    out, err = _here(capsys, synth, workdir, steps, *(first if not kills else ()), *extra)
     return out, [*errs, err]
 
 
 @pytest.fixture(scope="module")
 def straight(synth, tmp_path_factory, compilation_cache):  # the cache set in os.environ first
-    """The reference: the same child run straight through. The children share the suite's compilation cache: the
-    runs in the test's own process (the same programs) fill it for them, and they for it."""
+    """The reference: the same run straight through, in the test's own process. The children share the suite's
+    compilation cache: this run (the same program) fills it for them."""
     root = tmp_path_factory.mktemp("straight")
-    p = _child(synth, root / "run", STEPS)
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
+    assert cli.main(_train_args(synth, root / "run", STEPS)) == 0
     return {"weights": _weights(root / "run")}
 
 
-def test_sigkill_five_times_then_resume_equals_a_straight_run(synth, straight, tmp_path):
+def test_sigkill_five_times_then_resume_equals_a_straight_run(synth, straight, tmp_path, capsys):
     """Before the first checkpoint, inside its write, at random moments, after the last one."""
     workdir = tmp_path / "run"
-    out, errs = _through_kills(synth, workdir, STEPS, ["step:1", "commit:2", "random", "random", "end"])
+    out, errs = _through_kills(capsys, synth, workdir, STEPS, ["step:1", "commit:2", "random", "random", "end"])
     assert json.loads(out.strip().splitlines()[-1])["step"] == STEPS
     assert errs[-1].startswith(f"resuming {workdir} from its checkpoint of step {STEPS}\n")  # killed after the last
     _assert_same(_weights(workdir), straight["weights"])
@@ -180,7 +187,7 @@ def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, st
     assert err.splitlines()[1].startswith(f"initialised from {init_weights} (weights sha256 " if mode == "init"
                                           else "frozen batch norm calibrated on 8 images")
     workdir = tmp_path / "run"
-    _, errs = _through_kills(synth, workdir, steps, ["step:1"], first, extra, seed=1)
+    _, errs = _through_kills(capsys, synth, workdir, steps, ["step:1"], first, extra, seed=1)
     _assert_same(_weights(workdir), _weights(ref))
     # the relaunch after the first kill had no checkpoint: it says so first, and starts as the run began
     restart = f"--resume: no checkpoint in {workdir} yet: the run starts again from the beginning, exactly as " \
@@ -204,7 +211,7 @@ def test_killed_before_its_first_checkpoint_a_run_restarts_as_it_began(synth, st
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig, status):
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, capsys, sig, status):
     workdir = tmp_path / "run"
     p = _child(synth, workdir, STEPS)
     deadline = time.time() + 300
@@ -220,9 +227,7 @@ def test_sigterm_and_ctrl_c_save_and_exit_cleanly(synth, straight, tmp_path, sig
     assert _committed(workdir)[-1] == stopped["step"]
     if sig != signal.SIGTERM:
         return  # the checkpoint a signal saves is the same whichever signal it was: SIGTERM's resumes below
-    p = _child(synth, workdir, STEPS)  # resume to the end
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
+    _here(capsys, synth, workdir, STEPS)  # resume to the end
     _assert_same(_weights(workdir), straight["weights"])
 
 
