@@ -10,7 +10,9 @@ import os
 import signal
 import sys
 
-from detrax import cli
+sys.modules["torch"] = None  # type: ignore[assignment]  # tensorboardX imports PyTorch if it can (1.3 s a launch)
+
+from detrax import cli  # noqa: E402
 
 
 def _kill():

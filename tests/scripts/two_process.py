@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: digests
+sys.modules["torch"] = None  # type: ignore[assignment]  # tensorboardX imports PyTorch if it can (1.3 s a launch)
 
 
 def every_process_writes_the_compilation_cache():
