@@ -32,8 +32,8 @@ def require(module: str, extra: str = "dev"):
 
 # the longest files first (pyproject runs each file on one worker, `--dist loadfile`: its runs share their compiled
 # programs in memory), so that neither worker is left with a long one at the end
-LONGEST = ("test_train.py", "test_reliability.py", "test_distributed.py", "test_flax_detr.py", "test_bit.py",
-           "test_crop_warmup.py", "test_extensions.py", "test_panoptic_data.py", "test_segmentation.py")
+LONGEST = ("test_train.py", "test_reliability.py", "test_distributed.py", "test_bit.py", "test_flax_detr.py",
+           "test_extensions.py", "test_segmentation.py", "test_export.py", "test_convert.py")
 
 
 def pytest_collection_modifyitems(items):
