@@ -46,9 +46,11 @@ def _env():
 
 
 def _train_args(synth, workdir, steps, *extra) -> list[str]:
-    """`detrax train --resume` of a tiny DETR: one batch shape and an on-device matcher (no host callback), so that
-    JAX's persistent compilation cache spares every relaunch its compile; no evaluation."""
+    """`detrax train --resume` of a tiny DETR (one encoder and one decoder layer: a cheaper step to compile and
+    trace): one batch shape and an on-device matcher (no host callback), so that JAX's persistent compilation
+    cache spares every relaunch its compile; no evaluation."""
     return ["train", "--config", "tiny", "--data", synth, "--workdir", str(workdir), "--resume",
+            "model.enc_layers=1", "model.dec_layers=1",
             f"train.steps={steps}", "train.batch_size=2", "train.ckpt_every=2", "train.keep=2", "train.log_every=1",
             "train.eval_every=0", "data.workers=0", "model.dropout=0.1", "data.scales=64,80", "data.max_size=96",
             "data.crop_scales=48,64", "data.crop_size=32,48", "data.val_size=64", "data.max_targets=8",
@@ -166,7 +168,8 @@ def init_weights(tmp_path_factory):
     import detrax
 
     path = tmp_path_factory.mktemp("init") / "start.safetensors"
-    detrax.Detector(detrax.DETR(presets.get("tiny").model, rngs=nnx.Rngs(7))).save(path)
+    model = override(presets.get("tiny"), ["model.enc_layers=1", "model.dec_layers=1"]).model  # as _train_args
+    detrax.Detector(detrax.DETR(model, rngs=nnx.Rngs(7))).save(path)
     return str(path)
 
 
