@@ -20,6 +20,9 @@ os.environ.setdefault("XLA_FLAGS", xla_flags())
 # the demo preset without its training-only aids (query groups, denoising, encoder head): for the tests that are
 # not about them (a smaller step to compile and run)
 PLAIN = ["model.query_groups=1", "model.dn_groups=0", "model.encoder_head=false"]
+# one encoder and one decoder layer (every kind of op): a cheaper step to compile and trace, for the tests that
+# check training's machinery (resuming, skipping, compile options), not the model (tests/scripts/two_process.py too)
+ONE_LAYER = ["model.enc_layers=1", "model.dec_layers=1"]
 
 
 def require(module: str, extra: str = "dev"):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import ONE_LAYER
 from flax import nnx
 
 from detrax.config import presets
@@ -20,7 +21,7 @@ def test_lr_factor_drops_tenfold_at_the_drop_step():
 
 
 def test_a_skipped_step_leaves_no_trace_and_the_learning_rate_follows_the_loop_step():
-    cfg = override(presets.tiny(), ["model.enc_layers=1", "model.dec_layers=1"])  # a cheaper step to compile
+    cfg = override(presets.tiny(), ONE_LAYER)  # a cheaper step to compile
     rs = np.random.default_rng(0)
     b, m = 2, 8
     good = {"pixels": rs.integers(0, 256, (b, 64, 64, 3)).astype(np.uint8), "mask": np.ones((b, 64, 64), bool),

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import ONE_LAYER, xla_flags
 from digests import params_digest
 
 from detrax import cli
@@ -50,7 +50,7 @@ def _train_args(synth, workdir, steps, *extra) -> list[str]:
     trace): one batch shape and an on-device matcher (no host callback), so that JAX's persistent compilation
     cache spares every relaunch its compile; no evaluation."""
     return ["train", "--config", "tiny", "--data", synth, "--workdir", str(workdir), "--resume",
-            "model.enc_layers=1", "model.dec_layers=1",
+            *ONE_LAYER,
             f"train.steps={steps}", "train.batch_size=2", "train.ckpt_every=2", "train.keep=2", "train.log_every=1",
             "train.eval_every=0", "data.workers=0", "model.dropout=0.1", "data.scales=64,80", "data.max_size=96",
             "data.crop_scales=48,64", "data.crop_size=32,48", "data.val_size=64", "data.max_targets=8",
@@ -168,7 +168,7 @@ def init_weights(tmp_path_factory):
     import detrax
 
     path = tmp_path_factory.mktemp("init") / "start.safetensors"
-    model = override(presets.get("tiny"), ["model.enc_layers=1", "model.dec_layers=1"]).model  # as _train_args
+    model = override(presets.get("tiny"), ONE_LAYER).model  # as _train_args
     detrax.Detector(detrax.DETR(model, rngs=nnx.Rngs(7))).save(path)
     return str(path)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PLAIN
+from conftest import ONE_LAYER, PLAIN
 from PIL import Image
 
 from detrax import cli
@@ -236,7 +236,7 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     from detrax.training import step as train_step
     from detrax.training.optim import learning_rates, optimizer
 
-    cfg = override(presets.tiny(), ["model.enc_layers=1", "model.dec_layers=1"])  # every kind of op, compiled 3x
+    cfg = override(presets.tiny(), ONE_LAYER)  # every kind of op, compiled 3x
     rs = np.random.default_rng(0)
     b, m = 2, cfg.data.max_targets
     batch = {"pixels": rs.integers(0, 256, (b, 64, 96, 3)).astype(np.uint8), "mask": np.ones((b, 64, 96), bool),
