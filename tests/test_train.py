@@ -227,8 +227,10 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
 
 def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     """The train step's CPU compile options (LLVM level 1, for compile time; a level in XLA_FLAGS wins) and the
-    suite's level 0 (conftest) give the numbers of XLA's default (level 3)."""
+    suite's XLA_FLAGS (level 0, the loop emitters: conftest) give the numbers of XLA's default (level 3, the
+    fusion emitters)."""
     import jax
+    from conftest import LOOP_EMITTERS
     from flax import nnx
 
     from detrax.criterion.loss import set_loss
@@ -262,9 +264,10 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # read when a step is made
     assert train_step.compiler_options() == ({"xla_backend_optimization_level": 1}
                                              if jax.default_backend() == "cpu" else None)
-    default_losses, default_params = run({"xla_backend_optimization_level": 3})
-    for level in (1, 0):
-        losses, params = run({"xla_backend_optimization_level": level})
-        np.testing.assert_allclose(losses, default_losses, rtol=1e-4, err_msg=f"level {level}")
+    fusion = {"xla_cpu_use_fusion_emitters": True} if LOOP_EMITTERS in os.environ["XLA_FLAGS"] else {}
+    default_losses, default_params = run({"xla_backend_optimization_level": 3, **fusion})
+    for name, options in ("level 1", {"xla_backend_optimization_level": 1, **fusion}), ("the suite's", None):
+        losses, params = run(options)
+        np.testing.assert_allclose(losses, default_losses, rtol=1e-4, err_msg=name)
         for a, p in zip(params, default_params):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(p), rtol=1e-4, atol=1e-5, err_msg=f"level {level}")
+            np.testing.assert_allclose(np.asarray(a), np.asarray(p), rtol=1e-4, atol=1e-5, err_msg=name)
