@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
