@@ -161,6 +161,45 @@ def test_sigkill_five_times_then_resume_equals_a_straight_run(synth, straight, t
     _assert_same(_weights(workdir), straight["weights"])
 
 
+def test_reading_a_live_run_harms_nothing(synth, straight, tmp_path, capsys):
+    """While a run trains in its own process, this one loads it, predicts and evaluates with it in a loop: every
+    checkpoint the run wrote is intact, it ends bitwise equal to a run with no reader, and the reader wrote
+    nothing (a checkpoint being written, `*.orbax-checkpoint-tmp-*`, is what a reader that cleans would delete)."""
+    import detrax
+
+    workdir = tmp_path / "run"
+    trainer = _child(synth, workdir, STEPS, "train.keep=100")
+    image = str(sorted((Path(synth) / "val").iterdir())[0])
+    reads = evaluated = 0
+    while trainer.poll() is None:
+        if not _committed(workdir):
+            time.sleep(0.05)
+            continue
+        detector = detrax.load(str(workdir))
+        assert len(detector.predict([image], threshold=0.0)[0]["scores"]) == detector.config.num_queries
+        reads += 1
+        if evaluated < 2:  # the CLI's eval of a run: its own transform, the val split
+            assert cli.main(["eval", str(workdir), "--data", synth, "--split", "val"]) == 0
+            evaluated += 1
+    assert trainer.communicate(timeout=60) and trainer.returncode == 0, trainer.stderr
+    assert reads >= 3 and evaluated == 2, (reads, evaluated)
+    assert _committed(workdir) == list(range(2, STEPS + 1, 2))  # none lost: keep=100
+    _check_after_kill(workdir)
+    _assert_same(_weights(workdir), straight["weights"])
+    # a checkpoint in progress is left alone; a folder that is not a run gets one line and nothing written into it
+    in_progress = workdir / "checkpoints" / f"{STEPS + 2}.orbax-checkpoint-tmp-123"
+    in_progress.mkdir()
+    detrax.load(str(workdir))
+    assert in_progress.is_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert cli.main(["predict", str(empty), image, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"detrax: error: {empty}: not a detrax run (no checkpoints/ folder in it) " \
+                                      "nor a weights file\n"
+    assert not list(empty.iterdir())
+
+
 @pytest.fixture(scope="module")
 def init_weights(tmp_path_factory):
     from flax import nnx

@@ -202,7 +202,7 @@ def recorded_config(workdir: str) -> dict | None:
     from detrax.weights.checkpoint import Checkpoints
 
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        ckpts = Checkpoints(workdir)
+        ckpts = Checkpoints(workdir, read_only=True)
         try:
             latest = ckpts.latest_step()
             if latest is not None:

@@ -40,16 +40,21 @@ class Checkpoints:
     """`workdir/checkpoints/<step>/` with items `model` (weights and RNG streams), `optimizer` and `meta` (config,
     step), and `workdir/data_state/<step>.<process>.json`, each host's loader state. Orbax writes to a temporary
     folder and renames it when complete, so a checkpoint is never seen half-written; the last `keep` are kept.
-    The loader state is written (atomically) before the checkpoint it belongs to."""
+    The loader state is written (atomically) before the checkpoint it belongs to. `read_only`: a reader's view
+    (loading, evaluating, predicting, a resume's config), which creates, cleans and deletes nothing, so that a
+    run being written (a checkpoint's temporary folder) is left alone."""
 
-    def __init__(self, workdir: str, keep: int = 3):
+    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.data_dir = os.path.join(os.path.abspath(workdir), "data_state")
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+        options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                                enable_async_checkpointing=False) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                                cleanup_tmp_directories=True))
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -144,17 +149,21 @@ def load_run(workdir: str, step=None, with_meta: bool = False):
 
     from detrax.config import schema
 
-    ckpts = Checkpoints(workdir)
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}: no checkpoint in {ckpts.directory}")
-    meta = ckpts.meta(step)
-    cfg = schema.from_dict(meta["config"]).model
-    abstract = nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(0)))
-    nnx.reseed(abstract, default=0)  # RNG streams get real keys: their restored values replace them
-    graphdef, like = nnx.split(abstract)
-    model_state, _, _, _ = ckpts.restore(like, None, step)
-    ckpts.close()
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir}: not a detrax run (no checkpoints/ folder in it) nor a weights file")
+    ckpts = Checkpoints(workdir, read_only=True)
+    try:
+        step = ckpts.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}: its run has no checkpoint yet (none in {ckpts.directory})")
+        meta = ckpts.meta(step)
+        cfg = schema.from_dict(meta["config"]).model
+        abstract = nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(0)))
+        nnx.reseed(abstract, default=0)  # RNG streams get real keys: their restored values replace them
+        graphdef, like = nnx.split(abstract)
+        model_state, _, _, _ = ckpts.restore(like, None, step)
+    finally:
+        ckpts.close()
     model = nnx.merge(graphdef, model_state)
     model.eval()
     return (model, meta) if with_meta else model
