@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import compiled
 from flax import nnx
 
@@ -92,11 +93,19 @@ def test_the_denoising_loss_scores_query_i_against_target_i_without_matching():
     np.testing.assert_allclose(float(bad["loss"]) - float(bad["loss_dn"]), float(plain["loss"]), rtol=1e-6)
 
 
-def test_a_run_with_the_training_only_aids_trains_them_and_reloads(tmp_path):
-    """The demo's denoising groups and encoder head (both on in the preset) log their losses, learn, and reload."""
+def test_a_run_with_the_training_only_aids_trains_them_and_serves_the_plain_detr(tmp_path):
+    """The demo's query groups, denoising groups and encoder head (all on in the preset) log their losses and learn;
+    the run's checkpoints keep them (for --resume), while what the run serves and saves is the plain DETR (the
+    official layout and config) with the aided model's eval outputs; a file saved with them (before detrax saved
+    plain DETRs) loads as the plain DETR too, said once."""
+    import warnings
+
     import detrax
     from detrax import cli
     from detrax.data.synthetic import write_dataset
+    from detrax.models.detr import AID_WEIGHTS
+    from detrax.weights.checkpoint import load_run
+    from detrax.weights.files import save_weights
 
     data = tmp_path / "data"
     write_dataset(str(data), 12, seed=3, shape=(64, 80))
@@ -106,10 +115,34 @@ def test_a_run_with_the_training_only_aids_trains_them_and_reloads(tmp_path):
                      "data.val_split=none"]) == 0  # test_train.test_loss_falls's program
     rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["kind"] == "train"]
     assert len(rows) == 3 and all(r[k] > 0 and np.isfinite(r[k]) for r in rows for k in ("loss_dn", "loss_enc"))
-    detector = detrax.load(run)
-    assert detector.model.config.dn_groups == 2 and detector.model.config.encoder_head
-    before = weight_arrays(DETR(dataclasses.replace(detector.model.config), rngs=nnx.Rngs(42)))
-    after = weight_arrays(detector.model)
-    for name in ("denoising/label_embed", "encoder_head/class_embed/kernel", "encoder_head/where/kernel"):
+    aided = load_run(run)
+    assert (aided.config.query_groups, aided.config.dn_groups, aided.config.encoder_head) == (4, 2, True)
+    before = weight_arrays(DETR(dataclasses.replace(aided.config), rngs=nnx.Rngs(42)))
+    after = weight_arrays(aided)
+    for name in ("group_queries", "denoising/label_embed", "encoder_head/class_embed/kernel",
+                 "encoder_head/where/kernel"):
         assert not np.array_equal(before[name], after[name]), name  # it learned
+
+    detector = detrax.load(run)
+    detector.save(tmp_path / "plain.safetensors")
+    save_weights(aided, tmp_path / "aided.safetensors")  # what Detector.save wrote before
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        plain_file = detrax.load(tmp_path / "plain.safetensors", query_groups=1, dn_groups=0, encoder_head=False)
+        assert not said
+        old_file = detrax.load(tmp_path / "aided.safetensors")
+    assert len(said) == 1 and "training-only aids' weights" in str(said[0].message)
+    rs = np.random.default_rng(0)
+    pixels = jnp.asarray(rs.normal(size=(2, 64, 80, 3)), jnp.float32)
+    mask = jnp.ones((2, 64, 80), bool).at[1, :, 60:].set(False)
+    want = compiled(aided, pixels, mask)  # eval mode: the first query group alone, no denoising, no encoder head
+    for model in (detector.model, plain_file.model, old_file.model):
+        c = model.config
+        assert (c.query_groups, c.dn_groups, c.encoder_head, c.dn_box_noise) == (1, 0, False, 0.4)
+        assert set(weight_arrays(model)) == {k for k in after if not k.startswith(AID_WEIGHTS)}
+        got = compiled(model, pixels, mask)
+        for key in ("pred_logits", "pred_boxes"):
+            np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=1e-6, err_msg=key)
+    with pytest.raises(ValueError, match="without the training-only aids"):
+        detrax.load(tmp_path / "plain.safetensors", query_groups=4)
     assert presets.get("detr_r50").model.dn_groups == 0 and not presets.get("detr_r50").model.encoder_head

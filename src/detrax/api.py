@@ -159,14 +159,16 @@ class Detector:
         return attention_panels(self.model, image, batch, det, points)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Detrax weights with this detector's class names and val transform."""
+        """Detrax weights of the plain DETR this detector runs (no training-only aids' weights: the official
+        layout), with its class names and val transform."""
+        from detrax.models.detr import plain
         from detrax.weights.files import save_weights
 
         categories = [{"id": i, "name": n} | ({"isthing": int(self.things[i])} if i in self.things else {})
                       for i, n in sorted(self.names.items())]
         p = self.preprocess
         data = {"val_size": p.size, "max_size": p.max_size, "bucket_step": p.step} if self.data else None
-        save_weights(self.model, path, categories=categories, data=data)
+        save_weights(plain(self.model), path, categories=categories, data=data)
 
 
 def _image(im) -> Image.Image:

@@ -1,5 +1,8 @@
 """DETR: backbone -> 1x1 input projection -> transformer -> class and box heads on every decoder layer."""
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +17,10 @@ from detrax.models.position_encoding import resize_mask, sine_position_embedding
 from detrax.models.transformer import Transformer
 
 WEIGHTS = (nnx.Param, Frozen)  # what a checkpoint holds: trained parameters and frozen ones
+# the training-only aids (Group DETR's extra queries, DN-DETR's denoising, the encoder head): their config fields
+# (ModelConfig's defaults: the official DETR) and their weights' names
+AID_FIELDS = ("query_groups", "dn_groups", "dn_box_noise", "dn_label_noise", "encoder_head")
+AID_WEIGHTS = ("group_queries", "denoising/", "encoder_head/")
 
 
 class MLP(nnx.Module):
@@ -153,3 +160,13 @@ def assemble(config: ModelConfig, arrays: dict, *, seed: int = 0, init_rest: boo
 def weight_arrays(model: DETR) -> dict:
     """{"backbone/conv1/kernel": array, ...} for every weight of `model`."""
     return {path_key(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
+
+
+def plain(model: DETR) -> DETR:
+    """The official DETR that an aided model serves, in eval mode: its config with the aids' fields at their
+    defaults, its weights without theirs (inference never runs them). `model` itself when it has no aids."""
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in AID_FIELDS}
+    if all(getattr(model.config, k) == v for k, v in defaults.items()):
+        return model
+    arrays = {k: v for k, v in weight_arrays(model).items() if not k.startswith(AID_WEIGHTS)}
+    return assemble(dataclasses.replace(model.config, **defaults), arrays)

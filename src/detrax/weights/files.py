@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 
 from detrax.config.schema import ModelConfig, model_config_from_dict, model_config_to_json
-from detrax.models.detr import DETR, assemble, weight_arrays
+from detrax.models.detr import AID_WEIGHTS, DETR, assemble, weight_arrays
 
 FORMAT = "detrax/1"
 KINDS = ("safetensors", "npz", "torch", "msgpack")
@@ -131,7 +131,7 @@ def digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
-_FRESH_IF_ABSENT = ("group_queries", "denoising/", "encoder_head/", "mask_head/", "bbox_attention/")
+_FRESH_IF_ABSENT = (*AID_WEIGHTS, "mask_head/", "bbox_attention/")
 _PER_CLASS = ("class_embed", "denoising/label_embed", "encoder_head/class_embed/")  # fresh for another class count
 
 

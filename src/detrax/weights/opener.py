@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 
 from detrax.config import schema
-from detrax.models.detr import DETR, assemble, weight_arrays
+from detrax.models.detr import AID_FIELDS, DETR, assemble, plain, weight_arrays
 from detrax.weights import checkpoint, convert, files, flax_detr
 
 
@@ -31,10 +32,29 @@ def is_run(path: str | os.PathLike) -> bool:
     return os.path.isdir(path) and flax_detr.latest(os.fspath(path)) is None
 
 
-def open_weights(path: str | os.PathLike, **config_overrides) -> Opened:
-    """The model at `path` and what it knows of its classes and val transform. `config_overrides` may change
-    only what leaves the weights' shapes alone (dtype, attention kernel, dropout, dilation)."""
+def open_weights(path: str | os.PathLike, aids: bool = False, **config_overrides) -> Opened:
+    """The model at `path` and what it knows of its classes and val transform: the plain DETR that inference runs
+    (`models.detr.plain`: a run's checkpoints and files saved before detrax wrote plain ones hold the
+    training-only aids' weights too), or, with `aids`, every weight it holds (`--init`). `config_overrides` may
+    change only what leaves the weights' shapes alone (dtype, attention kernel, dropout, dilation); the aids'
+    fields at their defaults (`query_groups=1` ...) are what a plain DETR has."""
     path = os.fspath(path)
+    asked = {k: config_overrides.pop(k) for k in AID_FIELDS if k in config_overrides}
+    if asked and (aids or any(v != getattr(schema.ModelConfig, k) for k, v in asked.items())):
+        raise ValueError(f"{path}: a loaded model runs without the training-only aids ({asked} asked); a run's "
+                         "checkpoints keep them for --resume, and --init takes them up")
+    opened = _open(path, **config_overrides)
+    if not aids:
+        served = plain(opened.model)
+        if served is not opened.model and opened.kind != "run":
+            warnings.warn(f"{path}: holds the training-only aids' weights ({opened.model.config.query_groups} query "
+                          "groups, denoising, encoder head); inference runs without them (dropped: save it again "
+                          "for a file of the plain DETR)", stacklevel=3)
+        opened.model = served
+    return opened
+
+
+def _open(path: str, **config_overrides) -> Opened:
     if is_run(path):
         model, meta = checkpoint.load_run(path, with_meta=True)
         if config_overrides:
@@ -43,6 +63,8 @@ def open_weights(path: str | os.PathLike, **config_overrides) -> Opened:
         return Opened(model, "run", categories, schema.from_dict(meta["config"]).data)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint (a run's workdir, a weights file or random:PRESET)")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: cannot be read (no read permission for this user)")
     path = flax_detr.latest(path) or path  # MasterSkepticista/detr's workdir: its newest checkpoint
     if files.is_detrax(path):
         meta = files.read_meta(path)
@@ -53,7 +75,7 @@ def open_weights(path: str | os.PathLike, **config_overrides) -> Opened:
 
 
 def read_init(path: str | os.PathLike) -> tuple[dict, tuple]:
-    """({name: array} of the weights at `path`, the category id of each class output when the weights name
-    them: `class_ids`), for `--init`."""
-    opened = open_weights(path)
+    """({name: array} of the weights at `path`, the aids' included, and the category id of each class output
+    when the weights name them: `class_ids`), for `--init`."""
+    opened = open_weights(path, aids=True)
     return opened.arrays(), tuple(opened.model.config.class_ids)
