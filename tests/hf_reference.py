@@ -63,8 +63,11 @@ def hf_all_layers(model, pixels, mask):
     with torch.no_grad():
         px = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
         out = model.model(px, pixel_mask=torch.from_numpy(mask).long(), output_hidden_states=True)
-        hs = torch.stack([model.model.decoder.layernorm(h) for h in out.decoder_hidden_states[1:]])
-        assert torch.allclose(hs[-1], out.last_hidden_state, atol=1e-6)
+        # the last of decoder_hidden_states is the output already through the LayerNorm (a second one is the
+        # identity only while the LayerNorm's affine is: a trained model's is not)
+        assert torch.equal(out.decoder_hidden_states[-1], out.last_hidden_state)
+        hs = torch.stack([model.model.decoder.layernorm(h) for h in out.decoder_hidden_states[1:-1]]
+                         + [out.last_hidden_state])
         logits = model.class_labels_classifier(hs)
         boxes = model.bbox_predictor(hs).sigmoid()
     return logits.numpy(), boxes.numpy()

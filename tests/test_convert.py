@@ -172,6 +172,25 @@ def test_weights_file_round_trip_and_bad_file(tmp_path, official_sd):
         weights.load_weights(tmp_path / "other.safetensors")
 
 
+def test_an_unreadable_weights_file_is_named(tmp_path, monkeypatch, capsys):
+    """A file without read permission: one line naming it, from the API and the CLI (root reads anything, so the
+    permission check is told that it may not)."""
+    import os
+
+    import detrax
+    from detrax import cli
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"weights")
+    path.chmod(0)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.fspath(p) != str(path) and access(p, mode, **kw))
+    with pytest.raises(PermissionError, match=f"{path}: cannot be read"):
+        detrax.load(path)
+    assert cli.main(["eval", str(path), "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"detrax: error: {path}: cannot be read (no read permission for this user)\n"
+
+
 def test_files_are_told_by_their_content_not_their_names(tmp_path, official_sd):
     """`detrax convert official.pth converted` (no suffix), then `detrax.load("converted")`; a torch file named
     .safetensors and an .npz named .bin are read for what they are; anything else is named as such."""
@@ -217,3 +236,62 @@ def test_cli_convert(tmp_path, capsys, official_sd):
     assert weights.model_config(tmp_path / "w.safetensors").dilation
     assert cli.main(["convert", str(tmp_path / "nothing.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert "nothing.pth: no such file" in capsys.readouterr().err
+
+
+def test_a_trained_aided_model_converts_out_to_the_official_and_hf_detr(tmp_path, capsys):
+    """A model trained a few steps with every training-only aid on, written by `detrax convert RUN OUT --to
+    official|hf`: the official rendering (strict state dict, the file's own args) and transformers'
+    `from_pretrained` give detrax's outputs on every decoder layer; official -> detrax -> official and the
+    segmentation layouts (DETRsegm, DetrForSegmentation) come back bitwise."""
+    import detrax
+    from detrax import cli
+    from detrax.config import presets
+    from detrax.config.overrides import override
+    from detrax.data.synthetic import write_dataset
+    from detrax.training.loop import Run, fit
+    from detrax.weights.to_torch import hf_model, official_state_dict
+
+    transformers = require("transformers")
+    write_dataset(str(tmp_path / "data"), 8, seed=3, shape=(64, 80))
+    cfg = override(presets.get("demo"), ["model.dilation=false", "train.steps=3", "train.batch_size=2",
+                                         "train.log_every=1", "train.eval_every=0", "data.workers=0",
+                                         "data.val_split=none"])
+    assert (cfg.model.query_groups, cfg.model.dn_groups, cfg.model.encoder_head) == (4, 2, True)
+    fit(cfg, Run(str(tmp_path / "data"), str(tmp_path / "run"), quiet=True))
+    detector = detrax.load(str(tmp_path / "run"))
+    c = detector.config
+    pixels, mask = padded_batch(SIZES, seed=1)
+    out = compiled(detector.model, jnp.asarray(pixels), jnp.asarray(mask))
+    stack = lambda k: np.stack([a[k] for a in out["aux_outputs"]] + [out[k]])
+    want_logits, want_boxes = stack("pred_logits"), stack("pred_boxes")
+
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "official.pth"), "--to", "official"]) == 0
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the official files carry their args too
+        saved = torch.load(tmp_path / "official.pth", weights_only=True)
+    a = saved["args"]
+    official = ref.DETR(num_classes=a.num_classes, depths=c.depths, width=c.width, dilation=a.dilation,
+                        d=a.hidden_dim, nhead=a.nheads, enc=a.enc_layers, dec=a.dec_layers, ffn=a.dim_feedforward,
+                        queries=a.num_queries, pre_norm=a.pre_norm).eval()
+    official.load_state_dict(saved["model"])  # strict: every key, no other
+    for got, want in zip(_run_official(official, pixels, mask), (want_logits, want_boxes)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+    assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert "Hugging Face DETR" in capsys.readouterr().out
+    hf = transformers.DetrForObjectDetection.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label[1] == "rectangle"
+    for got, want in zip(hf_all_layers(hf, pixels, mask), (want_logits, want_boxes)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+    source = _numpy_sd(_official())  # official -> detrax -> official
+    back = official_state_dict(cv.convert(source, num_heads=4)[0])
+    assert back.keys() == source.keys() and all(np.array_equal(back[k], source[k]) for k in source)
+    segm = ref.randomise_batch_norm(ref.DETRsegm(**TINY | {"nhead": 8}).eval())  # GroupNorm(8) of d + heads
+    source = _numpy_sd(segm)
+    back = official_state_dict(cv.convert(source, num_heads=8)[0])
+    assert back.keys() == source.keys() and all(np.array_equal(back[k], source[k]) for k in source)
+    hf_segm = build_hf_detr(depths=(1, 1, 1, 1), embedding_size=8, num_labels=5, d_model=32, layers=2, ffn=64,
+                            heads=8, queries=10, segmentation=True)
+    source = _numpy_sd(hf_segm)
+    back = _numpy_sd(hf_model(cv.convert(source, num_heads=8)[0]))
+    assert back.keys() == source.keys() and all(np.array_equal(back[k], source[k]) for k in source)

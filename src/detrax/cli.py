@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=commands.cmd_predict)
 
     s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
-                       "weights -> detrax weights")
+                       "weights -> detrax weights; with --to, a detrax model -> an official or HF DETR")
     s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra), .safetensors, BiT's .npz, or a Flax msgpack "
-                   "checkpoint of MasterSkepticista/detr (checkpoint_<step>)")
-    s.add_argument("dst", help="output .safetensors")
+                   "checkpoint of MasterSkepticista/detr (checkpoint_<step>); with --to, also a training workdir")
+    s.add_argument("dst", help="output .safetensors (--to official: a .pth file; --to hf: a folder)")
+    s.add_argument("--to", choices=["detrax", "official", "hf"], default="detrax",
+                   help="official: {'model': state_dict, 'args'} for facebookresearch/detr's build_model (DETRsegm "
+                   "for a mask model); hf: config.json and model.safetensors for transformers' from_pretrained")
     s.add_argument("--dilation", action="store_true", help="DC5 model (also implied by 'dc5' in the file name)")
     s.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, where the weights cannot tell (official, HF: 8)")
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"detrax: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

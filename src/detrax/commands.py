@@ -85,6 +85,9 @@ def cmd_convert(args) -> int:
     from detrax.config import presets
     from detrax.weights.convert import convert_file
 
+    if args.to != "detrax":
+        return _convert_out(args)
+
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     if args.dilation:
         overrides["dilation"] = True
@@ -104,6 +107,20 @@ def cmd_convert(args) -> int:
         print(f"  val transform of {args.preset}: shorter side {data['val_size']}, longer at most {data['max_size']}")
     if report["fresh"]:
         print(f"  freshly initialised ({len(report['fresh'])} weights): transformer and heads")
+    return 0
+
+
+def _convert_out(args) -> int:
+    import detrax
+    from detrax.weights.to_torch import write
+
+    overrides = {k: v for k, v in (("num_heads", args.num_heads), ("dilation", args.dilation or None)) if v}
+    detector = detrax.load(args.src, **overrides)
+    written = write(detector.model, args.dst, args.to, detector.names)
+    cfg = detector.config
+    print(f"{args.src} -> {written} ({'official DETR' if args.to == 'official' else 'Hugging Face DETR'}"
+          f"{', with its mask head' if cfg.masks else ''}: {cfg.backbone}, {cfg.num_classes} classes, "
+          f"{cfg.num_queries} queries, {cfg.enc_layers}+{cfg.dec_layers} layers)")
     return 0
 
 

@@ -44,8 +44,8 @@ def official_table(cfg: ModelConfig, prefix="backbone.0.body.") -> dict:
             for a_dst, a_src in attns:
                 for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
                     rows = slice(j * d, (j + 1) * d)
-                    t[f"{dst}/{a_dst}/{name}/kernel"] = (f"{src}.{a_src}.in_proj_weight", lambda w, r=rows: w[r].T)
-                    t[f"{dst}/{a_dst}/{name}/bias"] = (f"{src}.{a_src}.in_proj_bias", lambda w, r=rows: w[r])
+                    t[f"{dst}/{a_dst}/{name}/kernel"] = (f"{src}.{a_src}.in_proj_weight", keys.Rows(rows, True))
+                    t[f"{dst}/{a_dst}/{name}/bias"] = (f"{src}.{a_src}.in_proj_bias", keys.Rows(rows, False))
                 keys.dense(t, f"{dst}/{a_dst}/out_proj", f"{src}.{a_src}.out_proj")
             keys.dense(t, f"{dst}/linear1", f"{src}.linear1")
             keys.dense(t, f"{dst}/linear2", f"{src}.linear2")
