@@ -4,6 +4,7 @@ training run, and the model of a run's latest checkpoint. Weights files are `wei
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from detrax.errors import CheckpointWriteError
@@ -50,11 +51,19 @@ class Checkpoints:
         self._ocp = ocp
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.data_dir = os.path.join(os.path.abspath(workdir), "data_state")
-        options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                                enable_async_checkpointing=False) if read_only else
-                   ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
-                                                cleanup_tmp_directories=True))
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if not read_only:
+            self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True))
+            return
+        quiet = logging.getLogger("absl")  # orbax warns that a read-only manager is read-only
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+                enable_async_checkpointing=False))
+        finally:
+            quiet.setLevel(level)
 
     def latest_step(self):
         return self.manager.latest_step()
