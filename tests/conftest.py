@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-ONE_THREAD_CODEGEN = "--xla_cpu_parallel_codegen_split_count=1"  # the suite keeps both cores busy: 10-15% less CPU
 
 
 def _compile_flags() -> str:
-    """LLVM's level-0 optimisation, and the loop emitters and one-thread code generation where this jaxlib has
-    them (XLA aborts on a flag it does not know): asked once, of a child process, and kept in the environment for
-    the workers and the processes they start."""
+    """LLVM's level-0 optimisation, and the loop emitters where this jaxlib has the choice (XLA aborts on a flag it
+    does not know): asked once, of a child process, and kept in the environment for the workers and the
+    processes they start."""
     if "DETRAX_SUITE_XLA_FLAGS" not in os.environ:
-        flags = f"--xla_backend_optimization_level=0 {LOOP_EMITTERS} {ONE_THREAD_CODEGEN}"
+        flags = f"--xla_backend_optimization_level=0 {LOOP_EMITTERS}"
         probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
                                env={**os.environ, "XLA_FLAGS": flags})
         os.environ["DETRAX_SUITE_XLA_FLAGS"] = flags if probe.returncode == 0 else "--xla_backend_optimization_level=0"
@@ -25,12 +24,11 @@ def _compile_flags() -> str:
 
 def xla_flags(devices: int = 1) -> str:
     """The suite's XLA_FLAGS, for its own process and the ones it starts: `devices` CPU devices, LLVM's level-0
-    optimisation, XLA:CPU's loop emitters in place of its fusion emitters, code generation in one thread. The
-    suite compiles thousands of programs and runs most of them a few times: level 0 halves their compile time
-    (most of the suite's), the loop emitters take 60% more off a train step's (7.2 -> 2.7 s of CPU, the demo's
-    step at level 0; it runs 18% slower), one thread 10-15% more (the suite keeps both cores busy anyway). They
-    give the numbers of XLA's default within float32 rounding (`test_cpu_compiler_options...`), not bitwise: a
-    test compares runs of one setting. A level in XLA_FLAGS wins over the train step's own level 1
+    optimisation and XLA:CPU's loop emitters in place of its fusion emitters. The suite compiles thousands of
+    programs and runs most of them a few times: level 0 halves their compile time (most of the suite's), the loop
+    emitters take 60% more off a train step's (7.2 -> 2.7 s of CPU, the demo's step at level 0; it runs 18%
+    slower). Both give the numbers of XLA's default within float32 rounding (`test_cpu_compiler_options...`), not
+    bitwise: a test compares runs of one setting. A level in XLA_FLAGS wins over the train step's own level 1
     (`training.step.compiler_options`), so the suite's steps compile at level 0 too."""
     return f"--xla_force_host_platform_device_count={devices} {_compile_flags()}"
 

@@ -93,7 +93,22 @@ def test_the_denoising_loss_scores_query_i_against_target_i_without_matching():
     np.testing.assert_allclose(float(bad["loss"]) - float(bad["loss_dn"]), float(plain["loss"]), rtol=1e-6)
 
 
-def test_a_run_with_the_training_only_aids_trains_them_and_serves_the_plain_detr(tmp_path):
+@pytest.fixture(scope="module")
+def aided_run(tmp_path_factory):
+    """The demo (its training-only aids all on) trained 3 steps by the CLI: test_train.test_loss_falls's program."""
+    from detrax import cli
+    from detrax.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("aided")
+    write_dataset(str(root / "data"), 12, seed=3, shape=(64, 80))
+    run = str(root / "run")
+    assert cli.main(["train", "--config", "demo", "--smoke", "--data", str(root / "data"), "--workdir", run,
+                     "train.steps=3", "train.log_every=1", "train.eval_every=0", "data.workers=0",
+                     "data.val_split=none"]) == 0
+    return run
+
+
+def test_a_run_with_the_training_only_aids_trains_them_and_serves_the_plain_detr(aided_run, tmp_path):
     """The demo's query groups, denoising groups and encoder head (all on in the preset) log their losses and learn;
     the run's checkpoints keep them (for --resume), while what the run serves and saves is the plain DETR (the
     official layout and config) with the aided model's eval outputs; a file saved with them (before detrax saved
@@ -101,18 +116,11 @@ def test_a_run_with_the_training_only_aids_trains_them_and_serves_the_plain_detr
     import warnings
 
     import detrax
-    from detrax import cli
-    from detrax.data.synthetic import write_dataset
     from detrax.models.detr import AID_WEIGHTS
     from detrax.weights.checkpoint import load_run
     from detrax.weights.files import save_weights
 
-    data = tmp_path / "data"
-    write_dataset(str(data), 12, seed=3, shape=(64, 80))
-    run = str(tmp_path / "run")
-    assert cli.main(["train", "--config", "demo", "--smoke", "--data", str(data), "--workdir", run,
-                     "train.steps=3", "train.log_every=1", "train.eval_every=0", "data.workers=0",
-                     "data.val_split=none"]) == 0  # test_train.test_loss_falls's program
+    run = aided_run
     rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["kind"] == "train"]
     assert len(rows) == 3 and all(r[k] > 0 and np.isfinite(r[k]) for r in rows for k in ("loss_dn", "loss_enc"))
     aided = load_run(run)
@@ -146,3 +154,68 @@ def test_a_run_with_the_training_only_aids_trains_them_and_serves_the_plain_detr
     with pytest.raises(ValueError, match="without the training-only aids"):
         detrax.load(tmp_path / "plain.safetensors", query_groups=4)
     assert presets.get("detr_r50").model.dn_groups == 0 and not presets.get("detr_r50").model.encoder_head
+
+
+def _every_layer(model, pixels, mask):
+    out = compiled(model, jnp.asarray(pixels), jnp.asarray(mask))
+    stack = lambda k: np.stack([np.asarray(a[k]) for a in out["aux_outputs"]] + [np.asarray(out[k])])
+    return stack("pred_logits"), stack("pred_boxes")
+
+
+def test_an_aided_run_converts_out_to_the_official_and_hf_detr(aided_run, tmp_path, capsys):
+    """The aided run written by `detrax convert RUN OUT --to official|hf`: the official rendering (its state dict
+    strict, its architecture from the file's own args) and transformers' `from_pretrained` give detrax's outputs
+    on every decoder layer; a DC5 model (the demo's) is refused by the HF layout, whose ResNet has no dilation, and
+    goes there without it; official -> detrax -> official and the segmentation layouts (DETRsegm,
+    DetrForSegmentation) come back bitwise."""
+    import argparse
+
+    from conftest import require
+    from hf_reference import build_hf_detr, hf_all_layers, padded_batch
+
+    import detrax
+    from detrax import cli
+    from detrax.weights import convert as cv
+    from detrax.weights.to_torch import hf_model, official_state_dict, write
+
+    torch, transformers = require("torch"), require("transformers")
+    import official_reference as ref
+
+    numpy_sd = lambda module: {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    detector = detrax.load(aided_run)
+    c = detector.config
+    assert c.dilation and c.query_groups == 1  # the plain DETR of a DC5 demo
+    pixels, mask = padded_batch([(61, 83), (77, 50)], seed=1)
+
+    assert cli.main(["convert", aided_run, str(tmp_path / "official.pth"), "--to", "official"]) == 0
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the official files carry their args too
+        saved = torch.load(tmp_path / "official.pth", weights_only=True)
+    a = saved["args"]
+    official = ref.DETR(num_classes=a.num_classes, depths=c.depths, width=c.width, dilation=a.dilation,
+                        d=a.hidden_dim, nhead=a.nheads, enc=a.enc_layers, dec=a.dec_layers, ffn=a.dim_feedforward,
+                        queries=a.num_queries, pre_norm=a.pre_norm).eval()
+    official.load_state_dict(saved["model"])  # strict: every key, no other
+    with torch.no_grad():
+        got = official(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(~mask))
+    for g, want in zip(got, _every_layer(detector.model, pixels, mask)):
+        np.testing.assert_allclose(g.numpy(), want, atol=1e-4, rtol=0)
+
+    capsys.readouterr()
+    assert cli.main(["convert", aided_run, str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "no hf layout: DC5 (HF DETR's own ResNet has no dilation)" in capsys.readouterr().err
+    plain_c5 = detrax.load(aided_run, dilation=False)
+    write(plain_c5.model, tmp_path / "hf", "hf", plain_c5.names)
+    hf = transformers.DetrForObjectDetection.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label[1] == "rectangle"
+    for g, want in zip(hf_all_layers(hf, pixels, mask), _every_layer(plain_c5.model, pixels, mask)):
+        np.testing.assert_allclose(g, want, atol=1e-4, rtol=0)
+
+    tiny = dict(num_classes=5, depths=(1, 1, 2, 3), width=8, d=32, nhead=8, enc=2, dec=2, ffn=64, queries=10)
+    for source in (ref.DETR(**tiny), ref.DETRsegm(**tiny)):  # official -> detrax -> official; 8 heads: GroupNorm(8)
+        source = numpy_sd(ref.randomise_batch_norm(source.eval()))
+        back = official_state_dict(cv.convert(source, num_heads=8)[0])
+        assert back.keys() == source.keys() and all(np.array_equal(back[k], source[k]) for k in source)
+    source = numpy_sd(build_hf_detr(depths=(1, 1, 1, 1), embedding_size=8, num_labels=5, d_model=32, layers=2,
+                                    ffn=64, heads=8, queries=10, segmentation=True))
+    back = numpy_sd(hf_model(cv.convert(source, num_heads=8)[0]))
+    assert back.keys() == source.keys() and all(np.array_equal(back[k], source[k]) for k in source)
