@@ -163,8 +163,8 @@ def weight_arrays(model: DETR) -> dict:
 
 
 def plain(model: DETR) -> DETR:
-    """The official DETR that an aided model serves, in eval mode: its config with the aids' fields at their
-    defaults, its weights without theirs (inference never runs them). `model` itself when it has no aids."""
+    """The official DETR that an aided model serves (a new model, in eval mode): its config with the aids' fields
+    at their defaults, its weights without theirs (inference never runs them). `model` itself when it has none."""
     defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in AID_FIELDS}
     if all(getattr(model.config, k) == v for k, v in defaults.items()):
         return model

@@ -4,6 +4,8 @@ the backbones' own tables, by `convert` and by `to_torch`."""
 
 from __future__ import annotations
 
+import numpy as np
+
 conv = lambda w: w.transpose(2, 3, 1, 0)  # torch [O, I, kh, kw] -> [kh, kw, I, O]
 linear = lambda w: w.T  # torch [O, I] -> [I, O]
 same = lambda w: w
@@ -40,8 +42,6 @@ def torch_layout(table: dict, arrays: dict) -> dict:
             out[src] = _BACK[id(fn)](a)
         else:
             raise ValueError(f"{dst}: its transform to {src} has no inverse here")
-    import numpy as np
-
     return {k: np.concatenate(v) if isinstance(v, list) else np.ascontiguousarray(v) for k, v in out.items()}
 
 
