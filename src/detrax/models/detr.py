@@ -20,6 +20,7 @@ WEIGHTS = (nnx.Param, Frozen)  # what a checkpoint holds: trained parameters and
 # the training-only aids (Group DETR's extra queries, DN-DETR's denoising, the encoder head): their config fields
 # (ModelConfig's defaults: the official DETR) and their weights' names
 AID_FIELDS = ("query_groups", "dn_groups", "dn_box_noise", "dn_label_noise", "encoder_head")
+AID_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in AID_FIELDS}
 AID_WEIGHTS = ("group_queries", "denoising/", "encoder_head/")
 
 
@@ -165,8 +166,7 @@ def weight_arrays(model: DETR) -> dict:
 def plain(model: DETR) -> DETR:
     """The official DETR that an aided model serves (a new model, in eval mode): its config with the aids' fields
     at their defaults, its weights without theirs (inference never runs them). `model` itself when it has none."""
-    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in AID_FIELDS}
-    if all(getattr(model.config, k) == v for k, v in defaults.items()):
+    if all(getattr(model.config, k) == v for k, v in AID_DEFAULTS.items()):
         return model
     arrays = {k: v for k, v in weight_arrays(model).items() if not k.startswith(AID_WEIGHTS)}
-    return assemble(dataclasses.replace(model.config, **defaults), arrays)
+    return assemble(dataclasses.replace(model.config, **AID_DEFAULTS), arrays)

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from detrax.config import schema
-from detrax.models.detr import AID_FIELDS, DETR, assemble, plain, weight_arrays
+from detrax.models.detr import AID_DEFAULTS, AID_FIELDS, DETR, assemble, plain, weight_arrays
 from detrax.weights import checkpoint, convert, files, flax_detr
 
 
@@ -40,7 +40,7 @@ def open_weights(path: str | os.PathLike, aids: bool = False, **config_overrides
     fields at their defaults (`query_groups=1` ...) are what a plain DETR has."""
     path = os.fspath(path)
     asked = {k: config_overrides.pop(k) for k in AID_FIELDS if k in config_overrides}
-    if asked and (aids or any(v != getattr(schema.ModelConfig, k) for k, v in asked.items())):
+    if asked and (aids or any(v != AID_DEFAULTS[k] for k, v in asked.items())):
         raise ValueError(f"{path}: a loaded model runs without the training-only aids ({asked} asked); a run's "
                          "checkpoints keep them for --resume, and --init takes them up")
     opened = _open(path, **config_overrides)
