@@ -123,18 +123,24 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
 
         mesh = data_mesh()
         replicated, sharded = shardings(mesh)
-        model = DETR(cfg.model, rngs=nnx.Rngs(tc.seed))
+        wrt = trainable(tc.freeze_detector)
+        new_model = lambda: DETR(cfg.model, rngs=nnx.Rngs(tc.seed))
+        new_optimizer = lambda model: nnx.Optimizer(model, optimizer(tc), wrt=wrt)
         if begin.restore is None:
+            model = new_model()
             start.initialise(model, begin, train_ds.records, cfg, run.allow_changes, log=reporter.line)
             start.write_record(run.workdir, begin.record)
+            opt = new_optimizer(model)
+        else:  # the checkpoint holds every value: shapes alone, no initialiser run
+            model, opt = nnx.eval_shape(lambda: (m := new_model(), new_optimizer(m)))
+            nnx.reseed(model, default=tc.seed)  # RNG streams as real keys: the checkpoint's replace them
         model.eval()
         eval_graphdef = nnx.graphdef(model)  # dropout off, the same state
         model.train()
-        wrt = trainable(tc.freeze_detector)
-        opt = nnx.Optimizer(model, optimizer(tc), wrt=wrt)
         rates = learning_rates(tc, total, drop)
         graphdef, state = nnx.split((model, opt))
-        state = replicate(state, replicated)
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+                             if isinstance(x, jax.ShapeDtypeStruct) else replicate(x, replicated), state)
         step = make_train_step(graphdef, _loss_fn(cfg.loss, mesh), rates, wrt, tc.seed)
 
         train_data = dataset(train_ds.records, Augment(True, dc), tc.batch_size // n_proc, max_targets=dc.max_targets,
