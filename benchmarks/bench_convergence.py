@@ -36,8 +36,9 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import threading
+
+import record
 
 PRESETS = {"shapes": "demo", "varied": "small", "foreign": "small"}
 # the aids' step budget per set: foreign `small`'s own; varied the 6000 its figures were measured at
@@ -186,8 +187,7 @@ def main():
     from detrax.training.devices import prefer_eigen_convolutions
 
     prefer_eigen_convolutions()  # as the `detrax` command
-    print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]
-          .strip(), flush=True)
+    print(record.cpu(), flush=True)
     variants = [(v.split(":", 1)[0], [o for o in v.split(":", 1)[1].split(",") if o] if ":" in v else [])
                 for v in (args.variant or DEFAULT_VARIANTS)]
     figures: dict = {"seeds": args.seeds}
@@ -233,7 +233,7 @@ def main():
             ratio = f["ratio_steps_to_0.5"] or (f"< {f['ratio_steps_to_0.5_below']}" if mine else None)
             print(f"  {variant:12s} {f['steps']:5d} {f['steps_to_0.3']} / {f['steps_to_0.5']}  "
                   f"{f['ap50_end_mean']:.3f} [{f['ap50_end_min']:.3f}, {f['ap50_end_max']:.3f}]  ratio {ratio}")
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

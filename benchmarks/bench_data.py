@@ -6,9 +6,10 @@ and 2 worker processes, and the padding waste of shape buckets against padding e
 """
 
 import argparse
-import json
 import os
 import time
+
+import record
 
 from detrax.data.batching import bucket_shape
 from detrax.data.coco import read_coco
@@ -57,7 +58,7 @@ def main():
         figures[f"padding_waste_{name}"], figures[f"shapes_{name}"] = round(w, 4), n
         print(f"padding {name:16s} waste {w:6.1%}  distinct shapes {n}")
     figures["speedup_2_workers"] = round(figures["images_per_s_2_workers"] / figures["images_per_s_0_workers"], 2)
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

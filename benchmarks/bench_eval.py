@@ -9,18 +9,11 @@ the host and sent again, post-processing on the host. Both read the same loader 
 """
 
 import argparse
-import json
-import platform
-import subprocess
 import tempfile
 import time
 
 import numpy as np
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return next((line.split(":", 1)[1].strip() for line in out if line.startswith("Model name")), platform.processor())
+import record
 
 
 def main():
@@ -81,13 +74,13 @@ def main():
             times[name].append(time.perf_counter() - t0)
     same = all(abs(aps["infer"][k] - aps["previous"][k]) < 1e-6 for k in aps["infer"])
     new, old = min(times["infer"][1:] or times["infer"]), min(times["previous"][1:] or times["previous"])
-    cpu = cpu_name()
+    cpu = record.cpu()
     print(f"{cpu}: evaluation of {len(val.records)} images, demo preset, batch {bs}: one inference path "
           f"{new:.2f} s, previous path {old:.2f} s; ratio {new / old:.2f}; same AP: {same} "
           f"(first evaluations, with compiles: {times['infer'][0]:.1f} s / {times['previous'][0]:.1f} s)")
-    print(json.dumps({"cpu": cpu, "images": len(val.records), "infer_s": round(new, 3), "previous_s": round(old, 3),
-                      "ratio": round(new / old, 3), "first_infer_s": round(times["infer"][0], 2),
-                      "first_previous_s": round(times["previous"][0], 2), "same_ap": same}))
+    record.finish({"cpu": cpu, "images": len(val.records), "infer_s": round(new, 3), "previous_s": round(old, 3),
+                   "ratio": round(new / old, 3), "first_infer_s": round(times["infer"][0], 2),
+                   "first_previous_s": round(times["previous"][0], 2), "same_ap": same})
 
 
 if __name__ == "__main__":

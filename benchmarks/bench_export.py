@@ -16,7 +16,6 @@ runs once per shape (`--slow-iters`).
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,14 +23,14 @@ import tempfile
 import time
 
 import numpy as np
+import record
 
 
 def cpu() -> dict:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    info = dict(line.split(":", 1) for line in out if ":" in line)
-    flags = info.get("Flags", "").split()
-    return {"model": info.get("Model name", platform.processor()).strip(),
-            "bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")), "cores": os.cpu_count()}
+    flags = next((line.split(":", 1)[1].split() for line in out if line.startswith("Flags")), [])
+    return {"model": record.cpu(), "bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+            "cores": os.cpu_count()}
 
 
 def inputs(b, h, w):
@@ -173,7 +172,7 @@ def main():
         figures.update({f"{k}_{tag}_s": v["s"] for k, v in here.items()})
         print(f"{key:14s} detrax best ({ours[1]}) / PyTorch best ({torch_any[1]}): {figures[f'ratio_{tag}']}; "
               f"/ PyTorch best fp32 ({torch_fp32[1]}): {figures[f'ratio_fp32_{tag}']}", flush=True)
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

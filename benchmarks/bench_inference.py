@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import record
 
 
 def worker_detrax(h, w, iters, bf16=False):
@@ -127,7 +128,7 @@ def main():
             print(f"{h}x{w} bf16: detrax/torch {row['ratio_bf16_vs_torch_bf16']}; best of each, any precision: "
                   f"{row['ratio_vs_torch_any']}")
         figures[f"{h}x{w}"] = row
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

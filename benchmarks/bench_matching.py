@@ -9,13 +9,13 @@
 """
 
 import argparse
-import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import record
 from scipy.optimize import linear_sum_assignment
 
 from detrax.criterion import matching
@@ -89,7 +89,7 @@ def main():
         print(f"B={b:3d}  " + "  ".join(f"{k} {v:.1f} ms" for k, v in row.items()) + "  |  speed-up vs official: "
               + "  ".join(f"{k[8:]} {v}x" for k, v in ratios.items()), flush=True)
         figures[f"B{b}"] = {**{f"{k}_ms": v for k, v in row.items()}, **ratios}
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import time
+
+import record
 
 
 def main():
@@ -31,8 +32,7 @@ def main():
     from detrax.training.loop import Run, fit
 
     prefer_eigen_convolutions()  # as the `detrax` command
-    print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]
-          .strip(), flush=True)
+    print(record.cpu(), flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
     data = os.path.join(args.out, "data")
     write_panoptic_dataset(data, args.images, args.seed)
@@ -58,7 +58,7 @@ def main():
     figures["ratio_pq_vs_official_init"] = round(pq["PQ"] / max(pq0["PQ"], 1e-9), 2)
     figures["minutes"] = round(figures["stage1_min"] + figures["stage2_min"], 1)
     figures["stage1_min"], figures["stage2_min"] = round(figures["stage1_min"], 1), round(figures["stage2_min"], 1)
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+import record
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "coco-tiny", "train2017")
 
 
@@ -100,7 +102,7 @@ def main():
         figures[f"time_ratio_detrax_vs_hf_batch{batch}"] = round(theirs / ours, 3)
         print(f"batch {batch}: detrax {ours:.2f} img/s, HF pipeline {theirs:.2f} img/s, "
               f"per-image time ratio detrax/HF {theirs / ours:.2f}", flush=True)
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ wall time of the killed-and-resumed run over the straight one (the relaunches' s
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import tempfile
 import time
 
 import numpy as np
+import record
 
 
 def write_foreign_set(root: str, n: int, split: str, seed: int) -> None:
@@ -96,15 +96,13 @@ def main():
     b = {k: np.asarray(v) for k, v in weight_arrays(load_run(workdir)).items()}
     equal = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     diff = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
-        platform.processor())
+    cpu = record.cpu()
     print(f"{cpu}: {len(a)} arrays (weights and frozen statistics) bitwise equal: {equal} (max |diff| {diff}); "
           f"killed and resumed / straight wall time {resumed_s / straight_s:.2f} ({resumed_s:.0f} s vs "
           f"{straight_s:.0f} s)")
-    print(json.dumps({"cpu": cpu, "steps": args.steps, "kills": kills, "bitwise_equal": equal, "max_abs_diff": diff,
-                      "arrays": len(a), "straight_s": round(straight_s, 1), "killed_and_resumed_s": round(resumed_s, 1),
-                      "ratio_wall_time": round(resumed_s / straight_s, 2)}))
+    record.finish({"cpu": cpu, "steps": args.steps, "kills": kills, "bitwise_equal": equal, "max_abs_diff": diff,
+                   "arrays": len(a), "straight_s": round(straight_s, 1), "killed_and_resumed_s": round(resumed_s, 1),
+                   "ratio_wall_time": round(resumed_s / straight_s, 2)})
 
 
 if __name__ == "__main__":

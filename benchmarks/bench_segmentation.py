@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import record
 
 
 def image(b, h, w):
@@ -83,8 +84,7 @@ def main():
         fn = worker_detrax if args.worker == "detrax" else worker_hf
         print(json.dumps(fn(args.batch, h, w, args.iters)))
         return
-    print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]
-          .strip(), flush=True)
+    print(record.cpu(), flush=True)
     runs: dict = {"detrax": [], "hf": []}
     for _ in range(args.rounds):
         for kind in runs:
@@ -102,7 +102,7 @@ def main():
     figures["detrax_first_call_s"] = round(statistics.median(r["first_s"] for r in runs["detrax"]), 1)
     figures["ratio_detrax_vs_hf"] = round(figures["detrax_median_s"] / figures["hf_median_s"], 3)
     print(f"ratio detrax / HF: {figures['ratio_detrax_vs_hf']}")
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ objects, so that a growth of the RSS can be told apart from a growth of Python o
 
 import argparse
 import gc
-import json
 import os
 import signal
 import tempfile
@@ -21,6 +20,7 @@ import threading
 import time
 
 import numpy as np
+import record
 
 
 def rss_mb() -> float:
@@ -97,7 +97,7 @@ def main():
     print(f"{figures['steps']} steps in {figures['minutes']} min; RSS start {figures['rss_start_mb']} MB, peak "
           f"{figures['rss_peak_mb']} MB; late/early {figures['late_over_early']}, "
           f"growth {figures['growth_mb_per_min_second_half']} MB/min over the second half")
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import record
 
 B, NBOX = 2, 3
 KINDS = ("detrax", "detrax_ynn", "torch")  # detrax as the `detrax` command runs it; with XLA's default flags; HF
@@ -145,8 +146,7 @@ def main():
         res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
-    print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[-1].splitlines()[0]
-          .strip(), flush=True)
+    print(record.cpu(), flush=True)
     runs: dict[str, list] = {kind: [] for kind in KINDS}
     for _ in range(args.rounds):  # alternating, so that a noisy spell of the machine hits every worker
         for kind in KINDS:
@@ -178,7 +178,7 @@ def main():
         figures["detrax"]["median_s"] / figures["detrax_ynn"]["median_s"], 3)
     print(f"ratio detrax / torch: {figures['ratio_detrax_vs_torch']}; detrax's CPU convolutions through Eigen / "
           f"XLA's default (YNNPACK): {figures['ratio_eigen_vs_ynnpack_convolutions']}")
-    print(json.dumps(figures))
+    record.finish(figures)
 
 
 if __name__ == "__main__":

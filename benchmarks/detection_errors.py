@@ -18,6 +18,7 @@ import json
 import sys
 
 import numpy as np
+import record
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -98,7 +99,7 @@ def main(results: str, instances: str, score: float = 0.3) -> dict:
           f"{figures['AP50_nms']:.3f}, class-agnostic {figures['AP50_agnostic_nms']:.3f}")
     print(f"detections scoring >= {score}: {figures['tp']} true, {figures['duplicate']} duplicates, "
           f"{figures['misplaced']} misplaced (IoU 0.1-0.5), {figures['background']} on background")
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    record.finish({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
     return figures
 
 
