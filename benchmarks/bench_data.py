@@ -1,6 +1,7 @@
 """The training input pipeline on the real COCO images of tests/data/coco-tiny: images per second with 0, 1
 and 2 worker processes, and the padding waste of shape buckets against padding each batch to its own maximum
-(a new shape almost every batch) and to the worst case 1333 x 1333 (one shape).
+(a new shape almost every batch) and to the worst case 1333 x 1333 (one shape), for the loader's shape-grouped
+batches (`--group`, the default) and for batches in shuffled order (no grouping), in the same run.
 
     .venv/bin/python benchmarks/bench_data.py [--batches 40] [--batch-size 2] [--step 128]
 """
@@ -42,21 +43,24 @@ def main():
         ips = args.batches * args.batch_size / dt
         figures[f"images_per_s_{workers}_workers"] = round(ips, 2)
         print(f"{workers} workers: {ips:.1f} images/s", flush=True)
-    real = sum(h * w for batch in sizes for h, w in batch)
+    shuffled = dataset(records, Augment(True), args.batch_size, max_targets=100, step=args.step, seed=0, group=1)
+    with Loader(shuffled, workers=0) as loader:
+        shuffled_sizes = [next(loader)["size"].tolist() for _ in range(args.batches)]
 
-    def waste(shape_of):
-        canvas, shapes = 0, set()
+    def waste(sizes, shape_of):
+        real, canvas, shapes = sum(h * w for batch in sizes for h, w in batch), 0, set()
         for batch in sizes:
             shape = shape_of(max(h for h, _ in batch), max(w for _, w in batch))
             shapes.add(shape)
             canvas += len(batch) * shape[0] * shape[1]
         return 1 - real / canvas, len(shapes)
 
-    for name, fn in (("buckets", lambda h, w: bucket_shape(h, w, args.step)), ("batch_max", lambda h, w: (h, w)),
-                     ("worst_case_1333", lambda h, w: (1333, 1333))):
-        w, n = waste(fn)
-        figures[f"padding_waste_{name}"], figures[f"shapes_{name}"] = round(w, 4), n
-        print(f"padding {name:16s} waste {w:6.1%}  distinct shapes {n}")
+    for order, batches in (("", sizes), ("_shuffled", shuffled_sizes)):
+        for name, fn in (("buckets", lambda h, w: bucket_shape(h, w, args.step)), ("batch_max", lambda h, w: (h, w)),
+                         ("worst_case_1333", lambda h, w: (1333, 1333))):
+            w, n = waste(batches, fn)
+            figures[f"padding_waste_{name}{order}"], figures[f"shapes_{name}{order}"] = round(w, 4), n
+            print(f"padding {name + order:25s} waste {w:6.1%}  distinct shapes {n}")
     figures["speedup_2_workers"] = round(figures["images_per_s_2_workers"] / figures["images_per_s_0_workers"], 2)
     record.finish(figures)
 

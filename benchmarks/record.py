@@ -1,7 +1,8 @@
 """A benchmark's result as a file: `benchmarks/results/<benchmark>.<machine>.json` holds the JSON line the benchmark
-prints (`figures`) with the CPU, date, commit and command that gave it, one file per benchmark and kind of machine
-(a run on another kind of CPU does not overwrite this one's). `tables.py` writes the READMEs' figure tables from
-these files. Every benchmark ends with `finish(figures)`: the file written, then the JSON line printed last."""
+prints (`figures`) with the CPU (its name and widest vector instructions), date, commit and command that gave it,
+one file per benchmark and kind of machine (a run on another kind of CPU does not overwrite this one's).
+`tables.py` writes the READMEs' figure tables from these files. Every benchmark ends with `finish(figures)`: the
+file written, then the JSON line printed last."""
 
 from __future__ import annotations
 
@@ -31,12 +32,27 @@ def cpu() -> str:
     return name or platform.processor() or platform.machine()
 
 
-def machine(cpu_name: str) -> str:
-    """The kind of machine a results file is for: `amd-epyc`, `intel-xeon`, else the CPU name as a slug."""
+def isa() -> str:
+    """The widest vector instructions of this CPU, as they change every figure: `amx` (Intel's matrix tiles),
+    `avx512-bf16`, `avx512`, `avx2`, else `other`."""
+    flags: set[str] = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    for name, needs in (("amx", {"amx_tile"}), ("avx512-bf16", {"avx512_bf16"}), ("avx512", {"avx512f"}),
+                        ("avx2", {"avx2"})):
+        if needs <= flags:
+            return name
+    return "other"
+
+
+def machine(cpu_name: str, instructions: str) -> str:
+    """The kind of machine a results file is for: `amd-epyc-avx2`, `amd-epyc-avx512-bf16`, `intel-xeon-amx`, ...;
+    else the CPU name as a slug."""
     for pattern, kind in ((r"EPYC", "amd-epyc"), (r"Xeon", "intel-xeon")):
         if re.search(pattern, cpu_name):
-            return kind
-    return re.sub(r"[^a-z0-9]+", "-", cpu_name.lower()).strip("-") or "unknown"
+            return f"{kind}-{instructions}"
+    return re.sub(r"[^a-z0-9]+", "-", f"{cpu_name} {instructions}".lower()).strip("-")
 
 
 def commit() -> str:
@@ -51,8 +67,8 @@ def finish(figures: dict, name: str | None = None) -> str:
     """Write `figures` (the benchmark's JSON line) to its results file, with the CPU, date, commit and command;
     then print the JSON line, last. Returns the file's path."""
     name = name or os.path.splitext(os.path.basename(sys.argv[0]))[0]
-    cpu_name = cpu()
-    record = {"benchmark": name, "cpu": cpu_name, "machine": machine(cpu_name),
+    cpu_name, instructions = cpu(), isa()
+    record = {"benchmark": name, "cpu": cpu_name, "isa": instructions, "machine": machine(cpu_name, instructions),
               "date": datetime.date.today().isoformat(), "commit": commit(),
               "command": shlex.join([".venv/bin/python", f"benchmarks/{name}.py", *sys.argv[1:]]),
               "figures": figures}

@@ -41,9 +41,17 @@ def _set_loss(row, weights=(("loss_ce", 1.0), ("loss_bbox", 5.0), ("loss_giou", 
                and k[len(term) + 1:].isdigit())
 
 
-def test_loss_falls(synth, tmp_path):
+@pytest.fixture(scope="module")
+def aided_run(synth, tmp_path_factory):
+    """30 steps of the demo with its training-only aids: test_loss_falls's run, which test_eval_cli... evaluates."""
+    workdir = tmp_path_factory.mktemp("aided")
+    fit(_cfg("train.steps=30", "train.lr=1e-3", *AIDS), Run(synth, str(workdir), quiet=False))
+    return workdir
+
+
+def test_loss_falls(aided_run):
     """With the demo's training-only aids on, DETR's own set loss falls (not only the sum with theirs)."""
-    fit(_cfg("train.steps=30", "train.lr=1e-3", *AIDS), Run(synth, str(tmp_path), quiet=False))
+    tmp_path = aided_run
     rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "train"]
     own = [_set_loss(r) for r in rows]
     assert len(rows) == 30 and np.isfinite(own).all() and all(r["loss"] > o for r, o in zip(rows, own))
@@ -162,12 +170,11 @@ def test_config_errors_are_clear(synth, tmp_path, capsys, override, message):
     assert rc == 2 and re.search(message, capsys.readouterr().err)
 
 
-def test_eval_cli_equals_pycocotools_on_the_results_file(synth, tmp_path, capsys):
+def test_eval_cli_equals_pycocotools_on_the_results_file(synth, aided_run, tmp_path, capsys):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    fit(_cfg("train.steps=20", "train.lr=1e-3"), Run(synth, str(tmp_path / "run"), quiet=True))
-    assert cli.main(["eval", str(tmp_path / "run"), "--data", synth, "--config", "demo", "--out",
+    assert cli.main(["eval", str(aided_run), "--data", synth, "--config", "demo", "--out",
                      str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == metrics  # what the CLI printed

@@ -91,7 +91,7 @@ def demo(smoke: bool = False) -> Config:
     (1500 steps of 8), the learning rate x0.1 after 3. The class count follows the data. Training-only aids that
     leave the model (inference, export, the official weights) as it is: four query groups (Group DETR), two
     denoising groups (DN-DETR) and the encoder head, its dense losses weighted 10x (what they buy, measured:
-    benchmarks/README.md)."""
+    benchmarks/history.md)."""
     model = ModelConfig(backbone="resnet", depths=(1, 1, 1, 1), width=16, dilation=True, num_queries=16,
                         hidden_dim=64, num_heads=4, enc_layers=2, dec_layers=2, ffn_dim=128, dropout=0.0,
                         frozen_stages=0, query_groups=4, dn_groups=2, encoder_head=True)
@@ -102,7 +102,7 @@ def demo(smoke: bool = False) -> Config:
                         eval_every=2, log_every=10, calibrate_bn=True)
     if smoke:
         train = dataclasses.replace(train, epochs=1, eval_every=1)
-    # the on-device exact matcher: for a model this small, scipy's host round trip costs (benchmarks/README.md)
+    # the on-device exact matcher: for a model this small, scipy's host round trip costs (benchmarks/history.md)
     return Config("demo", model, loss=LossConfig(matcher="hungarian_jax", enc_weight=10.0), data=data, train=train)
 
 
@@ -112,7 +112,7 @@ def small(smoke: bool = False) -> Config:
     a side and padded to one 192x192 canvas (one batch shape, one compilation, whatever the images' sizes); the
     official augmentations (flips, scales, crops), as the images repeat for many epochs; 18000 steps whatever the
     folder's size, the learning rate x0.1 for the last 40%; first, the backbone's warm-up: 2000 steps classifying
-    the folder's own objects (`training/crop_warmup.py`). Its time and accuracy: benchmarks/README.md."""
+    the folder's own objects (`training/crop_warmup.py`). Its time and accuracy: benchmarks/history.md."""
     cfg = demo(smoke)
     model = dataclasses.replace(cfg.model, num_queries=32)
     data = DataConfig(scales=(128, 144, 160, 176, 192), max_size=192, crop_scales=(128, 160), crop_size=(96, 160),
@@ -140,7 +140,7 @@ def demo_panoptic_detector(smoke: bool = False) -> Config:
     needs) trained on the boxes of every segment, things and stuff, of a synthetic panoptic folder (`detrax data
     synth --panoptic` writes them as instances too), as the official recipe trains its detector on COCO panoptic's
     boxes first. 12 epochs of its 1500 images, the learning rate x0.1 after 10; the encoder head's losses at
-    weight 1, as when its figures (benchmarks/README.md) were measured."""
+    weight 1, as when its figures (benchmarks/history.md) were measured."""
     cfg = demo(smoke)
     train = cfg.train if smoke else dataclasses.replace(cfg.train, epochs=12, lr_drop=10, eval_every=4)
     return dataclasses.replace(cfg, name="demo_panoptic_detector", model=dataclasses.replace(cfg.model, num_heads=8),
@@ -151,7 +151,7 @@ def demo_panoptic(smoke: bool = False) -> Config:
     """The second stage: the mask head trained on the frozen `demo_panoptic_detector` (`--init` its run) over the
     same synthetic panoptic folder; evaluated by PQ. The official head and losses, with the first convolution's
     kernel on the attention channels initialised 1000 times larger (`model.mask_attention_gain`): with the
-    official init the masks do not tell the queries apart within a CPU's minutes (benchmarks/README.md)."""
+    official init the masks do not tell the queries apart within a CPU's minutes (benchmarks/history.md)."""
     cfg = demo_panoptic_detector(smoke)
     train = dataclasses.replace(cfg.train, freeze_detector=True, calibrate_bn=False,
                                 **({} if smoke else dict(epochs=4, lr_drop=3, eval_every=2)))

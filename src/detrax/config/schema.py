@@ -71,7 +71,7 @@ class ModelConfig:
     # attention channels scaled at initialisation. An attention map sums to 1 over heads and pixels, so its
     # entries start near 1 / (num_heads * h * w), a thousandth of the projected features beside them, and the
     # official init (1) leaves the head blind to which query it masks for a long time; about num_heads * h * w
-    # makes a uniform map unit scale (the demo's 1000: benchmarks/README.md)
+    # makes a uniform map unit scale (the demo's 1000: benchmarks/history.md)
     mask_attention_gain: float = 1.0
 
     def __post_init__(self):

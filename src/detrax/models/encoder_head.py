@@ -6,7 +6,7 @@ Why it pays for a DETR from scratch: the decoder reads the memory through cross-
 position embedding, so its boxes can only come from what the memory's content says about where it is; the set
 loss teaches that slowly, through the matched queries alone. Boxes in image coordinates and each token's own
 centre, asked of the memory directly, make it class- and position-aware within the first few hundred steps
-(benchmarks/README.md). The head is two Linear layers and an MLP on the memory (`encoder_head/` weights);
+(benchmarks/history.md). The head is two Linear layers and an MLP on the memory (`encoder_head/` weights);
 inference runs none of it."""
 
 import jax

@@ -29,7 +29,7 @@ def _dropout_masks(drop: nnx.Dropout, shapes: dict) -> dict:
     """The keep-masks of one layer call's dropout sites ({site: shape}, named as the official layer's dropout
     modules, `self_attn` and `cross_attn` for the attention weights), or Nones in eval mode. One draw from the
     layer's stream and one random-bits generator for all its sites: XLA compiles a generator per draw (the
-    compile-time figures: benchmarks/README.md)."""
+    compile-time figures: benchmarks/history.md)."""
     if drop.deterministic or drop.rate == 0.0:
         return dict.fromkeys(shapes)
     sizes = [math.prod(s) for s in shapes.values()]

@@ -48,7 +48,7 @@ class Preprocess:
 def run_model(model, pixels, mask, per_image: bool | None = None):
     """The model's outputs for normalised `pixels` [B, H, W, 3]. `per_image`: run the batch image by image inside
     the compiled call (`lax.map`), which keeps the working set of one image; default (None): on the CPU for images
-    of at least 320x320, where a batched forward is hardly cheaper per image (benchmarks/README.md); never on
+    of at least 320x320, where a batched forward is hardly cheaper per image (benchmarks/history.md); never on
     accelerators, where a batch fills the chip. Results are the same either way (a test)."""
     b, h, w = pixels.shape[:3]  # static: decided once per compiled shape
     one_by_one = (jax.default_backend() == "cpu" and h * w >= 320 * 320) if per_image is None else per_image

@@ -37,7 +37,7 @@ class WatchFinite:
 
     It reads each step's flag when the next step has been dispatched (and `finish` reads the last one): reading
     it at once would make the host wait for every step before it queues the next, leaving the device idle while
-    the host loads the next batch (a slower step: benchmarks/README.md). A stop comes one
+    the host loads the next batch (a slower step: benchmarks/history.md). A stop comes one
     step later than the limit (skipped steps leave the weights as they were: a checkpoint written meanwhile holds
     the last good ones)."""
 

@@ -5,7 +5,7 @@ head on its mean feature that is then dropped. The detector is the same model wi
 Why it pays for a DETR from scratch: the set losses reach the backbone through the few matched queries and the
 encoder, a weak signal for which class an object is; a classifier gets one per object, 64 objects a step, on
 windows a tenth the pixels of an image (what it buys on a folder whose classes only their shape tells,
-`benchmarks/foreign_set.py`: benchmarks/README.md). The frozen batch norm keeps
+`benchmarks/foreign_set.py`: benchmarks/history.md). The frozen batch norm keeps
 its statistics (calibrated on whole images first) and frozen stages stay frozen: only `nnx.Param`s train.
 """
 

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK, whose kernel gradient was several times slower than
-# Eigen's on an AVX2 CPU (benchmarks/README.md): the CLI runs CPU convolutions through Eigen (matrix products stay
+# Eigen's on an AVX2 CPU (benchmarks/history.md): the CLI runs CPU convolutions through Eigen (matrix products stay
 # on YNNPACK). It touches nothing but the CPU backend.
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
