@@ -1,6 +1,7 @@
 """DETR: backbone -> 1x1 input projection -> transformer -> class and box heads on every decoder layer."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -129,6 +130,19 @@ def path_key(path) -> str:
     return "/".join(map(str, path))
 
 
+def abstract(config: ModelConfig, seed: int = 0) -> DETR:
+    """`DETR(config, rngs=nnx.Rngs(seed))` as shapes alone (`nnx.eval_shape`: no initialiser runs), a new model
+    each call. The trace is kept per config (and backbone builder): a process that loads many weights files of one
+    config traces the constructor once (it costs about what running it does)."""
+    graphdef, state = _abstract(config, seed, backbones.get(config.backbone).build)
+    return nnx.merge(graphdef, state, copy=True)  # new variables: no two models share one
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(config: ModelConfig, seed: int, build_backbone) -> tuple:
+    return nnx.split(nnx.eval_shape(lambda: DETR(config, rngs=nnx.Rngs(seed))))
+
+
 def assemble(config: ModelConfig, arrays: dict, *, seed: int = 0, init_rest: bool = False, sources=None) -> DETR:
     """A DETR in eval mode whose weights are `arrays` ({"backbone/conv1/kernel": array, ...}).
 
@@ -136,8 +150,7 @@ def assemble(config: ModelConfig, arrays: dict, *, seed: int = 0, init_rest: boo
     is initialised: the model is built abstractly and only its RNG streams get real keys. `sources` may name
     where each array came from, for the error messages.
     """
-    build = lambda: DETR(config, rngs=nnx.Rngs(seed))
-    model = build() if init_rest else nnx.eval_shape(build)
+    model = DETR(config, rngs=nnx.Rngs(seed)) if init_rest else abstract(config, seed)
     graphdef, weights, rest = nnx.split(model, WEIGHTS, ...)  # type: ignore[misc]
     flat = dict(nnx.to_flat_state(weights))
     paths = {path_key(p): p for p in flat}

@@ -8,7 +8,7 @@ import logging
 import os
 
 from detrax.errors import CheckpointWriteError
-from detrax.models.detr import DETR
+from detrax.models.detr import abstract
 
 
 def _to_saveable(tree):
@@ -167,9 +167,9 @@ def load_run(workdir: str, step=None, with_meta: bool = False):
             raise FileNotFoundError(f"{workdir}: its run has no checkpoint yet (none in {ckpts.directory})")
         meta = ckpts.meta(step)
         cfg = schema.from_dict(meta["config"]).model
-        abstract = nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(0)))
-        nnx.reseed(abstract, default=0)  # RNG streams get real keys: their restored values replace them
-        graphdef, like = nnx.split(abstract)
+        shapes = abstract(cfg)
+        nnx.reseed(shapes, default=0)  # RNG streams get real keys: their restored values replace them
+        graphdef, like = nnx.split(shapes)
         model_state, _, _, _ = ckpts.restore(like, None, step)
     finally:
         ckpts.close()

@@ -23,7 +23,7 @@ from detrax.models import keys
 from detrax.models import mask_head as segmentation
 from detrax.models.backbones import registry as backbones
 from detrax.models.backbones.resnet import weights_table as resnet_table
-from detrax.models.detr import DETR, WEIGHTS, assemble
+from detrax.models.detr import WEIGHTS, abstract, assemble
 from detrax.models.detr import path_key as model_path_key
 from detrax.weights import files, flax_detr
 
@@ -240,8 +240,7 @@ def convert(sd: dict, base: ModelConfig | None = None, *, seed: int = 0, **overr
     if masks:
         table = {dst: (f"detr.{src}", fn) for dst, (src, fn) in table.items()} | segmentation.weights_table(sd)
     backbone_only = fmt not in ("official", "hf", "flax_detr")
-    shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(
-        nnx.eval_shape(lambda: DETR(cfg, rngs=nnx.Rngs(seed))), WEIGHTS))}
+    shapes = {model_path_key(p): v.shape for p, v in nnx.to_flat_state(nnx.state(abstract(cfg, seed), WEIGHTS))}
     assert not set(table) - set(shapes), f"key table names unknown weights: {sorted(set(table) - set(shapes))[:5]}"
     missing = sorted(k for k in {src for src, _ in table.values()} if k not in sd)
     unused = sorted(k for k in set(sd) - {src for src, _ in table.values()}
