@@ -27,10 +27,7 @@ import record
 
 
 def cpu() -> dict:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in out if line.startswith("Flags")), [])
-    return {"model": record.cpu(), "bf16": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
-            "cores": os.cpu_count()}
+    return {"model": record.cpu(), "bf16": record.isa() in ("amx", "avx512-bf16"), "cores": os.cpu_count()}
 
 
 def inputs(b, h, w):
