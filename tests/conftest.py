@@ -35,6 +35,12 @@ def xla_flags(devices: int = 1) -> str:
 
 os.environ.setdefault("XLA_FLAGS", xla_flags())
 
+
+# for a program a test runs long (a while loop over many iterations), the train step's own CPU level
+# (`training.step.compiler_options`) in place of the suite's level 0: level 0 runs a loop's scalar code about 10x
+# slower (the on-device Hungarian on 1200 matrices: 12.7 s at level 0, 1.2 s at level 1; its compile 0.4 -> 0.6 s)
+RUNS_LONG = {"xla_backend_optimization_level": 1}
+
 # the demo preset without its training-only aids (query groups, denoising, encoder head): for the tests that are
 # not about them (a smaller step to compile and run)
 PLAIN = ["model.query_groups=1", "model.dn_groups=0", "model.encoder_head=false"]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import RUNS_LONG
 from scipy.optimize import linear_sum_assignment
 
 from detrax.criterion import matching
@@ -54,7 +55,7 @@ def test_exact_solvers_reach_the_optimum_on_1200_matrices(solver):
     costs, valids = _cases(rs, 1200)
     counts = valids.sum(1)
     assert counts.max() == 64 and counts.min() == 0 and (counts > 50).sum() > 100  # > half the queries
-    fn = jax.jit(lambda c, v: matching.match(c, v, solver))
+    fn = jax.jit(lambda c, v: matching.match(c, v, solver), compiler_options=RUNS_LONG)
     out = np.asarray(fn(costs.reshape(12, 100, 100, 64), valids.reshape(12, 100, 64))).reshape(1200, 64)
     for c, v, a in zip(costs, valids, out):
         assert abs(_check_assignment(c, v, a) - _optimum(c, v)) <= 1e-5 * max(1.0, abs(_optimum(c, v)))
