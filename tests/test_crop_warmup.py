@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import PLAIN
+from conftest import PLAIN, RUNS_LONG
 from flax import nnx
 from PIL import Image
 
@@ -18,6 +18,7 @@ from detrax.config.schema import DataConfig
 from detrax.data.crops import object_crops
 from detrax.data.synthetic import write_dataset
 from detrax.models.backbones.resnet import Frozen
+from detrax.training import step as train_step
 from detrax.training.crop_warmup import warm_up
 from detrax.training.loop import Run, fit
 
@@ -81,7 +82,8 @@ def _colour_records(tmp_path, n=8):
     return records
 
 
-def test_warm_up_trains_the_backbone_alone_and_learns_the_classes(tmp_path):
+def test_warm_up_trains_the_backbone_alone_and_learns_the_classes(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_step, "compiler_options", lambda: RUNS_LONG)  # 80 steps: the product's level
     cfg = override(presets.get("tiny"), ["train.crop_steps=40", "train.crop_lr=3e-3", "data.scales=[96]",
                                                  "data.max_size=96"])
     records = _colour_records(tmp_path)

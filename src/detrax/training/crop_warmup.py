@@ -11,6 +11,7 @@ its statistics (calibrated on whole images first) and frozen stages stay frozen:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from flax import nnx
 from detrax.config.schema import Config
 from detrax.data.crops import object_crops
 from detrax.data.transforms import normalize_batch
+from detrax.training import step as train_step
 
 BATCH = 64  # windows a step
 
@@ -53,9 +55,11 @@ def warm_up(model, records, cfg: Config, log: Callable[[str], None] = lambda lin
     net = Classifier(model.backbone, int(cfg.model.num_classes), rngs=nnx.Rngs(tc.seed))  # resolved: a number
     opt = nnx.Optimizer(net, optax.adamw(tc.crop_lr, weight_decay=tc.weight_decay), wrt=nnx.Param)
     mean, std, dtype = cfg.model.pixel_mean, cfg.model.pixel_std, model.dtype
+    graphdef, state = nnx.split((net, opt))
 
-    @nnx.jit
-    def step(net, opt, pixels, labels):  # pixels uint8 [B, S, S, 3], labels [B]
+    @functools.partial(jax.jit, compiler_options=train_step.compiler_options())  # the train step's CPU level
+    def step(state, pixels, labels):  # pixels uint8 [B, S, S, 3], labels [B]
+        net, opt = nnx.merge(graphdef, state)
         x = normalize_batch(pixels, jnp.ones(pixels.shape[:3], bool), mean, std).astype(dtype)
 
         def loss_fn(net):
@@ -64,7 +68,7 @@ def warm_up(model, records, cfg: Config, log: Callable[[str], None] = lambda lin
 
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(net)
         opt.update(net, grads)
-        return loss, (logits.argmax(-1) == labels).sum()
+        return nnx.state((net, opt)), loss, (logits.argmax(-1) == labels).sum()
 
     log(f"backbone warm-up: {tc.crop_steps} steps classifying {len(windows)} windows of the training objects")
     rng = np.random.default_rng(tc.seed)
@@ -73,11 +77,12 @@ def warm_up(model, records, cfg: Config, log: Callable[[str], None] = lambda lin
         pick = rng.integers(0, len(windows), BATCH)
         flip = rng.random(BATCH) < 0.5
         batch = np.where(flip[:, None, None, None], windows[pick, :, ::-1], windows[pick])  # [B, S, S, 3]
-        loss, correct = step(net, opt, jnp.asarray(batch), jnp.asarray(labels[pick]))
+        state, loss, correct = step(state, jnp.asarray(batch), jnp.asarray(labels[pick]))
         if i >= tc.crop_steps - tail:
             hits += int(correct)
         if (i + 1) % 500 == 0 and i + 1 < tc.crop_steps:
             log(f"  step {i + 1}/{tc.crop_steps}: loss {float(jax.device_get(loss)):.3f} ({time.time() - t0:.0f} s)")
+    nnx.update((net, opt), state)  # the backbone's new weights into the detector
     accuracy = hits / (tail * BATCH)
     seconds = time.time() - t0
     log(f"backbone warm-up done: accuracy {accuracy:.2f} on the last {tail} steps' windows (loss "

@@ -26,9 +26,10 @@ def trainable(freeze_detector: bool = False):
 
 
 def compiler_options() -> dict | None:
-    """On the CPU, LLVM's level-1 optimisation: the step's heavy work runs in library kernels (convolutions,
-    matrix products) that it does not touch, and it compiles faster (figures: benchmarks/history.md). A level
-    given in XLA_FLAGS wins (the test suite compiles everything at level 0: most of its steps run a few times)."""
+    """On the CPU, LLVM's level-1 optimisation for the training steps (this one and the backbone's warm-up,
+    `crop_warmup`): their heavy work runs in library kernels (convolutions, matrix products) that it does not
+    touch, and they compile faster (figures: benchmarks/history.md). A level given in XLA_FLAGS wins (the test
+    suite compiles at level 0: most of its steps run a few times)."""
     if jax.default_backend() != "cpu" or "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
         return None
     return {"xla_backend_optimization_level": 1}
