@@ -67,9 +67,8 @@ def test_loss_falls(aided_run):
 def test_overfits_four_images_to_ap50(tmp_path):
     root = tmp_path / "four"
     write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
-    cfg = _cfg("train.steps=200", "train.batch_size=4", "train.lr=1e-3", "train.lr_backbone=1e-3",
-               "model.dilation=false", "data.val_split=train", "train.lr_drop=1000",
-               "train.log_every=50")
+    cfg = _cfg("train.steps=200", "train.lr=1e-3", "train.lr_backbone=1e-3", "data.val_split=train",
+               "train.lr_drop=1000", "train.log_every=50")
     summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
 
