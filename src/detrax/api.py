@@ -184,7 +184,12 @@ def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> D
     """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
     `detrax convert` or `Detector.save`, with the class names and val transform they carry), an official / HF /
     torchvision / BiT / MasterSkepticista/detr checkpoint (converted on the fly), or `random:PRESET` for random
-    weights; run by `runtime` (`detrax.serving.runtimes`)."""
+    weights; run by `runtime` (`detrax.serving.runtimes`). Turns on JAX's persistent compilation cache
+    (`detrax.serving.compilation_cache`: the next process compiles nothing it compiled; DETRAX_COMPILATION_CACHE=off
+    turns it off)."""
+    from detrax.serving import compilation_cache
+
+    compilation_cache.enable()
     detector = _load(os.fspath(path), **config_overrides)
     return detector if runtime == "xla" else detector.with_runtime(runtime)
 

@@ -16,6 +16,9 @@ VAL = DataConfig()  # the official val transform: what weights files that record
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detrax", description="DETR in JAX and Flax NNX")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh and keep nothing "
+                   "(default: JAX's persistent compilation cache in ~/.cache/detrax/jax or $DETRAX_COMPILATION_CACHE; "
+                   "DETRAX_COMPILATION_CACHE=off also turns it off)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("predict", help="detect objects in images; writes results.json and drawn images")
@@ -147,7 +150,11 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from detrax.errors import TrainingError
+    from detrax.serving import compilation_cache
 
+    if args.no_compile_cache:
+        compilation_cache.disable()
+    compilation_cache.enable()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
