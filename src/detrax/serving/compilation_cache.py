@@ -34,9 +34,9 @@ def folder() -> str | None:
 def enable() -> str | None:
     """Turn the cache on for this process (again and again: the first call decides). Returns the folder in use,
     or None when it is off. A folder that cannot be made costs one line on stderr, never the command."""
-    if not jax.config.jax_enable_compilation_cache:
+    if not jax.config.jax_enable_compilation_cache:  # type: ignore[attr-defined]
         return None
-    current = jax.config.jax_compilation_cache_dir
+    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     if current:
         return current
     path = folder()
