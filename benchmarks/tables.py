@@ -104,6 +104,11 @@ ROWS = [
     Row("bench_predict", "`Detector.predict` on coco-tiny's real images, DETR-R50 at 800/1333: per-image time "
         "detrax / HF pipeline, batch 1 / batch 8",
         lambda f: f"{f['time_ratio_detrax_vs_hf_batch1']} / {f['time_ratio_detrax_vs_hf_batch8']}"),
+    Row("bench_startup", "time to the first detection: `detrax predict` of one 640x480 image with a DETR-R50 "
+        "weights file in a fresh process, the first / the second (JAX's persistent compilation cache: it compiles "
+        "nothing) / the cache off; seconds of compiling in the first",
+        lambda f: f"{f['first_s']} s / {f['second_s']} s ({f['second_over_first']:.0%}) / {f['off_s']} s; "
+        f"{f['compile_seconds_first']} s"),
     Row("bench_segmentation", "panoptic forward (DETR-R50 and the official mask head, 250 classes), batch 1 at "
         "640x640: detrax / HF `DetrForSegmentation`", lambda f: f"{f['ratio_detrax_vs_hf']} ({f['detrax_median_s']} s "
         f"vs {f['hf_median_s']} s)"),
