@@ -159,7 +159,9 @@ def test_export_cli_and_bad_input(detector, tmp_path, capsys):
         detector.with_runtime("onnxruntime", onnx=str(tmp_path / "nothing.onnx")).predict(np.zeros((8, 8, 3)))
 
 
-def test_predict_cli_runtime_flag(detector, tmp_path, capsys):
+def test_predict_cli_runtime_flag(detector, onnx_file, tmp_path, capsys):
+    """`--runtime`, and with `--model` the exported file itself (`onnx_file`, this detector's export): the same
+    detections as the model exported on the fly."""
     from conftest import require
 
     require("onnxruntime", "onnx")
@@ -168,13 +170,19 @@ def test_predict_cli_runtime_flag(detector, tmp_path, capsys):
     for i in range(2):
         scene(rng, 100, 130)[0].save(tmp_path / f"{i}.png")
     results = {}
-    for runtime in ("xla", "onnxruntime"):
-        out = tmp_path / runtime
+    for name, flags in [("xla", ["--runtime", "xla"]), ("onnxruntime", ["--runtime", "onnxruntime"]),
+                        ("file", ["--runtime", "onnxruntime", "--model", str(onnx_file)])]:
+        out = tmp_path / name
         args = ["predict", str(tmp_path / "w.safetensors"), str(tmp_path / "0.png"), str(tmp_path / "1.png"),
-                "--out", str(out), "--threshold", "0.0", "--runtime", runtime]
+                "--out", str(out), "--threshold", "0.0", *flags]
         assert cli.main(args) == 0, capsys.readouterr().err
-        results[runtime] = json.loads((out / "results.json").read_text())
+        results[name] = json.loads((out / "results.json").read_text())
     assert len(results["xla"]) == 2 * detector.config.num_queries
+    assert results["file"] == results["onnxruntime"]
+    capsys.readouterr()
+    assert cli.main(["predict", str(tmp_path / "w.safetensors"), str(tmp_path / "0.png"), "--out",
+                     str(tmp_path / "x"), "--model", str(onnx_file)]) == 2
+    assert "--model is an exported file for another runtime" in capsys.readouterr().err
     for a, b in zip(results["onnxruntime"], results["xla"], strict=True):
         assert a["category_id"] == b["category_id"] and a["image_id"] == b["image_id"]
         np.testing.assert_allclose(a["bbox"], b["bbox"], atol=0.02)  # rounded to 0.01 px in the file

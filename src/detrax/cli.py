@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention-points", type=int, default=2, help="encoder self-attention points (box centres)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
-                   "(detrax.serving.runtimes; the latter two export it to ONNX first)")
+                   "(detrax.serving.runtimes; the latter two export it to ONNX first, unless --model)")
+    s.add_argument("--model", default=None, help="with --runtime onnxruntime or openvino: the exported file to run "
+                   "(`detrax export --format onnx`), so that what is measured is the file that ships")
     s.set_defaults(func=commands.cmd_predict)
 
     s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
@@ -114,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
     s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
-                   "(detrax.serving.runtimes; the latter two export it to ONNX first)")
+                   "(detrax.serving.runtimes; the latter two export it to ONNX first, unless --model)")
+    s.add_argument("--model", default=None, help="with --runtime onnxruntime or openvino: the exported file to run "
+                   "(`detrax export --format onnx`), so that what is measured is the file that ships")
     s.set_defaults(func=commands.cmd_eval)
 
     data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(

@@ -20,10 +20,24 @@ def _writable_dir(path: str) -> str:
     return path
 
 
+def _detector(args):
+    """`detrax.load` of the command's checkpoint, run by its `--runtime` (with `--model`, the exported file that
+    runtime runs: an ONNX file `detrax export` wrote, quantized or not; else the model exported now)."""
+    import detrax
+
+    model = getattr(args, "model", None)
+    if model is not None and args.runtime == "xla":
+        raise ValueError("--model is an exported file for another runtime (--runtime onnxruntime or openvino); "
+                         "xla runs the checkpoint itself")
+    detector = detrax.load(args.checkpoint)
+    if args.runtime == "xla":
+        return detector
+    return detector.with_runtime(args.runtime, **({"onnx": model} if model is not None else {}))
+
+
 def cmd_predict(args) -> int:
     import numpy as np
 
-    import detrax
     from detrax.data.synthetic import scene
     from detrax.serving.images import list_images, read_image, write_results
 
@@ -46,7 +60,7 @@ def cmd_predict(args) -> int:
             skipped.append(f)
             print(f"skipped: {e}", file=sys.stderr)
     t0 = time.time()
-    detector = detrax.load(args.checkpoint, runtime=args.runtime)
+    detector = _detector(args)
     if args.checkpoint.startswith("random:"):
         print(f"{args.checkpoint}: RANDOM weights, so the boxes mean nothing; pass a converted or trained "
               "checkpoint for real detections")
@@ -186,13 +200,12 @@ def _exit_status(summary) -> int:
 
 
 def cmd_eval(args) -> int:
-    import detrax
     from detrax.config import presets, schema
     from detrax.config.overrides import override
     from detrax.data.sources import read_split, resolve_split
     from detrax.evaluation.coco import evaluate
 
-    detector = detrax.load(args.checkpoint, runtime=args.runtime)
+    detector = _detector(args)
     # the run's own data config (its val transform), else the preset's, else the official (DataConfig's)
     data_cfg = presets.get(args.config).data if args.config else detector.data or schema.DataConfig()
     data_cfg = override(schema.Config("eval", detector.config, data=data_cfg), args.overrides).data
