@@ -14,6 +14,14 @@ from detrax.serving.infer import BATCH_SIZE
 VAL = DataConfig()  # the official val transform: what weights files that record none are resized by
 
 
+def _runtime_args(s: argparse.ArgumentParser) -> None:
+    """--runtime and --model, of the commands that run a model (predict, eval)."""
+    s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
+                   "(detrax.serving.runtimes; the latter two export it to ONNX first, unless --model)")
+    s.add_argument("--model", default=None, help="with --runtime onnxruntime or openvino: the exported file to run "
+                   "(`detrax export --format onnx`), so that what is measured is the file that ships")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detrax", description="DETR in JAX and Flax NNX")
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh and keep nothing "
@@ -42,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoder cross-attention, and encoder self-attention at the first detections' centres")
     s.add_argument("--attention-points", type=int, default=2, help="encoder self-attention points (box centres)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
-                   "(detrax.serving.runtimes; the latter two export it to ONNX first, unless --model)")
-    s.add_argument("--model", default=None, help="with --runtime onnxruntime or openvino: the exported file to run "
-                   "(`detrax export --format onnx`), so that what is measured is the file that ships")
+    _runtime_args(s)
     s.set_defaults(func=commands.cmd_predict)
 
     s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
@@ -115,10 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write metrics.json and results.json here")
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
-    s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
-                   "(detrax.serving.runtimes; the latter two export it to ONNX first, unless --model)")
-    s.add_argument("--model", default=None, help="with --runtime onnxruntime or openvino: the exported file to run "
-                   "(`detrax export --format onnx`), so that what is measured is the file that ships")
+    _runtime_args(s)
     s.set_defaults(func=commands.cmd_eval)
 
     data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(
