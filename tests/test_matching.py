@@ -2,6 +2,9 @@
 independent of it); the batched host call equals per-image calls; Sinkhorn is close."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +113,35 @@ def test_one_host_round_trip_for_all_layers(monkeypatch):
     costs = rs.random((6, 8, 30, 5)).astype(np.float32)
     jax.block_until_ready(jax.jit(matching.hungarian)(costs, np.ones((8, 5), bool)))
     assert calls == [(6, 8, 30, 5)]
+
+
+ONE_CPU = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before JAX starts: XLA:CPU's thread pool of one thread
+import jax, numpy as np
+from scipy.optimize import linear_sum_assignment
+from detrax.criterion import matching
+rs = np.random.default_rng(0)
+costs = rs.random((6, 4, 100, 80)).astype(np.float32)  # 768 KB, a transfer XLA makes on its thread pool
+out = np.asarray(jax.jit(matching.hungarian)(costs, np.ones((4, 80), bool)))
+for idx in np.ndindex(6, 4):
+    rows, cols = linear_sum_assignment(costs[idx].astype(np.float64))
+    assert (out[idx][cols] == rows).all()
+print("matched", out.shape)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_host_matching_in_a_process_with_one_cpu():
+    """A process confined to one CPU once waited forever in the host callback (its operands' transfer queued on the
+    one thread that was running the callback): it matches, and equals scipy."""
+    env = {k: v for k, v in os.environ.items() if "CACHE" not in k}  # compiled here: a cached program did not hang
+    try:
+        run = subprocess.run([sys.executable, "-c", ONE_CPU], capture_output=True, text=True, timeout=90, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the host matcher hung in a process with one CPU")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "matched (6, 4, 80)" in run.stdout
 
 
 def test_sinkhorn_mean_relative_gap_at_most_one_percent():

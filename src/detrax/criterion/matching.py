@@ -54,12 +54,34 @@ def solve_host(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+# JAX hands a callback its operands through a host transfer, and XLA:CPU makes a transfer of 100 KiB or more
+# asynchronously, on the thread pool that runs the calling program: in a process with one CPU (a pool of one
+# thread) the callback then waits on itself forever. Operands go in pieces of at most this many bytes.
+_PIECE_BYTES = 64 * 1024
+
+
+def _pieces(x):
+    """x -> flat pieces of at most _PIECE_BYTES each."""
+    flat, step = x.reshape(-1), _PIECE_BYTES // x.dtype.itemsize
+    return [flat[i:i + step] for i in range(0, flat.size, step)] or [flat]
+
+
+def _solve_pieces(count, cost_shape):
+    def solve(*pieces):
+        cost = np.concatenate([np.asarray(p) for p in pieces[:count]]).reshape(cost_shape)
+        valid = np.concatenate([np.asarray(p) for p in pieces[count:]]).reshape(cost_shape[:-2] + cost_shape[-1:])
+        return solve_host(cost, valid)
+    return solve
+
+
 def hungarian(cost, valid):
     """Exact matching of every matrix in `cost` [..., N, M] in one host call."""
     cost = jax.lax.stop_gradient(cost)
     valid = jnp.broadcast_to(valid, cost.shape[:-2] + cost.shape[-1:])
     shape = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
-    return jax.pure_callback(solve_host, shape, cost, valid, vmap_method="sequential")
+    cost_pieces = _pieces(cost)
+    return jax.pure_callback(_solve_pieces(len(cost_pieces), cost.shape), shape, *cost_pieces, *_pieces(valid),
+                             vmap_method="sequential")
 
 
 # ------------------------------------------------------------------------------- hungarian (device)
