@@ -36,6 +36,23 @@ def xla_flags(devices: int = 1) -> str:
 os.environ.setdefault("XLA_FLAGS", xla_flags())
 
 
+def _share_of_the_cpus():
+    """Under pytest-xdist, each worker (and the processes it starts) on its own share of the CPUs, set before JAX
+    starts: XLA:CPU sizes its thread pools by the CPUs a process may use, and two workers whose pools each span
+    every core wait on each other's threads (on 2 cores, 2 workers: 1050 s of CPU for the suite, 1255 s
+    unpinned). The CPUs of the whole run stay in DETRAX_SUITE_CPUS for a test whose processes need them all
+    (`scripts/two_process.py`)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("DETRAX_SUITE_CPUS", ",".join(map(str, cpus)))
+    if len(cpus) >= count:
+        os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+
+
+_share_of_the_cpus()
+
 # for a program a test runs long (a while loop over many iterations), the train step's own CPU level
 # (`training.step.compiler_options`) in place of the suite's level 0: level 0 runs a loop's scalar code about 10x
 # slower (the on-device Hungarian on 1200 matrices: 12.7 s at level 0, 1.2 s at level 1; its compile 0.4 -> 0.6 s)

@@ -3,11 +3,15 @@ argv = process_id port data_dir workdir steps [resume]. Trains (or resumes) a ti
 prints the digest of its final parameters and how it ended; exits 128 + the signal that stopped it, if one did."""
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
-import jax
+if os.environ.get("DETRAX_SUITE_CPUS"):  # every CPU of the run, not the share of the test worker that started it
+    os.sched_setaffinity(0, [int(c) for c in os.environ["DETRAX_SUITE_CPUS"].split(",")])
+
+import jax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: digests
 sys.modules["torch"] = None  # type: ignore[assignment]  # tensorboardX imports PyTorch if it can (1.3 s a launch)
