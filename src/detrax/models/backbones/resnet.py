@@ -37,12 +37,17 @@ class Conv(nnx.Module):
 def conv2d(x, kernel, stride: int = 1, dilation: int = 1, padding: int = 0):
     """x [B, H, W, Cin], kernel [kh, kw, Cin, Cout] -> [B, H', W', Cout]. An unpadded 1x1 convolution is a
     matrix product over the channels (of every `stride`-th pixel): the same numbers, and on the CPU its weight
-    gradient is a plain GEMM instead of XLA's transposed convolution (several times faster in training)."""
+    gradient is a plain GEMM instead of XLA's transposed convolution (several times faster in training). Written
+    as a product of two matrices (pixels x channels), an ONNX export carries it as a MatMul, which the runtimes
+    quantize and run faster than the Einsum a 4-D product becomes."""
     if kernel.shape[:2] == (1, 1) and padding == 0:
         if stride > 1:  # every stride-th pixel; the stops spell out the size as the convolution's (H - 1) // s + 1
-            h, w = ((n - 1) // stride * stride + 1 for n in x.shape[1:3])  # so symbolic sizes agree (export)
-            x = x[:, :h:stride, :w:stride]  # [B, H', W', Cin]
-        return jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))  # [B, H', W', Cout]
+            # so that symbolic sizes agree (export); a strided slice, which ONNX carries as a Slice (an indexing
+            # with steps became a GatherND, whose rank OpenVINO could not tell after int8 quantization)
+            h, w = ((n - 1) // stride * stride + 1 for n in x.shape[1:3])
+            x = jax.lax.slice(x, (0, 0, 0, 0), (x.shape[0], h, w, x.shape[3]), (1, stride, stride, 1))  # [B, H', W', C]
+        b, h, w, cin = x.shape
+        return (x.reshape(-1, cin) @ kernel[0, 0]).reshape(b, h, w, kernel.shape[-1])  # [B, H', W', Cout]
     p = padding
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)],
                                         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
