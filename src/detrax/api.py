@@ -9,11 +9,11 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from detrax.config import presets, schema
 from detrax.data.coco_names import class_names
 from detrax.models.detr import DETR
+from detrax.serving.images import to_rgb
 from detrax.serving.infer import BATCH_SIZE, Preprocess, batches, detect, make_infer, run, run_model
 from detrax.serving.postprocess import THRESHOLD, select
 
@@ -126,7 +126,7 @@ class Detector:
             return det | {"names": [self._name(label) for label in det["labels"]]}
 
         single = not isinstance(images, (list, tuple))
-        pil = [_image(im) for im in ([images] if single else images)]
+        pil = [to_rgb(im) for im in ([images] if single else images)]
         results = run(self.infer_masks, pil, self._prep(size, max_size), batch_size, one)
         return results[0] if single else results
 
@@ -144,7 +144,7 @@ class Detector:
         absolute (x0, y0, x1, y1), `scores`, `labels` and `names`, best first. Images are resized as the
         official val transform (shorter side `size`, longer at most `max_size`; by default the model's own)."""
         single = not isinstance(images, (list, tuple))
-        pil = [_image(im) for im in ([images] if single else images)]
+        pil = [to_rgb(im) for im in ([images] if single else images)]
         dets = detect(self.infer, pil, self._prep(size, max_size), threshold=threshold, batch_size=batch_size)
         dets = [d | {"names": [self._name(label) for label in d["labels"]]} for d in dets]
         return dets[0] if single else dets
@@ -154,7 +154,7 @@ class Detector:
         image), and of the encoder's self-attention at `points` [(x, y), ...] in image pixels."""
         from detrax.serving.attention_maps import attention_panels
 
-        image = _image(image)
+        image = to_rgb(image)
         batch = next(batches([image], self._prep(size, max_size), 1))
         return attention_panels(self.model, image, batch, det, points)
 
@@ -169,15 +169,6 @@ class Detector:
         p = self.preprocess
         data = {"val_size": p.size, "max_size": p.max_size, "bucket_step": p.step} if self.data else None
         save_weights(plain(self.model), path, categories=categories, data=data)
-
-
-def _image(im) -> Image.Image:
-    """A path, PIL image or HxWx3 uint8 array -> an RGB PIL image."""
-    from detrax.serving.images import read_image
-
-    if isinstance(im, (str, os.PathLike)):
-        return read_image(os.fspath(im))
-    return im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8))
 
 
 def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> Detector:

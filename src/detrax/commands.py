@@ -228,10 +228,58 @@ def cmd_export(args) -> int:
         raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(sorted(FORMATS))}")
     shape = Shape(args.batch, *_size(args.size))
     detector = detrax.load(args.checkpoint)
-    export(detector, args.out, args.format, shape, dtype=args.dtype)
-    print(json.dumps({"out": args.out, "format": args.format, "shape": dataclasses.asdict(shape),
-                      "dtype": args.dtype or detector.config.dtype}))
+    done = {"out": args.out, "format": args.format, "shape": dataclasses.asdict(shape),
+            "dtype": args.dtype or detector.config.dtype}
+    if not args.quantize:
+        export(detector, args.out, args.format, shape, dtype=args.dtype)
+        print(json.dumps(done))
+        return 0
+    from detrax.serving.quantize import calibration_images
+
+    source, split = _calibration_source(args)
+    images, about = calibration_images(source, args.calibration_images, split)
+    export(detector, args.out, args.format, shape, dtype=args.dtype, quantize=args.quantize, calibration=images,
+           calibration_about=about)
+    done |= {"quantize": args.quantize, "calibration": about | {"images_used": len(images)}}
+    if "data" in about:  # the accuracy it kept, on the data's val split
+        done["accuracy"] = _int8_accuracy(detector, args.out, about["data"], args.tolerance)
+    print(json.dumps(done))
     return 0
+
+
+def _calibration_source(args) -> tuple[str, str]:
+    """--calibration, else the training split the run (a workdir) recorded."""
+    from detrax.training.start import read_record
+
+    if args.calibration:
+        return args.calibration, "auto"
+    data = (read_record(args.checkpoint) or {}).get("data") if os.path.isdir(args.checkpoint) else None
+    if not data or not os.path.isdir(data.get("path", "")):
+        raise ValueError(f"{args.checkpoint}: no training data recorded here to calibrate int8 on; give "
+                         "--calibration DATA_OR_IMAGES")
+    return data["path"], data.get("split") or "auto"
+
+
+def _int8_accuracy(detector, int8_file: str, data: str, tolerance: float) -> dict:
+    """AP50 and AP of the float model (XLA) and of the int8 file (ONNX Runtime) on `data`'s val split; a line on
+    stderr when int8 loses more than `tolerance` AP50 points."""
+    from detrax.config import schema
+    from detrax.data.sources import list_splits, read_split
+    from detrax.evaluation.coco import evaluate
+
+    val = [s for s in list_splits(data) if s.startswith("val")]
+    if not val:
+        return {"skipped": f"{data} has no val split"}
+    ds, data_cfg = read_split(data, val[0]), detector.data or schema.DataConfig()
+    scores = {name: evaluate(d.infer, ds, data_cfg, class_ids=detector.config.class_ids)
+              for name, d in (("float32", detector), ("int8", detector.with_runtime("onnxruntime", onnx=int8_file)))}
+    out = {"split": val[0],
+           **{f"{name}_{k}": round(100 * m[k], 2) for name, m in scores.items() for k in ("AP50", "AP")}}
+    out["within_tolerance"] = out["int8_AP50"] >= out["float32_AP50"] - tolerance
+    if not out["within_tolerance"]:
+        print(f"detrax export: int8 AP50 {out['int8_AP50']} is more than {tolerance} points below float32's "
+              f"{out['float32_AP50']} on {data} {val[0]}", file=sys.stderr)
+    return out
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:

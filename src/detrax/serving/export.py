@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -57,16 +58,31 @@ def register_format(name: str, fn: Callable) -> None:
 
 
 def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: Shape | None = None,
-           dtype: str | None = None) -> str:
+           dtype: str | None = None, quantize: str | None = None, calibration=None,
+           calibration_about: dict | None = None) -> str:
     """Write `detector` (a `detrax.Detector`) to `path` in a registered format, for inputs of `shape` (default:
-    any batch and size), computing in `dtype` (default: the model's); returns the path."""
+    any batch and size), computing in `dtype` (default: the model's); returns the path. `quantize="int8"` (onnx):
+    post-training quantization calibrated on `calibration` (images: paths, PIL images or uint8 arrays), whose
+    source `calibration_about` describes in the file's metadata (`serving.quantize`)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; formats: {', '.join(sorted(FORMATS))}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be int8, not {quantize!r}")
+    if quantize and format != "onnx":
+        raise ValueError(f"int8 quantization is for the onnx format, not {format}")
     if dtype not in (None, detector.config.dtype):
         detector = detector.with_config(dtype=dtype)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    FORMATS[format](detector, path, shape or Shape())
+    if not quantize:
+        FORMATS[format](detector, path, shape or Shape())
+        return path
+    from detrax.serving.quantize import calibration_batches, quantize_onnx
+
+    batches = calibration_batches(detector, calibration or [])  # before the export: a clear error first
+    with tempfile.TemporaryDirectory(prefix="detrax-float-") as work:
+        FORMATS[format](detector, os.path.join(work, "float.onnx"), shape or Shape())
+        quantize_onnx(os.path.join(work, "float.onnx"), path, batches, calibration_about)
     return path
 
 

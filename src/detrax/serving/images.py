@@ -22,6 +22,13 @@ def read_image(path: str) -> Image.Image:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
+def to_rgb(im) -> Image.Image:
+    """A path, PIL image or HxWx3 uint8 array -> an RGB PIL image."""
+    if isinstance(im, (str, os.PathLike)):
+        return read_image(os.fspath(im))
+    return im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8))
+
+
 def list_images(paths) -> list[str]:
     """Files as given, and the image files of folders (sorted)."""
     out = []
