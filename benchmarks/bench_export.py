@@ -1,14 +1,16 @@
 """DETR-R50 inference on the CPU in the runtimes people deploy with: detrax's XLA, and detrax exported to ONNX
 (`detrax export --format onnx`, any batch and size) run by ONNX Runtime and OpenVINO (fp32; bf16 where the CPU
-has bfloat16 instructions), against HF transformers' DETR in PyTorch (fp32 NCHW, fp32 channels_last, bf16
-autocast). Same architecture, random weights (speed does not depend on their values), 91 classes.
+has bfloat16 instructions), and quantized to int8 (`--quantize int8`, calibrated on 8 synthetic scenes) in both,
+against HF transformers' DETR in PyTorch (fp32 NCHW, fp32 channels_last, bf16 autocast). Same architecture,
+random weights (speed does not depend on their values), 91 classes. (int8's accuracy: bench_int8.py.)
 
     .venv/bin/python benchmarks/bench_export.py [--sizes 800x1216,640x640] [--batches 1,4] [--iters 3]
 
 Each framework runs in its own process (using every core), over every size and batch. Prints one line per
 measurement (median seconds per call), the CPU model, how far each detrax runtime's outputs are from XLA's, and
 last one JSON object whose `ratio_<size>_b<batch>` keys are detrax's best runtime over PyTorch's best setting
-(any precision), and `ratio_fp32_<size>_b<batch>` the same against PyTorch's best fp32.
+(any precision), `ratio_float_...` detrax's best float runtime over the same, and `ratio_fp32_...` detrax's best
+fp32 over PyTorch's best fp32.
 PyTorch's bf16 autocast on a CPU without bfloat16 instructions is several times slower than its fp32: there it
 runs once per shape (`--slow-iters`).
 """
@@ -71,6 +73,14 @@ def worker_detrax(shapes, iters, bf16_cpu):
     files = [onnx, *(f"{onnx}.data" for _ in [0] if os.path.exists(f"{onnx}.data"))]  # weights beside the graph
     rows = {"export_s": round(time.perf_counter() - t0, 1),
             "onnx_mib": round(sum(os.path.getsize(f) for f in files) / 2**20)}
+    from detrax.data.synthetic import scene
+    from detrax.serving.quantize import calibration_batches, quantize_onnx
+
+    rng = np.random.default_rng(1)  # int8: calibrated on synthetic scenes (speed does not depend on the weights)
+    int8 = os.path.join(os.path.dirname(onnx), "detr_int8.onnx")
+    t0 = time.perf_counter()
+    quantize_onnx(onnx, int8, calibration_batches(det, [scene(rng, 480, 640)[0] for _ in range(8)]))
+    rows["quantize_s"] = round(time.perf_counter() - t0, 1)
     model = det.model
     heads = lambda o: (o["pred_logits"], o["pred_boxes"])
     xla = jax.jit(lambda p, m: heads(run_model(model, normalized(model, p, m), m)))  # Detector's forward
@@ -78,12 +88,14 @@ def worker_detrax(shapes, iters, bf16_cpu):
     import onnxruntime as ort
     import openvino as ov
 
-    session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    sessions = {k: ort.InferenceSession(f, providers=["CPUExecutionProvider"])
+                for k, f in (("onnxruntime", onnx), ("onnxruntime_int8", int8))}
     core = ov.Core()
-    compiled = {p: core.compile_model(onnx, "CPU", {"INFERENCE_PRECISION_HINT": p})
-                for p in (("f32", "bf16") if bf16_cpu else ("f32",))}
+    compiled = {f"{k}{p}": core.compile_model(f, "CPU", {"INFERENCE_PRECISION_HINT": p})
+                for k, f in (("", onnx), ("int8_", int8)) for p in (("f32", "bf16") if bf16_cpu else ("f32",))}
     runs = {"detrax_xla": lambda p, m: jax.block_until_ready(xla(p, m)),
-            "detrax_onnxruntime": lambda p, m: session.run(None, {"pixels": p, "mask": m}),
+            **{f"detrax_{k}": (lambda s: lambda p, m: s.run(None, {"pixels": p, "mask": m}))(s)
+               for k, s in sessions.items()},
             **{f"detrax_openvino_{k}": (lambda c: lambda p, m: list(c({"pixels": p, "mask": m}).values()))(c)
                for k, c in compiled.items()}}
     for b, h, w in shapes:
@@ -152,7 +164,7 @@ def main():
             raise SystemExit(f"{worker} failed:\n{out.stderr[-3000:]}")
         rows.update(json.loads(out.stdout.strip().splitlines()[-1]))
     figures = {"cpu": info["model"], "bf16_instructions": info["bf16"], "export_s": rows.pop("export_s"),
-               "onnx_mib": rows.pop("onnx_mib")}
+               "onnx_mib": rows.pop("onnx_mib"), "quantize_s": rows.pop("quantize_s")}
     print(f"ONNX export {figures['export_s']} s, {figures['onnx_mib']} MiB")
     for b, h, w in shapes:
         key = f"{h}x{w} b{b}"
@@ -161,14 +173,19 @@ def main():
             diff = f"  outputs within {v['max_diff_vs_xla']:.1e} of XLA's" if "max_diff_vs_xla" in v else ""
             print(f"{key:14s} {name:28s} {v['s']:8.3f} s{diff}")
         ours = min((v["s"], k) for k, v in here.items() if k.startswith("detrax"))
+        ours_float = min((v["s"], k) for k, v in here.items() if k.startswith("detrax") and "int8" not in k)
+        ours_fp32 = min((v["s"], k) for k, v in here.items() if k.startswith("detrax") and "int8" not in k
+                        and "bf16" not in k)
         torch_any = min((v["s"], k) for k, v in here.items() if k.startswith("torch"))
         torch_fp32 = min((v["s"], k) for k, v in here.items() if k.startswith("torch_fp32"))
         tag = f"{h}x{w}_b{b}"
         figures[f"ratio_{tag}"] = round(ours[0] / torch_any[0], 3)
-        figures[f"ratio_fp32_{tag}"] = round(ours[0] / torch_fp32[0], 3)
+        figures[f"ratio_float_{tag}"] = round(ours_float[0] / torch_any[0], 3)
+        figures[f"ratio_fp32_{tag}"] = round(ours_fp32[0] / torch_fp32[0], 3)
         figures.update({f"{k}_{tag}_s": v["s"] for k, v in here.items()})
         print(f"{key:14s} detrax best ({ours[1]}) / PyTorch best ({torch_any[1]}): {figures[f'ratio_{tag}']}; "
-              f"/ PyTorch best fp32 ({torch_fp32[1]}): {figures[f'ratio_fp32_{tag}']}", flush=True)
+              f"detrax best float ({ours_float[1]}): {figures[f'ratio_float_{tag}']}; detrax best fp32 "
+              f"({ours_fp32[1]}) / PyTorch best fp32 ({torch_fp32[1]}): {figures[f'ratio_fp32_{tag}']}", flush=True)
     record.finish(figures)
 
 

@@ -63,7 +63,7 @@ def main():
                 "openvino_f32": det.with_runtime("openvino", onnx=f32),
                 "openvino_int8": det.with_runtime("openvino", onnx=int8)}
     sets = {"val": read_split(os.path.join(run, "data"), "val"),
-            "held_out": read_split(os.path.join(run, "held_out"), "eval")}
+            "held_out": read_split(os.path.join(run, "held_out"), "val")}
     from detrax.data.coco import load_image
 
     one = next(batches([load_image(sets["val"].records[0])], det.preprocess, 1))

@@ -39,13 +39,10 @@ def _runtimes(f: dict, tag: str) -> str:
 
 
 def _export(f: dict) -> str:
-    """Best of each in any precision; then float32 against float32 (from the runtimes' own times)."""
+    """Best of each in any precision (int8 included); detrax's best float; float32 against float32."""
     tags = ("800x1216_b1", "800x1216_b4", "640x640_b1", "640x640_b4")
-    fp32 = lambda t, side, names: min(v for k, v in f.items() if k.endswith(f"_{t}_s") and k.startswith(side)
-                                      and any(n in k for n in names))
-    ratio = lambda t: fp32(t, "detrax", ("xla", "onnxruntime", "openvino_f32")) / fp32(t, "torch", ("fp32",))
-    return (" / ".join(str(f[f"ratio_{t}"]) for t in tags) + "; float32 only: "
-            + " / ".join(f"{ratio(t):.3f}" for t in tags))
+    return "; ".join(f"{name}: " + " / ".join(str(f[f"{key}_{t}"]) for t in tags)
+                     for name, key in (("any", "ratio"), ("float", "ratio_float"), ("float32", "ratio_fp32")))
 
 
 def _export_detail(f: dict) -> str:
@@ -72,8 +69,9 @@ def _matching(f: dict, solver: str) -> str:
 
 ROWS = [
     Row("bench_export", "DETR-R50 inference, 800x1216 batch 1 / batch 4, 640x640 batch 1 / batch 4: detrax's fastest "
-        "runtime (XLA, ONNX Runtime, OpenVINO; OpenVINO in bfloat16 where the CPU has it) / PyTorch's best setting "
-        "in any precision (HF DETR; bfloat16 autocast where the CPU has it); then float32 against float32", _export),
+        "runtime (XLA, ONNX Runtime, OpenVINO; int8 in both; OpenVINO in bfloat16 where the CPU has it) / PyTorch's "
+        "best setting in any precision (HF DETR; bfloat16 autocast where the CPU has it); detrax's best float "
+        "runtime / the same; float32 against float32", _export),
     Row("bench_export", "the runtimes' seconds per call, 800x1216 and 640x640, batch 1", _export_detail,
         ("benchmarks",)),
     Row("bench_export", "ONNX export of DETR-R50: time; size (graph and weights)",
