@@ -76,6 +76,14 @@ ROWS = [
         ("benchmarks",)),
     Row("bench_export", "ONNX export of DETR-R50: time; size (graph and weights)",
         lambda f: f"{f['export_s']} s; {f['onnx_mib']} MiB", ("benchmarks",)),
+    Row("bench_int8", "int8 on a trained model (the demo run, calibrated on 64 training images): AP50 / AP change "
+        "from float32, ONNX Runtime and OpenVINO, on the demo's val split (in-sample) and on 250 held-out scenes",
+        lambda f: "; ".join(f"{rt}: val {f[f'{rt}_int8_minus_f32_val_AP50']:+} / {f[f'{rt}_int8_minus_f32_val_AP']:+}, "
+                            f"held out {f[f'{rt}_int8_minus_f32_held_out_AP50']:+} / "
+                            f"{f[f'{rt}_int8_minus_f32_held_out_AP']:+}" for rt in ("onnxruntime", "openvino"))),
+    Row("bench_int8", "the same: AP50 / AP (held out) and milliseconds per image at batch 1, by runtime",
+        lambda f: "; ".join(f"{k} {v['held_out_AP50']} / {v['held_out_AP']}, {v['ms_per_image_b1']} ms"
+                            for k, v in f.items() if isinstance(v, dict) and "held_out_AP50" in v), ("benchmarks",)),
     Row("bench_inference", "DETR-R50 forward (XLA, fp32), batch 1: detrax / HF PyTorch NCHW / PyTorch's best fp32 "
         "layout (channels_last)", _inference),
     Row("bench_inference", "peak RSS of the process at 800x1216, detrax / PyTorch; XLA compile of the forward, "

@@ -94,10 +94,12 @@ class Detector:
         return self._infer(self._state, pixels, mask, orig_size)
 
     def infer_masks(self, pixels, mask, orig_size):
-        """As `infer`, with the mask head's pred_logits and pred_masks after the detections (XLA; a model with a
-        mask head)."""
+        """As `infer`, with the mask head's pred_logits and pred_masks after the detections (a model with a mask
+        head), by the detector's runtime."""
         if self._infer_masks is None:
             raise ValueError("this model has no mask head (model.masks): it detects boxes only")
+        if self.runtime != "xla":
+            return self.infer(pixels, mask, orig_size)  # an exported mask model gives its masks too
         return self._infer_masks(self._state, pixels, mask, orig_size)
 
     def segment(self, images, task: str = "panoptic", threshold: float | None = None, batch_size: int = BATCH_SIZE,

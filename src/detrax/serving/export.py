@@ -8,9 +8,10 @@ and `detrax export` take any registered one. Built in:
   post-processing included); `load_stablehlo(path)` runs it with JAX alone (on any platform it was exported for).
 - `onnx` (the `onnx` extra: jax2onnx): the model's own outputs for the runtimes people deploy with (ONNX Runtime,
   OpenVINO; `serving.runtimes`): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image),
-  normalised inside; outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to
-  each image), as `Detector.__call__` gives them. Post-processing stays with the caller (`postprocess`). Large
-  weights are written beside the graph as `<path>.data` (ONNX's external data; the runtimes read it from there).
+  normalised inside; outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to each
+  image), and for a mask model `pred_masks` [B, Q, H / 4, W / 4], as `Detector.__call__` gives them. Post-processing
+  stays with the caller (`postprocess`, `panoptic`). Large weights are written beside the graph as `<path>.data`
+  (ONNX's external data; the runtimes read it from there).
 `dtype="bfloat16"` exports the model computing in bfloat16 (weights stored in float32).
 """
 
@@ -93,7 +94,7 @@ def serving_function(detector):
     from detrax.serving.infer import make_infer
 
     graphdef, state = nnx.split(detector.model)
-    infer = make_infer(graphdef, per_image=False)  # no shape-dependent choice: sizes may be symbolic
+    infer = make_infer(graphdef, per_image=False, masks=detector.config.masks)  # sizes may be symbolic: no choice
     return jax.jit(lambda pixels, mask, orig_size: infer(state, pixels, mask, orig_size))  # weights: constants
 
 
@@ -114,8 +115,13 @@ def load_stablehlo(path: str | os.PathLike) -> Callable:
     return exported.call
 
 
+def outputs(detector) -> list[str]:
+    """The model outputs an ONNX export holds: pred_logits, pred_boxes, and pred_masks for a mask model."""
+    return ["pred_logits", "pred_boxes", *(["pred_masks"] if detector.config.masks else [])]
+
+
 def model_function(detector):
-    """(pixels uint8, mask) -> (pred_logits, pred_boxes), normalised inside, with the detector's weights."""
+    """(pixels uint8, mask) -> the model's `outputs`, normalised inside, with the detector's weights."""
     from flax import nnx
 
     from detrax.serving.infer import normalized
@@ -125,7 +131,9 @@ def model_function(detector):
     def forward(pixels, mask):
         model = nnx.merge(graphdef, state)
         out = model(normalized(model, pixels, mask), mask)
-        return out["pred_logits"], out["pred_boxes"]
+        return tuple(out[k] for k in names)
+
+    names = outputs(detector)
 
     return forward
 
@@ -141,7 +149,7 @@ def _onnx(detector, path: str, shape: Shape) -> None:
     quiet.setLevel(logging.ERROR)
     try:
         to_onnx(model_function(detector), [pixels, mask], model_name="detr", input_names=["pixels", "mask"],
-                output_names=["pred_logits", "pred_boxes"], return_mode="file", output_path=path)
+                output_names=outputs(detector), return_mode="file", output_path=path)
     except NotImplementedError as e:  # jax2onnx names the primitive it has no rule for
         raise ValueError(f"this model cannot be exported to ONNX: {e}") from None
     finally:

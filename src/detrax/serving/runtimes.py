@@ -4,10 +4,10 @@ A runtime is a function (detector, **options) -> infer, where `infer(pixels uint
 orig_size [B, 2])` returns (scores, labels, boxes) as `infer.make_infer` does; `register_runtime(name, fn)` adds
 one. Built in:
 - `xla`: the detector's own jitted inference path (JAX on whatever device it has).
-- `onnxruntime`, `openvino` (the `onnx` extra): the detector exported to ONNX once
-  (`export`, format `onnx`, dynamic batch and size; weights inside), run by that runtime on the CPU; the model's
-  outputs are post-processed by the same `postprocess` as `xla`'s. Options: `onnx`, a file `detrax export
-  --format onnx` wrote of this detector (default: export now, into a temporary folder); for openvino,
+- `onnxruntime`, `openvino` (the `onnx` extra): the detector exported to ONNX once (`export`, format `onnx`, dynamic
+  batch and size; weights inside), run by that runtime on the CPU; the model's outputs are post-processed by the
+  same `postprocess` as `xla`'s (a mask model's masks too, for `Detector.segment`). Options: `onnx`, a file `detrax
+  export --format onnx` wrote of this detector (default: export now, into a temporary folder); for openvino,
   `precision` (`f32`, or `bf16` on CPUs with bfloat16 instructions).
 The weights are baked into an exported model: after `Detector.set_weights` the next call exports again.
 """
@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from detrax.serving.export import outputs
 from detrax.serving.postprocess import postprocess
 
 RUNTIMES: dict[str, Callable] = {}
@@ -60,13 +61,14 @@ def onnx_file(detector, onnx: str | None = None) -> str:
 
 
 def _with_postprocess(forward: Callable, class_ids) -> Callable:
-    """forward(pixels, mask) -> (logits, boxes) as NumPy; detections as the xla runtime's."""
+    """forward(pixels, mask) -> (logits, boxes[, masks]) as NumPy; detections as the xla runtime's, and for a mask
+    model its logits and masks after them (as `infer.make_infer(masks=True)`)."""
     post = jax.jit(lambda logits, boxes, sizes: postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes,
                                                             class_ids))
 
     def infer(pixels, mask, orig_size):
-        logits, boxes = forward(np.asarray(pixels, np.uint8), np.asarray(mask, bool))
-        return post(logits, boxes, np.asarray(orig_size, np.int32))
+        logits, boxes, *masks = forward(np.asarray(pixels, np.uint8), np.asarray(mask, bool))
+        return (*post(logits, boxes, np.asarray(orig_size, np.int32)), *((logits, masks[0]) if masks else ()))
 
     return infer
 
@@ -86,7 +88,8 @@ def _onnxruntime(detector, onnx: str | None = None, threads: int = 0):
     options.log_severity_level = 3  # no warnings about the initializers it folds away
     options.intra_op_num_threads = threads  # 0: one per core
     session = ort.InferenceSession(onnx_file(detector, onnx), options, providers=["CPUExecutionProvider"])
-    forward = lambda pixels, mask: session.run(None, {"pixels": pixels, "mask": mask})
+    names = outputs(detector)
+    forward = lambda pixels, mask: session.run(names, {"pixels": pixels, "mask": mask})
     return _with_postprocess(forward, detector.config.class_ids)
 
 
@@ -97,9 +100,11 @@ def _openvino(detector, onnx: str | None = None, precision: str = "f32"):
     compiled = ov.Core().compile_model(onnx_file(detector, onnx), "CPU", {"INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
 
+    names = outputs(detector)
+
     def forward(pixels, mask):
         out = request.infer({"pixels": pixels, "mask": mask})
-        return out[compiled.output("pred_logits")], out[compiled.output("pred_boxes")]
+        return [out[compiled.output(name)] for name in names]
 
     return _with_postprocess(forward, detector.config.class_ids)
 
