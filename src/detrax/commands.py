@@ -242,7 +242,13 @@ def cmd_export(args) -> int:
            calibration_about=about)
     done |= {"quantize": args.quantize, "calibration": about | {"images_used": len(images)}}
     if "data" in about:  # the accuracy it kept, on the data's val split
-        done["accuracy"] = _int8_accuracy(detector, args.out, about["data"], args.tolerance)
+        from detrax.evaluation.coco import accuracy_kept
+
+        kept = done["accuracy"] = accuracy_kept(detector, detector.with_runtime("onnxruntime", onnx=args.out),
+                                                about["data"], "int8", args.tolerance)
+        if kept.get("within_tolerance") is False:
+            print(f"detrax export: int8 AP50 {kept['int8_AP50']} is more than {args.tolerance} points below "
+                  f"float32's {kept['float32_AP50']} on {about['data']} {kept['split']}", file=sys.stderr)
     print(json.dumps(done))
     return 0
 
@@ -258,28 +264,6 @@ def _calibration_source(args) -> tuple[str, str]:
         raise ValueError(f"{args.checkpoint}: no training data recorded here to calibrate int8 on; give "
                          "--calibration DATA_OR_IMAGES")
     return data["path"], data.get("split") or "auto"
-
-
-def _int8_accuracy(detector, int8_file: str, data: str, tolerance: float) -> dict:
-    """AP50 and AP of the float model (XLA) and of the int8 file (ONNX Runtime) on `data`'s val split; a line on
-    stderr when int8 loses more than `tolerance` AP50 points."""
-    from detrax.config import schema
-    from detrax.data.sources import list_splits, read_split
-    from detrax.evaluation.coco import evaluate
-
-    val = [s for s in list_splits(data) if s.startswith("val")]
-    if not val:
-        return {"skipped": f"{data} has no val split"}
-    ds, data_cfg = read_split(data, val[0]), detector.data or schema.DataConfig()
-    scores = {name: evaluate(d.infer, ds, data_cfg, class_ids=detector.config.class_ids)
-              for name, d in (("float32", detector), ("int8", detector.with_runtime("onnxruntime", onnx=int8_file)))}
-    out = {"split": val[0],
-           **{f"{name}_{k}": round(100 * m[k], 2) for name, m in scores.items() for k in ("AP50", "AP")}}
-    out["within_tolerance"] = out["int8_AP50"] >= out["float32_AP50"] - tolerance
-    if not out["within_tolerance"]:
-        print(f"detrax export: int8 AP50 {out['int8_AP50']} is more than {tolerance} points below float32's "
-              f"{out['float32_AP50']} on {data} {val[0]}", file=sys.stderr)
-    return out
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:

@@ -127,3 +127,20 @@ def _written(metrics: dict, out_dir: str | None, results: list | None = None) ->
             with open(os.path.join(out_dir, "results.json"), "w") as f:
                 json.dump(results, f)
     return metrics
+
+
+def accuracy_kept(detector, other, data: str, name: str, tolerance: float) -> dict:
+    """AP50 and AP of `detector` (float32) and of `other` (the same model quantized or in another runtime, named
+    `name`) on the first val split of the data folder `data`, and whether `other` keeps the AP50 within
+    `tolerance` points."""
+    from detrax.config import schema
+    from detrax.data.sources import list_splits, read_split
+
+    val = [s for s in list_splits(data) if s.startswith("val")]
+    if not val:
+        return {"skipped": f"{data} has no val split"}
+    ds, data_cfg = read_split(data, val[0]), detector.data or schema.DataConfig()
+    scores = {key: evaluate(d.infer, ds, data_cfg, class_ids=detector.config.class_ids)
+              for key, d in (("float32", detector), (name, other))}
+    out = {"split": val[0], **{f"{key}_{k}": round(100 * m[k], 2) for key, m in scores.items() for k in ("AP50", "AP")}}
+    return out | {"within_tolerance": out[f"{name}_AP50"] >= out["float32_AP50"] - tolerance}
