@@ -44,9 +44,10 @@ def calibration_images(source: str, count: int, split: str = "auto") -> tuple[li
 
     if source.startswith("tfds:") or os.path.isdir(source) and list_splits(source):
         split = resolve_split(source, split, "train")
-        records = list(read_split(source, split).records)
-        picked = [records[i] for i in np.linspace(0, len(records) - 1, min(count, len(records))).astype(int)]
-        return [load_image(r) for r in picked], {"data": os.path.abspath(source), "split": split}
+        records = read_split(source, split).records  # indexed, not listed: a TFDS split is read lazily
+        picked = [records[int(i)] for i in np.linspace(0, len(records) - 1, min(count, len(records))).astype(int)]
+        where = source if source.startswith("tfds:") else os.path.abspath(source)
+        return [load_image(r) for r in picked], {"data": where, "split": split}
     files = list_images([source])
     if not files:
         raise ValueError(f"{source}: no images to calibrate on (a data folder, an image or a folder of images)")
