@@ -45,12 +45,16 @@ def test_an_int8_file_says_so_keeps_the_heads_in_float_and_stays_near_float(dete
     assert all(not set(products[h].input) & dequantized for h in heads)
     assert sum(bool(set(n.input) & dequantized) for n in products.values()) == len(products) - 4
     assert "the class and box heads (4 matrix products)" in meta["quantization"]["kept_float"]
+    # 7-bit weights (|w| <= 64): full-range int8 saturates CPUs without VNNI (u8 x s8 pairs summed in int16): logits
+    # off by 1.6 on an AVX2 EPYC
+    weights = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(np.abs(w.astype(int)).max() <= 64 for w in weights)
 
     b = next(batches([scene(rng, 100, 130)[0] for _ in range(4)], detector.preprocess, 4))
     feed = {"pixels": b["pixels"], "mask": b["mask"]}
     (lf, bf), (lq, bq) = (ort.InferenceSession(p).run(None, feed) for p in (f, q))
-    # measured: logits within 0.06 (their spread 1.0), boxes within 0.005
-    assert 0 < np.abs(lq - lf).max() < 0.2 and np.abs(bq - bf).max() < 0.02
+    # measured: logits within 0.12 (their spread 1.0), boxes within 0.011 (AVX2 EPYC; 0.06, 0.005 with VNNI)
+    assert 0 < np.abs(lq - lf).max() < 0.2 and np.abs(bq - bf).max() < 0.03
     assert np.corrcoef(lq.ravel(), lf.ravel())[0, 1] > 0.999
     ov = require("openvino", "onnx")
     compiled = ov.Core().compile_model(q, "CPU")
