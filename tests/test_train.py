@@ -235,7 +235,7 @@ def test_one_inference_path_same_detections_everywhere(synth, tmp_path, capsys):
 def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     """The train step's CPU compile options (LLVM level 1, for compile time; a level in XLA_FLAGS wins) and the
     suite's XLA_FLAGS (level 0, the loop emitters: conftest) give the numbers of XLA's default (level 3, the
-    fusion emitters)."""
+    fusion emitters): one trace and lowering of the step, compiled three ways."""
     import jax
     from conftest import LOOP_EMITTERS
     from flax import nnx
@@ -245,32 +245,35 @@ def test_cpu_compiler_options_leave_the_step_unchanged(monkeypatch):
     from detrax.training import step as train_step
     from detrax.training.optim import learning_rates, optimizer
 
-    cfg = override(presets.tiny(), ONE_LAYER)  # every kind of op, compiled 3x
+    cfg = override(presets.tiny(), ONE_LAYER)  # every kind of op
     rs = np.random.default_rng(0)
     b, m = 2, cfg.data.max_targets
     batch = {"pixels": rs.integers(0, 256, (b, 64, 96, 3)).astype(np.uint8), "mask": np.ones((b, 64, 96), bool),
              "labels": rs.integers(0, cfg.model.num_classes, (b, m)).astype(np.int32),
              "boxes": np.tile(np.array([0.4, 0.5, 0.3, 0.2], np.float32), (b, m, 1)),
              "valid": np.arange(m)[None].repeat(b, 0) < 3}
-
-    def run(options):
-        monkeypatch.setattr(train_step, "compiler_options", lambda: options)
-        model = DETR(cfg.model, rngs=nnx.Rngs(0))
-        model.train()
-        opt = nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)
-        graphdef, state = nnx.split((model, opt))
-        step = train_step.make_train_step(graphdef, lambda o, t: set_loss(o, t, cfg.loss),
-                                          learning_rates(cfg.train, 100, 100))
-        losses = []
-        for i in range(3):
-            state, terms = step(state, batch, i)
-            losses.append(float(terms["loss"]))
-        return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
+    model = DETR(cfg.model, rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optimizer(cfg.train), wrt=nnx.Param)))
+    loss_fn, rates = (lambda o, t: set_loss(o, t, cfg.loss)), learning_rates(cfg.train, 100, 100)
 
     assert "xla_backend_optimization_level=0" in os.environ["XLA_FLAGS"] and train_step.compiler_options() is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # read when a step is made
     assert train_step.compiler_options() == ({"xla_backend_optimization_level": 1}
                                              if jax.default_backend() == "cpu" else None)
+    monkeypatch.setattr(train_step, "compiler_options", lambda: {"xla_no_such_option": True})
+    with pytest.raises(Exception, match="xla_no_such_option"):  # make_train_step compiles with what it is given
+        train_step.make_train_step(graphdef, loss_fn, rates)(state, batch, 0)
+    monkeypatch.setattr(train_step, "compiler_options", lambda: None)
+    lowered = train_step._jitted_step(graphdef, loss_fn, nnx.Param, 0, None).lower(state, batch, 0, rates(0))
+
+    def run(options):
+        step, s, losses = lowered.compile(options), jax.tree.map(lambda x: x.copy(), state), []  # it donates
+        for i in range(3):
+            s, terms = step(s, batch, i, rates(i))
+            losses.append(float(terms["loss"]))
+        return losses, jax.tree.leaves(nnx.state(nnx.merge(graphdef, s)[0], nnx.Param))
+
     fusion = {"xla_cpu_use_fusion_emitters": True} if LOOP_EMITTERS in os.environ["XLA_FLAGS"] else {}
     default_losses, default_params = run({"xla_backend_optimization_level": 3, **fusion})
     for name, options in ("level 1", {"xla_backend_optimization_level": 1, **fusion}), ("the suite's", None):
