@@ -12,7 +12,8 @@ def _write_bytecode():
     """Python's compiled modules written and read again, in this process, the workers and every process a test
     starts, also where the environment says not to (PYTHONDONTWRITEBYTECODE=1, as on CI beside `pip install
     --no-compile`): otherwise each process compiles the source of jax, flax, orbax and detrax again on import
-    (`import detrax.cli`: 6.0 s, 2.5 s read from __pycache__; the suite starts about 20 processes beside its workers)."""
+    (`import detrax.cli`: 6.0 s, 2.5 s read from __pycache__; the suite starts about 20 processes beside its
+    workers)."""
     sys.dont_write_bytecode = False
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
