@@ -97,6 +97,22 @@ def test_epochs_reshuffle_and_shards_split(records):
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == len(records)
 
 
+def test_the_loader_reads_a_few_batches_ahead_not_the_whole_endless_dataset(records, monkeypatch):
+    """grain's default read-ahead (500 batches on 16 threads) decoded, in a short training run, hundreds of
+    batches it never used and held them in memory: the Loader keeps twice its threads ahead."""
+    import time
+
+    from detrax.data.loader import ShapeGroupedBatches
+
+    made = []
+    getitem = ShapeGroupedBatches.__getitem__
+    monkeypatch.setattr(ShapeGroupedBatches, "__getitem__", lambda self, i: made.append(i) or getitem(self, i))
+    with Loader(dataset(records, Augment(True, SMALL), 2, max_targets=8, step=64)) as loader:  # endless
+        _take(loader, 3)
+        time.sleep(1.0)  # time to read ahead
+        assert 3 <= len(made) <= 3 + 4 + 2, len(made)  # the 3 taken, 4 ahead on 2 threads, 2 in flight
+
+
 def test_shape_grouped_batches_see_each_image_once_per_epoch_and_waste_less(records):
     """Grouping by planned shape: every epoch is a permutation (remainder dropped), each image has the shape its
     plan said, and the padding is less than batching in the shuffled order."""
