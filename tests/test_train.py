@@ -66,10 +66,12 @@ def test_loss_falls(aided_run):
 
 
 def test_overfits_four_images_to_ap50(tmp_path):
+    """Measured (AP50 every 25 steps, AVX2 EPYC): 0.04, 0.42, 1.0, 0.98, 1.0, 1.0 at 96 pixels a side; at the
+    demo's 128, 0.50 at 100 steps, 0.94 at 150, 0.98 at 200 (a slower step, too)."""
     root = tmp_path / "four"
     write_dataset(str(root), num_images=5, seed=11, val_fraction=0.2)  # 4 train images
-    cfg = _cfg("train.steps=200", "train.lr=1e-3", "train.lr_backbone=1e-3", "data.val_split=train",
-               "train.lr_drop=1000", "train.log_every=50")
+    cfg = _cfg("train.steps=150", "train.lr=1e-3", "train.lr_backbone=1e-3", "data.val_split=train",
+               "train.lr_drop=1000", "train.log_every=50", "data.val_size=96", "data.max_size=128")
     summary = fit(cfg, Run(str(root), str(tmp_path / "run"), quiet=True))
     assert summary["eval"]["AP50"] >= 0.9, summary["eval"]
 
