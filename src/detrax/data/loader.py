@@ -88,9 +88,8 @@ class ShapeGroupedBatches(grain.MapDataset):
     padding. Every image keeps its own random draws (the official per-image scales and crops): the shape each
     will have is planned from its size alone (`Augment.planned_size`, the same draws as the transform). Each
     epoch (the records of `parent` in an order of its own, `epochs` times; None: forever) is cut into windows of
-    `window` x
-    `batch_size` images; a window is sorted by orientation and height, cut in strips of 4 batches sorted by
-    width, and cut into batches, whose order within the window is shuffled again. Each image is seen once per
+    `window` x `batch_size` images; a window is sorted by orientation and height, cut in strips of 4 batches
+    sorted by width, and cut into batches, whose order within the window is shuffled again. Each image is seen once per
     epoch (the remainder of an epoch, fewer than `batch_size` images, is dropped, as the official loader does);
     batch `i` is a pure function of `i`, so the loader's state stays an index and resumes exactly. Measured by
     benchmarks/bench_data.py.
