@@ -127,13 +127,12 @@ def model_function(detector):
     from detrax.serving.infer import normalized
 
     graphdef, state = nnx.split(detector.model)
+    names = outputs(detector)
 
     def forward(pixels, mask):
         model = nnx.merge(graphdef, state)
         out = model(normalized(model, pixels, mask), mask)
         return tuple(out[k] for k in names)
-
-    names = outputs(detector)
 
     return forward
 
