@@ -48,14 +48,18 @@ def calibration_images(source: str, count: int, split: str = "auto") -> tuple[li
     if source.startswith("tfds:") or os.path.isdir(source) and list_splits(source):
         split = resolve_split(source, split, "train")
         records = read_split(source, split).records  # indexed, not listed: a TFDS split is read lazily
-        picked = [records[int(i)] for i in np.linspace(0, len(records) - 1, min(count, len(records))).astype(int)]
+        picked = [records[i] for i in _spread(len(records), count)]
         where = source if source.startswith("tfds:") else os.path.abspath(source)
         return [load_image(r) for r in picked], {"data": where, "split": split}
     files = list_images([source])
     if not files:
         raise ValueError(f"{source}: no images to calibrate on (a data folder, an image or a folder of images)")
-    picked = [files[i] for i in np.linspace(0, len(files) - 1, min(count, len(files))).astype(int)]
-    return [read_image(f) for f in picked], {"files": os.path.abspath(source)}
+    return [read_image(files[i]) for i in _spread(len(files), count)], {"files": os.path.abspath(source)}
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """`count` indices (at most `n`) spread evenly over range(n), first and last included."""
+    return [int(i) for i in np.linspace(0, n - 1, min(count, n)).astype(int)]
 
 
 # the operators between the decoder's last layer norm and the outputs: the class and box heads' layers
