@@ -128,6 +128,23 @@ def _jitted_call():
     return nnx.jit(lambda m, *a: m(*a))  # one jitted function: a second call of the same shapes traces nothing
 
 
+@functools.cache
+def _jitted_loss():
+    import jax
+
+    from detrax.criterion.loss import set_loss
+
+    return jax.jit(set_loss, static_argnums=2)
+
+
+def compiled_loss(outputs, targets, cfg=None):
+    """`detrax.set_loss(outputs, targets, cfg)` compiled as one program (run eagerly: each of its operations
+    compiled on its own)."""
+    from detrax.config.schema import LossConfig
+
+    return _jitted_loss()(outputs, targets, LossConfig() if cfg is None else cfg)
+
+
 def compiled(module, *args):
     """`module(*args)` compiled as one program: run eagerly, a model compiles each of its hundreds of operations
     on its own, several times slower than the whole."""

@@ -38,7 +38,7 @@ def _run_official(model, pixels, mask):
 
 
 def _all_layers(model, pixels, mask):
-    out = model(pixels, mask)
+    out = compiled(model, pixels, mask)
     stack = lambda k: np.stack([a[k] for a in out["aux_outputs"]] + [out[k]])
     return stack("pred_logits"), stack("pred_boxes")
 
@@ -165,7 +165,7 @@ def test_weights_file_round_trip_and_bad_file(tmp_path, official_sd):
     weights.save_weights(model, tmp_path / "w.safetensors")
     again = weights.load_weights(tmp_path / "w.safetensors")
     x = np.random.default_rng(0).standard_normal((1, 40, 40, 3)).astype(np.float32)
-    np.testing.assert_array_equal(model(x)["pred_boxes"], again(x)["pred_boxes"])
+    np.testing.assert_array_equal(compiled(model, x)["pred_boxes"], compiled(again, x)["pred_boxes"])
     with pytest.raises(ValueError, match="not a detrax weights file"):
         from safetensors.numpy import save_file
         save_file({"a": np.zeros(1, np.float32)}, tmp_path / "other.safetensors")
@@ -213,10 +213,10 @@ def test_files_are_told_by_their_content_not_their_names(tmp_path, official_sd):
     assert cli.main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "converted"), "--num-heads", "4"]) == 0
     assert weights.file_kind(tmp_path / "converted") == "safetensors" and weights.is_detrax(tmp_path / "converted")
     x = np.random.default_rng(0).standard_normal((1, 40, 40, 3)).astype(np.float32)
-    want = detrax.load(str(tmp_path / "official.pth"), num_heads=4).model(x)["pred_boxes"]
+    want = compiled(detrax.load(str(tmp_path / "official.pth"), num_heads=4).model, x)["pred_boxes"]
     for name in ("converted", "misnamed.safetensors", "legacy"):
         got = detrax.load(str(tmp_path / name), **({} if name == "converted" else {"num_heads": 4}))
-        np.testing.assert_array_equal(got.model(x)["pred_boxes"], want, err_msg=name)
+        np.testing.assert_array_equal(compiled(got.model, x)["pred_boxes"], want, err_msg=name)
     assert cli.main(["convert", str(tmp_path / "text.pth"), str(tmp_path / "x")]) == 2
 
 

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import compiled
+from conftest import compiled, compiled_loss
 from flax import nnx
 
 from detrax.config import presets
 from detrax.config.schema import LossConfig, ModelConfig
-from detrax.criterion.loss import set_loss
 from detrax.models.denoising import noise_targets
 from detrax.models.detr import DETR, weight_arrays
 
@@ -84,12 +83,12 @@ def test_the_denoising_loss_scores_query_i_against_target_i_without_matching():
     exact = {"pred_logits": onehot, "pred_boxes": pad}
     cfg = LossConfig(aux_loss=False)
     targets = {"labels": labels, "boxes": boxes, "valid": valid}
-    good = set_loss({**outputs, "dn_outputs": [exact]}, targets, cfg)
+    good = compiled_loss({**outputs, "dn_outputs": [exact]}, targets, cfg)
     assert float(good["loss_dn"]) < 1e-6
     swapped = {"pred_logits": onehot, "pred_boxes": pad[:, jnp.array([1, 0, 2, 3, 4, 5])]}  # a matcher would undo it
-    bad = set_loss({**outputs, "dn_outputs": [swapped]}, targets, cfg)
+    bad = compiled_loss({**outputs, "dn_outputs": [swapped]}, targets, cfg)
     assert float(bad["loss_dn"]) > 0.1
-    plain = set_loss(outputs, targets, cfg)
+    plain = compiled_loss(outputs, targets, cfg)
     np.testing.assert_allclose(float(bad["loss"]) - float(bad["loss_dn"]), float(plain["loss"]), rtol=1e-6)
 
 

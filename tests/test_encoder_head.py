@@ -5,11 +5,11 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-from conftest import compiled
+from conftest import compiled, compiled_loss
 from flax import nnx
 
 from detrax.config.schema import LossConfig, ModelConfig
-from detrax.criterion.loss import encoder_losses, set_loss
+from detrax.criterion.loss import encoder_losses
 from detrax.models.detr import DETR, weight_arrays
 from detrax.models.encoder_head import assign
 
@@ -82,12 +82,12 @@ def test_the_encoder_loss_is_zero_for_exact_outputs_and_counts_every_positive_to
     outputs = {"pred_logits": jnp.zeros((1, 3, 6)), "pred_boxes": jnp.full((1, 3, 4), 0.5)}
     targets = {"labels": labels, "boxes": boxes, "valid": valid}
     cfg = LossConfig(aux_loss=False, matcher="hungarian_jax")
-    with_head = set_loss({**outputs, "enc_outputs": _enc(exact["pred_boxes"], [2, 1])}, targets, cfg)
-    plain = set_loss(outputs, targets, cfg)
+    with_head = compiled_loss({**outputs, "enc_outputs": _enc(exact["pred_boxes"], [2, 1])}, targets, cfg)
+    plain = compiled_loss(outputs, targets, cfg)
     np.testing.assert_allclose(float(with_head["loss_enc"]), float(wrong_class["loss_ce"]), rtol=1e-6)
     np.testing.assert_allclose(float(with_head["loss"]) - float(with_head["loss_enc"]), float(plain["loss"]),
                                rtol=1e-6)
-    heavy = set_loss({**outputs, "enc_outputs": _enc(exact["pred_boxes"], [2, 1])}, targets,
+    heavy = compiled_loss({**outputs, "enc_outputs": _enc(exact["pred_boxes"], [2, 1])}, targets,
                      dataclasses.replace(cfg, enc_weight=10.0))
     np.testing.assert_allclose(float(heavy["loss_enc"]), float(with_head["loss_enc"]), rtol=1e-6)  # logged unweighted
     np.testing.assert_allclose(float(heavy["loss"]) - 10 * float(heavy["loss_enc"]), float(plain["loss"]), rtol=1e-5)

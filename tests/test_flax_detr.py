@@ -38,7 +38,7 @@ def _inputs():
 def _checkpoint(tmp_path, seed=0, **kw):
     model = ref.DETR(**{**TINY, **kw})
     pixels, mask = _inputs()
-    variables = ref.randomise(jax.jit(model.init)(jax.random.key(seed), pixels, mask), seed)
+    variables = ref.randomise(ref.initial(model, pixels, mask, seed=seed), seed)
     path = tmp_path / "checkpoint_1000"
     path.write_bytes(ref.checkpoint_bytes(variables))
     return model, variables, path
@@ -109,7 +109,7 @@ def test_converted_file_names_coco_classes_and_keeps_its_val_transform(tmp_path,
 def test_backbone_only_start_fills_the_resnet(tmp_path):
     backbone = ref.Backbone(blocks=(1, 2, 1, 1), width=8)
     x = np.random.default_rng(2).normal(size=(1, 96, 96, 3)).astype(np.float32)
-    variables = ref.randomise(jax.jit(backbone.init)(jax.random.key(0), x), 3)
+    variables = ref.randomise(ref.initial(backbone, x), 3)
     variables["params"]["fc"] = {"kernel": np.zeros((256, 10), np.float32), "bias": np.zeros(10, np.float32)}
     path = tmp_path / "r50x1_i1k_torch"
     path.write_bytes(ref.checkpoint_bytes(variables))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
+from conftest import compiled_loss, require
 
 import detrax
 from detrax.config.schema import LossConfig
@@ -79,7 +79,7 @@ def test_zero_targets_everywhere_normalises_by_one_and_matches_nothing():
     rs = np.random.default_rng(1)
     logits, boxes, labels, tboxes, _ = _problem(rs)
     valid = np.zeros((B, M), bool)
-    out = detrax.set_loss(_outputs(logits, boxes), {"labels": labels, "boxes": tboxes, "valid": valid})
+    out = compiled_loss(_outputs(logits, boxes), {"labels": labels, "boxes": tboxes, "valid": valid})
     assert float(out["loss_bbox"]) == 0.0 and float(out["loss_giou"]) == 0.0
     lp = jax.nn.log_softmax(logits[-1], -1)[..., -1]
     assert float(out["loss_ce"]) == pytest.approx(float(-lp.mean()), rel=1e-5)  # all queries are no-object
@@ -100,8 +100,8 @@ def test_sinkhorn_loss_close_to_exact():
     rs = np.random.default_rng(3)
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
-    exact = detrax.set_loss(_outputs(logits, boxes), targets)
-    approx = detrax.set_loss(_outputs(logits, boxes), targets, LossConfig(matcher="sinkhorn"))
+    exact = compiled_loss(_outputs(logits, boxes), targets)
+    approx = compiled_loss(_outputs(logits, boxes), targets, LossConfig(matcher="sinkhorn"))
     assert float(approx["loss"]) == pytest.approx(float(exact["loss"]), rel=0.02)
 
 
@@ -113,7 +113,7 @@ def test_loss_from_config_and_no_aux():
     logits, boxes, labels, tboxes, valid = _problem(rs)
     targets = {"labels": labels, "boxes": tboxes, "valid": valid}
     cfg = override(presets.get("tiny"), ["loss.aux_loss=false", "loss.matcher=hungarian_jax"]).loss
-    out = detrax.set_loss(_outputs(logits, boxes), targets, cfg)
+    out = compiled_loss(_outputs(logits, boxes), targets, cfg)
     assert "loss_ce_0" not in out
     assert float(out["loss"]) == pytest.approx(float(out["loss_ce"] + 5 * out["loss_bbox"] + 2 * out["loss_giou"]))
     with pytest.raises(ValueError, match="matcher must be"):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import compiled
 from hf_reference import build_hf_detr, hf_all_layers, padded_batch
 
 from detrax.weights import convert as cv
@@ -20,7 +21,7 @@ def batch():
 
 
 def _detrax_all_layers(model, pixels, mask):
-    out = model(pixels, mask)
+    out = compiled(model, pixels, mask)
     logits = np.stack([a["pred_logits"] for a in out["aux_outputs"]] + [out["pred_logits"]])
     boxes = np.stack([a["pred_boxes"] for a in out["aux_outputs"]] + [out["pred_boxes"]])
     return logits, boxes

@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import require
+from conftest import compiled, compiled_loss, require
 from hf_reference import build_hf_detr, hf_segmentation, padded_batch
 
 from detrax.config.schema import ModelConfig
@@ -40,7 +40,7 @@ def _run_official(model, pixels, mask):
 
 
 def _check(model, pixels, mask, want):
-    out = model(pixels, mask)
+    out = compiled(model, pixels, mask)
     got = out["pred_logits"], out["pred_boxes"], out["pred_masks"]
     assert got[2].shape == want[2].shape
     assert np.abs(want[2]).max() > 0.1 and np.std(want[2]) > 1e-3  # masks with a real signal
@@ -121,7 +121,7 @@ def test_the_attention_gain_scales_only_the_first_convolutions_attention_channel
 def test_mask_losses_equal_the_official_loss_masks():
     import jax.numpy as jnp
 
-    from detrax.criterion.loss import mask_losses, set_loss
+    from detrax.criterion.loss import mask_losses
 
     rs = np.random.default_rng(0)
     pred = rs.normal(0, 2, (2, 10, 8, 9)).astype(np.float32)
@@ -146,7 +146,7 @@ def test_mask_losses_equal_the_official_loss_masks():
                "pred_boxes": jnp.asarray(rs.uniform(0.2, 0.8, (2, 10, 4)), jnp.float32),
                "pred_masks": jnp.asarray(pred)}
     targets = {"labels": np.where(valid, 1, 0), "boxes": np.full((2, m, 4), 0.5, np.float32), "valid": valid}
-    plain = set_loss(outputs, targets)
-    full = set_loss(outputs, dict(targets, masks=tgt))
+    plain = compiled_loss(outputs, targets)
+    full = compiled_loss(outputs, dict(targets, masks=tgt))
     assert "loss_mask" not in plain and float(full["loss_mask"]) > 0
     assert abs(float(full["loss"]) - float(plain["loss"]) - float(full["loss_mask"]) - float(full["loss_dice"])) < 1e-5
