@@ -90,6 +90,7 @@ def test_two_processes_train_to_identical_weights(straight_pair):
     assert set(outs[0]["images"]).isdisjoint(outs[1]["images"]), "the hosts read the same images"
     assert outs[0]["digest"] == outs[1]["digest"]
     assert (straight_pair["workdir"] / "checkpoints" / str(STEPS)).is_dir()
+    assert not any(o["torch"] for o in outs), "a training run imported PyTorch (reporting._summary_writer)"
 
 
 def test_a_signal_to_one_host_stops_both_at_one_step_and_they_resume_exactly(synth, straight_pair, tmp_path):

@@ -10,9 +10,7 @@ import os
 import signal
 import sys
 
-sys.modules["torch"] = None  # type: ignore[assignment]  # tensorboardX imports PyTorch if it can (1.3 s a launch)
-
-from detrax import cli  # noqa: E402
+from detrax import cli
 
 
 def _kill():

@@ -14,8 +14,6 @@ if os.environ.get("DETRAX_SUITE_CPUS"):  # every CPU of the run, not the share o
 import jax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: digests
-sys.modules["torch"] = None  # type: ignore[assignment]  # tensorboardX imports PyTorch if it can (1.3 s a launch)
-
 
 def every_process_writes_the_compilation_cache():
     """JAX writes its persistent compilation cache from process 0 alone (many hosts, one shared folder); process
@@ -64,7 +62,8 @@ def main(process_id, port, data_dir, workdir, steps, resume):
     summary = fit(cfg, Run(data_dir, workdir, quiet=True, resume=resume))
     print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                       "devices": jax.device_count(), "digest": params_digest(summary["params"]),
-                      "step": summary["step"], "stopped": summary["stopped"], "images": seen}), flush=True)
+                      "step": summary["step"], "stopped": summary["stopped"], "images": seen,
+                      "torch": "torch" in sys.modules}), flush=True)
     jax.distributed.shutdown()
     return 128 + signal.Signals[summary["stopped"]].value if summary["stopped"] else 0
 

@@ -12,6 +12,22 @@ from detrax.errors import TrainingError
 SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_error")
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without PyTorch: where PyTorch is installed, tensorboardX's writer
+    imports it (only to accept torch tensors, which detrax never logs), 1.3-6 s of every training run's start.
+    A process that has PyTorch already keeps it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            if sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Reporter:
     def __init__(self, workdir: str, total_steps: int, steps_per_epoch: int, batch_size: int, enabled: bool = True,
                  stream=None):
@@ -27,9 +43,7 @@ class Reporter:
 
     def _writer(self, purge_step: int | None = None):
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=purge_step)
+            self._tb = _summary_writer()(os.path.join(self.workdir, "tensorboard"), purge_step=purge_step)
         return self._tb
 
     def begin(self, step: int, kind: str, record: dict, changes: list[str]):
