@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
+from conftest import compiled, require
 from flax import nnx
 
 from detrax.config import presets
@@ -130,7 +130,7 @@ def _batch(b=2, h=64, w=80, seed=0):
 
 def test_output_dict(tiny):
     pixels, mask = _batch()
-    out = tiny(pixels, mask)
+    out = compiled(tiny, pixels, mask)
     c = tiny.config
     assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs"}
     assert out["pred_logits"].shape == (2, c.num_queries, c.num_classes + 1)
@@ -220,8 +220,8 @@ def test_model_kernels_agree(tiny):
 
     dot = assemble(dataclasses.replace(tiny.config, attention="dot_product"), weight_arrays(tiny))
     pixels, mask = _batch()
-    np.testing.assert_allclose(np.asarray(dot(pixels, mask)["pred_logits"]),
-                               np.asarray(tiny(pixels, mask)["pred_logits"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(compiled(dot, pixels, mask)["pred_logits"]),
+                               np.asarray(compiled(tiny, pixels, mask)["pred_logits"]), atol=1e-5)
 
 
 def test_batch_norm_calibration_normalises_a_from_scratch_backbone():
@@ -313,15 +313,15 @@ def test_query_groups_train_only_each_group_decodes_alone():
     def as_one(queries):
         nnx.update(one, nnx.state(detrax_assemble({**{k: v for k, v in arrays.items() if k != "group_queries"},
                                                    "query_embed": queries}, one.config)))
-        return one(pixels, mask)
+        return compiled(one, pixels, mask)
 
     grouped.eval()
-    out = grouped(pixels, mask)
+    out = compiled(grouped, pixels, mask)
     assert "group_outputs" not in out
     ref = as_one(arrays["query_embed"])
     np.testing.assert_allclose(np.asarray(out["pred_logits"]), np.asarray(ref["pred_logits"]), atol=1e-5)
     grouped.train()
-    out = grouped(pixels, mask)
+    out = compiled(grouped, pixels, mask)
     assert len(out["group_outputs"]) == 2
     np.testing.assert_allclose(np.asarray(out["pred_boxes"]), np.asarray(ref["pred_boxes"]), atol=1e-5)
     for g, group in enumerate(out["group_outputs"]):
