@@ -15,6 +15,7 @@ import jax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: digests
 
+
 def every_process_writes_the_compilation_cache():
     """JAX writes its persistent compilation cache from process 0 alone (many hosts, one shared folder); process
     1's programs run on its own device, under keys of their own, and it compiled them again at every launch of
