@@ -140,7 +140,16 @@ def abstract(config: ModelConfig, seed: int = 0) -> DETR:
 
 @functools.lru_cache(maxsize=16)
 def _abstract(config: ModelConfig, seed: int, build_backbone) -> tuple:
-    return nnx.split(nnx.eval_shape(lambda: DETR(config, rngs=nnx.Rngs(seed))))
+    return nnx.split(nnx.eval_shape(lambda: DETR(config, rngs=tracing_rngs(seed))))
+
+
+def tracing_rngs(seed: int) -> nnx.Rngs:
+    """`nnx.Rngs(seed)` for a model built under a trace (`nnx.eval_shape`): the same model, graphdef and state, but
+    the streams' counters are references. A plain counter's `count[...] += 1` under a trace reads the tracer's
+    `.sharding`, whose error message JAX builds by walking the whole trace, once per weight: quadratic (DETR-R50's
+    eval_shape 2.15 -> 0.66 s)."""
+    with nnx.var_defaults(ref=True):
+        return nnx.Rngs(seed)
 
 
 def assemble(config: ModelConfig, arrays: dict, *, seed: int = 0, init_rest: bool = False, sources=None) -> DETR:

@@ -23,7 +23,7 @@ from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import read_split, resolve_split
 from detrax.errors import TrainingError
 from detrax.evaluation.coco import evaluate
-from detrax.models.detr import DETR
+from detrax.models.detr import DETR, tracing_rngs
 from detrax.serving.infer import make_infer
 from detrax.training import start
 from detrax.training.actions import Periodic, Stop, WatchFinite
@@ -132,7 +132,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
             start.write_record(run.workdir, begin.record)
             opt = new_optimizer(model)
         else:  # the checkpoint holds every value: shapes alone, no initialiser run
-            model, opt = nnx.eval_shape(lambda: (m := new_model(), new_optimizer(m)))
+            model, opt = nnx.eval_shape(lambda: (m := DETR(cfg.model, rngs=tracing_rngs(tc.seed)), new_optimizer(m)))
             nnx.reseed(model, default=tc.seed)  # RNG streams as real keys: the checkpoint's replace them
         model.eval()
         eval_graphdef = nnx.graphdef(model)  # dropout off, the same state
