@@ -159,12 +159,16 @@ def test_export_cli_and_bad_input(detector, tmp_path, capsys):
         detector.with_runtime("onnxruntime", onnx=str(tmp_path / "nothing.onnx")).predict(np.zeros((8, 8, 3)))
 
 
-def test_predict_cli_runtime_flag(detector, onnx_file, tmp_path, capsys):
+def test_predict_cli_runtime_flag(detector, onnx_file, tmp_path, capsys, monkeypatch):
     """`--runtime`, and with `--model` the exported file itself (`onnx_file`, this detector's export): the same
-    detections as the model exported on the fly."""
+    detections as the model exported on the fly, which leaves nothing in the temporary folder."""
+    import tempfile
+
     from conftest import require
 
     require("onnxruntime", "onnx")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     detector.save(tmp_path / "w.safetensors")
     rng = np.random.default_rng(5)
     for i in range(2):
@@ -179,6 +183,7 @@ def test_predict_cli_runtime_flag(detector, onnx_file, tmp_path, capsys):
         results[name] = json.loads((out / "results.json").read_text())
     assert len(results["xla"]) == 2 * detector.config.num_queries
     assert results["file"] == results["onnxruntime"]
+    assert not list((tmp_path / "tmp").iterdir())  # the on-the-fly export removed
     capsys.readouterr()
     assert cli.main(["predict", str(tmp_path / "w.safetensors"), str(tmp_path / "0.png"), "--out",
                      str(tmp_path / "x"), "--model", str(onnx_file)]) == 2

@@ -8,12 +8,14 @@ one. Built in:
   batch and size; weights inside), run by that runtime on the CPU; the model's outputs are post-processed by the
   same `postprocess` as `xla`'s (a mask model's masks too, for `Detector.segment`). Options: `onnx`, a file `detrax
   export --format onnx` wrote of this detector (default: export now, into a temporary folder); for openvino,
-  `precision` (`f32`, or `bf16` on CPUs with bfloat16 instructions).
+  `precision` (`f32`, or `bf16` on CPUs with bfloat16 instructions); for both, `threads` (0: one per
+  core). An export made here lives in a temporary folder while the runtime reads it, and is removed after.
 The weights are baked into an exported model: after `Detector.set_weights` the next call exports again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -49,15 +51,19 @@ def _xla(detector, **options):
     return detector.infer_xla
 
 
-def onnx_file(detector, onnx: str | None = None) -> str:
-    """`onnx` if given (an export of this detector), else the detector exported now (dynamic batch and size)."""
+@contextlib.contextmanager
+def onnx_file(detector, onnx: str | None = None):
+    """`onnx` if given (an export of this detector), else the detector exported now (dynamic batch and size) into a
+    temporary folder that is removed when the block ends (DETR-R50's file is 160 MiB): read it inside."""
     from detrax.serving.export import export
 
     if onnx is not None:
         if not os.path.isfile(onnx):
             raise FileNotFoundError(f"{onnx}: no such ONNX file")
-        return onnx
-    return export(detector, os.path.join(tempfile.mkdtemp(prefix="detrax-onnx-"), "detr.onnx"), "onnx")
+        yield onnx
+        return
+    with tempfile.TemporaryDirectory(prefix="detrax-onnx-") as work:
+        yield export(detector, os.path.join(work, "detr.onnx"), "onnx")
 
 
 def _with_postprocess(forward: Callable, class_ids) -> Callable:
@@ -87,17 +93,20 @@ def _onnxruntime(detector, onnx: str | None = None, threads: int = 0):
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no warnings about the initializers it folds away
     options.intra_op_num_threads = threads  # 0: one per core
-    session = ort.InferenceSession(onnx_file(detector, onnx), options, providers=["CPUExecutionProvider"])
+    with onnx_file(detector, onnx) as path:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     names = outputs(detector)
     forward = lambda pixels, mask: session.run(names, {"pixels": pixels, "mask": mask})
     return _with_postprocess(forward, detector.config.class_ids)
 
 
-def _openvino(detector, onnx: str | None = None, precision: str = "f32"):
+def _openvino(detector, onnx: str | None = None, precision: str = "f32", threads: int = 0):
     ov = _need("openvino", "pip install 'detrax[onnx]'")
     if precision not in ("f32", "bf16"):
         raise ValueError(f"openvino precision must be f32 or bf16, not {precision!r}")
-    compiled = ov.Core().compile_model(onnx_file(detector, onnx), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    settings = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    with onnx_file(detector, onnx) as path:
+        compiled = ov.Core().compile_model(path, "CPU", settings)
     request = compiled.create_infer_request()
 
     names = outputs(detector)
