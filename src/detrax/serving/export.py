@@ -10,8 +10,9 @@ and `detrax export` take any registered one. Built in:
   OpenVINO; `serving.runtimes`): inputs `pixels` uint8 [B, H, W, 3] and `mask` bool [B, H, W] (True on the image),
   normalised inside; outputs `pred_logits` [B, Q, C + 1] and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to each
   image), and for a mask model `pred_masks` [B, Q, H / 4, W / 4], as `Detector.__call__` gives them. Post-processing
-  stays with the caller (`postprocess`, `panoptic`). Large weights are written beside the graph as `<path>.data`
-  (ONNX's external data; the runtimes read it from there).
+  stays with the caller (`postprocess`, `panoptic`). The graph is folded before it is written
+  (`onnx_graph.simplify`: the same outputs, fewer passes over the activations). Large weights are written beside
+  the graph as `<path>.data` (ONNX's external data; the runtimes read it from there).
 `dtype="bfloat16"` exports the model computing in bfloat16 (weights stored in float32).
 """
 
@@ -140,6 +141,8 @@ def model_function(detector):
 def _onnx(detector, path: str, shape: Shape) -> None:
     try:
         from jax2onnx import to_onnx
+
+        from detrax.serving.onnx_graph import simplify
     except ImportError:
         raise ValueError("the onnx format needs jax2onnx: pip install 'detrax[onnx]'") from None
     pixels, mask, _ = shape.inputs()
@@ -147,8 +150,11 @@ def _onnx(detector, path: str, shape: Shape) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        to_onnx(model_function(detector), [pixels, mask], model_name="detr", input_names=["pixels", "mask"],
-                output_names=outputs(detector), return_mode="file", output_path=path)
+        with tempfile.TemporaryDirectory(prefix="detrax-jax2onnx-") as work:
+            traced = os.path.join(work, f"{os.path.basename(work)}.onnx")  # a name no working folder holds (onnx)
+            to_onnx(model_function(detector), [pixels, mask], model_name="detr", input_names=["pixels", "mask"],
+                    output_names=outputs(detector), return_mode="file", output_path=traced)
+            simplify(traced, path)
     except NotImplementedError as e:  # jax2onnx names the primitive it has no rule for
         raise ValueError(f"this model cannot be exported to ONNX: {e}") from None
     finally:
