@@ -38,11 +38,15 @@ def _runtimes(f: dict, tag: str) -> str:
     return ", ".join(f"{name} {s:.3f} s" for s, name in times)
 
 
-def _export(f: dict) -> str:
+def _export(f: dict, suffix: str = "") -> str:
     """Best of each in any precision (int8 included); detrax's best float; float32 against float32."""
     tags = ("800x1216_b1", "800x1216_b4", "640x640_b1", "640x640_b4")
-    return "; ".join(f"{name}: " + " / ".join(str(f[f"{key}_{t}"]) for t in tags)
+    return "; ".join(f"{name}: " + " / ".join(str(f[f"{key}_{t}{suffix}"]) for t in tags)
                      for name, key in (("any", "ratio"), ("float", "ratio_float"), ("float32", "ratio_fp32")))
+
+
+def _export_one_thread(f: dict) -> str:
+    return _export(f, "_t1") if "ratio_800x1216_b1_t1" in f else "not measured in this run"
 
 
 def _export_detail(f: dict) -> str:
@@ -72,6 +76,7 @@ ROWS = [
         "runtime (XLA, ONNX Runtime, OpenVINO; int8 in both; OpenVINO in bfloat16 where the CPU has it) / PyTorch's "
         "best setting in any precision (HF DETR; bfloat16 autocast where the CPU has it); detrax's best float "
         "runtime / the same; float32 against float32", _export),
+    Row("bench_export", "the same, every framework on one core and one thread", _export_one_thread, ("benchmarks",)),
     Row("bench_export", "the runtimes' seconds per call, 800x1216 and 640x640, batch 1", _export_detail,
         ("benchmarks",)),
     Row("bench_export", "ONNX export of DETR-R50: time; size (graph and weights)",
