@@ -70,7 +70,7 @@ def finish(figures: dict, name: str | None = None) -> str:
     cpu_name, instructions = cpu(), isa()
     record = {"benchmark": name, "cpu": cpu_name, "isa": instructions, "machine": machine(cpu_name, instructions),
               "date": datetime.date.today().isoformat(), "commit": commit(),
-              "command": shlex.join([".venv/bin/python", f"benchmarks/{name}.py", *sys.argv[1:]]),
+              "command": shlex.join([".venv/bin/python", f"benchmarks/{os.path.basename(sys.argv[0])}", *sys.argv[1:]]),
               "figures": figures}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.{record['machine']}.json")

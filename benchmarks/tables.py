@@ -31,6 +31,7 @@ class Row:
     what: str
     figure: Callable[[dict], str]
     tables: tuple[str, ...] = ("readme", "benchmarks")
+    command: str = ""  # what gives it, where its script is not <benchmark>.py
 
 
 def _runtimes(f: dict, tag: str) -> str:
@@ -53,6 +54,17 @@ def _export_detail(f: dict) -> str:
     return "; ".join(f"{t.replace('_', ' ')}: {_runtimes(f, t)}" for t in ("800x1216_b1", "640x640_b1"))
 
 
+def _int8(f: dict) -> str:
+    return "; ".join(f"{rt}: val {f[f'{rt}_int8_minus_f32_val_AP50']:+} / {f[f'{rt}_int8_minus_f32_val_AP']:+}, "
+                     f"held out {f[f'{rt}_int8_minus_f32_held_out_AP50']:+} / {f[f'{rt}_int8_minus_f32_held_out_AP']:+}"
+                     for rt in ("onnxruntime", "openvino"))
+
+
+def _int8_runtimes(f: dict) -> str:
+    return "; ".join(f"{k} {v['held_out_AP50']} / {v['held_out_AP']}, {v['ms_per_image_b1']} ms"
+                     for k, v in f.items() if isinstance(v, dict) and "held_out_AP50" in v)
+
+
 def _inference(f: dict) -> str:
     return "; ".join(f"{s}: {r['ratio_vs_torch_fp32']} / {r['ratio_vs_torch_best']} ({r['detrax']['median_s']} s vs "
                      f"{r['torch']['median_s']} s / {r['torch_cl']['median_s']} s)"
@@ -71,6 +83,7 @@ def _matching(f: dict, solver: str) -> str:
                       for b in ("B32", "B8", "B2") if b in f)
 
 
+FOREIGN = ".venv/bin/python benchmarks/bench_int8.py --set foreign"
 ROWS = [
     Row("bench_export", "DETR-R50 inference, 800x1216 batch 1 / batch 4, 640x640 batch 1 / batch 4: detrax's fastest "
         "runtime (XLA, ONNX Runtime, OpenVINO; int8 in both; OpenVINO in bfloat16 where the CPU has it) / PyTorch's "
@@ -83,12 +96,14 @@ ROWS = [
         lambda f: f"{f['export_s']} s; {f['onnx_mib']} MiB", ("benchmarks",)),
     Row("bench_int8", "int8 on a trained model (the demo run, calibrated on 64 training images): AP50 / AP change "
         "from float32, ONNX Runtime and OpenVINO, on the demo's val split (in-sample) and on 250 held-out scenes",
-        lambda f: "; ".join(f"{rt}: val {f[f'{rt}_int8_minus_f32_val_AP50']:+} / {f[f'{rt}_int8_minus_f32_val_AP']:+}, "
-                            f"held out {f[f'{rt}_int8_minus_f32_held_out_AP50']:+} / "
-                            f"{f[f'{rt}_int8_minus_f32_held_out_AP']:+}" for rt in ("onnxruntime", "openvino"))),
+        _int8),
     Row("bench_int8", "the same: AP50 / AP (held out) and milliseconds per image at batch 1, by runtime",
-        lambda f: "; ".join(f"{k} {v['held_out_AP50']} / {v['held_out_AP']}, {v['ms_per_image_b1']} ms"
-                            for k, v in f.items() if isinstance(v, dict) and "held_out_AP50" in v), ("benchmarks",)),
+        _int8_runtimes, ("benchmarks",)),
+    Row("bench_int8_foreign", "int8 on the foreign set (`small` trained on it, calibrated on 64 training images): "
+        "AP50 / AP change from float32 on its val split (in-sample) and on 100 images of another seed", _int8,
+        command=FOREIGN),
+    Row("bench_int8_foreign", "the same: AP50 / AP (held out) and milliseconds per image at batch 1, by runtime; "
+        "training steps", lambda f: f"{_int8_runtimes(f)}; {f['steps']} steps", ("benchmarks",), FOREIGN),
     Row("bench_inference", "DETR-R50 forward (XLA, fp32), batch 1: detrax / HF PyTorch NCHW / PyTorch's best fp32 "
         "layout (channels_last)", _inference),
     Row("bench_inference", "peak RSS of the process at 800x1216, detrax / PyTorch; XLA compile of the forward, "
@@ -160,7 +175,8 @@ def table(name: str, folder: str | None = None) -> str:
             lines.append(f"| {row.what} | {row.figure(r['figures'])} | {r['cpu']} ({r['isa']}), {r['date']}, "
                          f"{r['commit']} | `{r['command']}` |")
         if not found:
-            lines.append(f"| {row.what} | not measured yet | | `.venv/bin/python benchmarks/{row.benchmark}.py` |")
+            command = row.command or f".venv/bin/python benchmarks/{row.benchmark}.py"
+            lines.append(f"| {row.what} | not measured yet | | `{command}` |")
     return "\n".join(lines)
 
 
