@@ -5,10 +5,10 @@ the ground truth, split into the errors that cost precision.
 
 Prints AP50 as pycocotools gives it; class-agnostic AP50 (every category one: what localisation alone gives);
 both again after a class-agnostic NMS at IoU 0.5 (what duplicates cost: DETR has no NMS, its set loss must
-teach the queries not to repeat each other); and, among the detections scoring at least SCORE, taken best
-first, the true positives (IoU >= 0.5 with a gt not yet claimed, class ignored), duplicates (IoU >= 0.5 with a
-claimed gt), misplaced (best IoU 0.1-0.5) and background (below 0.1). Detections on crowd regions are left out,
-as COCO leaves them. The last line is one JSON object of these figures.
+teach the queries not to repeat each other); and, among the detections scoring at least SCORE, the kinds of
+error as `detrax eval` counts them (`detrax.evaluation.confusion.error_kinds`, its errors.json: true,
+classification, localisation, duplicate, background, and the objects missed). The last line is one JSON object
+of these figures.
 """
 
 import contextlib
@@ -21,6 +21,8 @@ import numpy as np
 import record
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from detrax.evaluation.confusion import error_kinds, iou
 
 
 def ap50(gt: dict, dets: list) -> float:
@@ -43,13 +45,6 @@ def agnostic(gt: dict, dets: list) -> tuple[dict, list]:
     return gt, [dict(d, category_id=1) for d in dets]
 
 
-def iou(box, boxes):  # xywh [4], [N, 4] -> [N]
-    lo = np.maximum(box[:2], boxes[:, :2])
-    hi = np.minimum(box[:2] + box[2:], boxes[:, :2] + boxes[:, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), -1)
-    return inter / (np.prod(box[2:]) + np.prod(boxes[:, 2:], -1) - inter)
-
-
 def by_image(items: list) -> dict:
     out: dict = {}
     for d in items:
@@ -68,24 +63,6 @@ def nms(dets: list, threshold: float = 0.5) -> list:
     return kept
 
 
-def error_kinds(gt: dict, dets: list, score: float) -> dict:
-    gts, counts, claimed = by_image(gt["annotations"]), dict(tp=0, duplicate=0, misplaced=0, background=0), set()
-    for d in sorted(dets, key=lambda d: -d["score"]):
-        if d["score"] < score:
-            break
-        objects = gts.get(d["image_id"], [])
-        overlaps = iou(np.array(d["bbox"]), np.array([a["bbox"] for a in objects]).reshape(-1, 4))
-        k = int(overlaps.argmax()) if len(objects) else -1
-        if k >= 0 and overlaps[k] >= 0.5:
-            if not objects[k].get("iscrowd"):
-                kind = "duplicate" if (d["image_id"], k) in claimed else "tp"
-                claimed.add((d["image_id"], k))
-                counts[kind] += 1
-        else:
-            counts["misplaced" if k >= 0 and overlaps[k] >= 0.1 else "background"] += 1
-    return counts
-
-
 def main(results: str, instances: str, score: float = 0.3) -> dict:
     try:
         dets, gt = json.load(open(results)), json.load(open(instances))
@@ -94,11 +71,12 @@ def main(results: str, instances: str, score: float = 0.3) -> dict:
     deduped = nms(dets)
     figures = {"AP50": ap50(gt, dets), "AP50_agnostic": ap50(*agnostic(gt, dets)),
                "AP50_nms": ap50(gt, deduped), "AP50_agnostic_nms": ap50(*agnostic(gt, deduped)),
-               "score": score, **error_kinds(gt, dets, score)}
+               **error_kinds(gt, dets, score)}
     print(f"AP50 {figures['AP50']:.3f}, class-agnostic {figures['AP50_agnostic']:.3f}; after NMS at IoU 0.5: "
           f"{figures['AP50_nms']:.3f}, class-agnostic {figures['AP50_agnostic_nms']:.3f}")
-    print(f"detections scoring >= {score}: {figures['tp']} true, {figures['duplicate']} duplicates, "
-          f"{figures['misplaced']} misplaced (IoU 0.1-0.5), {figures['background']} on background")
+    print(f"detections scoring >= {score}: {figures['true']} true, {figures['classification']} of another class, "
+          f"{figures['localisation']} misplaced (IoU 0.1-0.5), {figures['duplicate']} duplicates, "
+          f"{figures['background']} on background; {figures['missed']} objects missed")
     record.finish({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
     return figures
 

@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="detrax weights (.safetensors), an official/HF checkpoint, or random:PRESET")
     s.add_argument("paths", nargs="*", help="image files or folders (none: generate synthetic scenes)")
     s.add_argument("--out", default="runs/predict", help="output folder")
-    s.add_argument("--threshold", type=float, default=None,
+    s.add_argument("--threshold", type=_threshold, default=None,
                    help=f"score to keep a detection or segment (default {postprocess.THRESHOLD}; {panoptic.THRESHOLD} "
-                   "for panoptic, as the official)")
+                   "for panoptic, as the official); auto: each class's F1-best score from the run's "
+                   "eval/thresholds.json (`detrax eval RUN` writes it)")
     s.add_argument("--task", choices=("detection", "panoptic", "segm"), default="detection",
                    help="panoptic: segments as COCO panoptic PNGs + panoptic.json, drawn; segm: detections with "
                    "masks (RLE in results.json); both need a model with a mask head")
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a DETR on a COCO-format folder")
     s.add_argument("--config", default=None, help="a preset of detrax.config.schema (default: detr_r50; with --resume, "
                    "the run's own config)")
-    s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
+    s.add_argument("--data", required=True, help="a COCO-format, YOLO or Pascal VOC folder, or "
+                   "tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--workdir", required=True, help="checkpoints, metrics, plots")
     s.add_argument("--resume", action="store_true", help="continue the workdir's run from its latest checkpoint "
                    "(without one: start it again exactly as it was recorded)")
@@ -121,17 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="COCO AP of a checkpoint or a training run's workdir")
     s.add_argument("checkpoint", help="detrax weights, an official/HF checkpoint, or a training workdir")
-    s.add_argument("--data", required=True, help="a COCO-format folder, or tfds:coco/2017[@DATA_DIR]")
+    s.add_argument("--data", required=True, help="a COCO-format, YOLO or Pascal VOC folder, or "
+                   "tfds:coco/2017[@DATA_DIR]")
     s.add_argument("--split", default=None, help="default: the split named val*")
     s.add_argument("--config", default=None, help="preset whose data settings (val_size, ...) to use (default: "
                    f"a run's own, or the one a weights file records; else the official {VAL.val_size}/{VAL.max_size})")
-    s.add_argument("--out", default=None, help="write metrics.json and results.json here")
+    s.add_argument("--out", default=None, help="write metrics.json, results.json and the diagnostics (per class, "
+                   "precision-recall, thresholds, confusion, errors) here (default: RUN/eval for a training workdir)")
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     s.add_argument("overrides", nargs="*", help="key=value overrides of data settings, e.g. data.val_size=640")
     _runtime_args(s)
     s.set_defaults(func=commands.cmd_eval)
 
-    data = sub.add_parser("data", help="datasets: make a synthetic one, check one").add_subparsers(
+    data = sub.add_parser("data", help="datasets: make a synthetic one, check one, convert one").add_subparsers(
         dest="data_command", required=True)
     s = data.add_parser("synth", help="write a COCO-format folder of synthetic shapes (train and val)")
     s.add_argument("out")
@@ -148,7 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-targets", type=int, default=100)
     s.add_argument("--pretty", action="store_true")
     s.set_defaults(func=commands.cmd_data_check)
+    s = data.add_parser("convert", help="write a dataset (YOLO, Pascal VOC, COCO) as a COCO folder")
+    s.add_argument("src")
+    s.add_argument("dst", help="a new or empty folder")
+    s.add_argument("--to", default="coco", help="the format written: coco")
+    s.add_argument("--skip-bad", action="store_true", help="skip and count bad labels and images (default: stop "
+                   "at the first, naming its file)")
+    s.set_defaults(func=commands.cmd_data_convert)
     return p
+
+
+def _threshold(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a score (0.7) or auto") from None
 
 
 def main(argv=None) -> int:

@@ -68,6 +68,12 @@ def cmd_predict(args) -> int:
 
     default = panoptic.THRESHOLD if args.task == "panoptic" else postprocess.THRESHOLD
     threshold = default if args.threshold is None else args.threshold
+    if threshold == "auto":
+        from detrax.evaluation.diagnostics import auto_thresholds
+
+        if args.task != "detection":
+            raise ValueError("--threshold auto is for detection (per-class box thresholds); give a number")
+        threshold = auto_thresholds(os.path.join(args.checkpoint, "eval", "thresholds.json"))
     if args.task != "detection":
         from detrax.serving.images import write_instances, write_panoptic
 
@@ -158,6 +164,13 @@ def cmd_data_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_data_convert(args) -> int:
+    from detrax.data.convert import convert
+
+    print(json.dumps(convert(args.src, args.dst, args.to, skip_bad=args.skip_bad)))
+    return 0
+
+
 def _config(args, default: str):
     """The preset named by --config with the key=value overrides. Without --config, a resumed run keeps its own
     config (the overrides apply to it) and a new one takes `default`."""
@@ -210,10 +223,17 @@ def cmd_eval(args) -> int:
     data_cfg = presets.get(args.config).data if args.config else detector.data or schema.DataConfig()
     data_cfg = override(schema.Config("eval", detector.config, data=data_cfg), args.overrides).data
     split = resolve_split(args.data, args.split or data_cfg.val_split, "val", data_cfg.task)
-    ds = read_split(args.data, split, task=data_cfg.task)
+    ds = read_split(args.data, split, task=data_cfg.task, skip_bad=data_cfg.skip_bad)
     infer = detector.infer_masks if data_cfg.task != "detection" else detector.infer
-    metrics = evaluate(infer, ds, data_cfg, batch_size=args.batch_size, out_dir=args.out,
-                       class_ids=detector.config.class_ids)
+    run = os.path.isdir(os.path.join(args.checkpoint, "checkpoints"))
+    out = args.out or (os.path.join(args.checkpoint, "eval") if run else None)
+    metrics = evaluate(infer, ds, data_cfg, batch_size=args.batch_size, out_dir=out,
+                       class_ids=detector.config.class_ids, diagnose=True)
+    if out and os.path.isfile(os.path.join(out, "per_class.json")):
+        from detrax.evaluation.diagnostics import table
+
+        with open(os.path.join(out, "per_class.json")) as f:
+            print(f"{table(json.load(f))}\ndiagnostics in {out}", file=sys.stderr)
     print(json.dumps(metrics))
     return 0
 

@@ -164,6 +164,7 @@ class DataConfig:
     # box and mask AP) | panoptic (COCO panoptic folders: every segment's mask; PQ); the latter two for a model
     # with a mask head
     task: str = "detection"
+    skip_bad: bool = False  # bad labels and images skipped and counted (the run says how many), not an error
 
 
 @dataclasses.dataclass(frozen=True)

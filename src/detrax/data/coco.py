@@ -37,6 +37,7 @@ class Dataset:
     counts: dict  # crowd, degenerate (dropped by the official rules), annotations kept
     isthing: dict = dataclasses.field(default_factory=dict)  # panoptic: category id -> thing (True) or stuff
     task: str = "detection"  # detection | segm (records' `segmentations` as masks) | panoptic (`panoptic_png`)
+    ground_truth: dict | None = None  # the COCO dict of a split made from another format (YOLO, VOC)
 
     @property
     def num_classes(self) -> int:
@@ -95,10 +96,18 @@ def _load_json(path: str) -> dict:
 
 def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool = True) -> Dataset:
     ann_file, image_dir = split_files(root, split)
-    data = _load_json(ann_file)
-    problems, counts = [], {"crowd": 0, "degenerate": 0, "annotations": 0}
+    return from_dict(_load_json(ann_file), root, split, image_dir, ann_file, skip_bad, check_files)
 
-    def bad(msg, id_, file=ann_file):
+
+def from_dict(data: dict, root: str, split: str, image_dir: str, ann_file: str | None, skip_bad: bool = False,
+              check_files: bool = True, problems: list | None = None) -> Dataset:
+    """The records of a COCO dict (`images`, `annotations`, `categories`; file names relative to `image_dir`) by
+    the rules above; `ann_file` names the file it came from (None: made from another format, which `problems`
+    already found fault with: the dict becomes the split's `ground_truth`)."""
+    where = ann_file or os.path.join(root, split)
+    problems, counts = list(problems or []), {"crowd": 0, "degenerate": 0, "annotations": 0}
+
+    def bad(msg, id_, file=where):
         if not skip_bad:
             raise DataError(f"{file}: {msg}")
         problems.append({"file": file, "id": id_, "error": msg})
@@ -106,7 +115,7 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
     names = {}
     for c in data["categories"]:
         if not (isinstance(c, dict) and _is_int(c.get("id")) and c["id"] >= 0 and isinstance(c.get("name"), str)):
-            raise DataError(f"{ann_file}: category {c!r} needs an integer id >= 0 and a string name")
+            raise DataError(f"{where}: category {c!r} needs an integer id >= 0 and a string name")
         names[c["id"]] = c["name"]
     images, skipped_images = {}, set()
     for im in data["images"]:
@@ -119,7 +128,7 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
                 skipped_images.add(im["id"])
             continue
         if im["id"] in images:
-            raise DataError(f"{ann_file}: image id {im['id']} appears twice")
+            raise DataError(f"{where}: image id {im['id']} appears twice")
         path = os.path.join(image_dir, im["file_name"])
         if check_files and not os.path.isfile(path):
             bad(f"image {im['id']}: file {path} is missing", im["id"], path)
@@ -171,7 +180,8 @@ def read_coco(root: str, split: str, skip_bad: bool = False, check_files: bool =
         im["boxes"] = np.array(im["boxes"], np.float32).reshape(-1, 4)
         im["labels"] = np.array(im["labels"], np.int32)
         records.append(im)
-    return Dataset(os.fspath(root), split, ann_file, image_dir, records, names, problems, counts)
+    return Dataset(os.fspath(root), split, ann_file, image_dir, records, names, problems, counts,
+                   ground_truth=None if ann_file else data)
 
 
 def load_image(record: dict) -> Image.Image:

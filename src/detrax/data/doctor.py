@@ -18,7 +18,8 @@ def check(root: str, split: str | None = None, max_targets: int = 100) -> dict:
     names = [(task, s) for task in sources.TASKS for s in sources.list_splits(root, task) if s == split or not split]
     if not names:
         raise DataError(f"{root}: no split {split or ''} found (for a folder: annotations/instances_*.json, "
-                        "*/_annotations.coco.json or annotations/panoptic_*.json)")
+                        "*/_annotations.coco.json, annotations/panoptic_*.json, YOLO's images/ and labels/ with "
+                        "data.yaml, or VOC's Annotations/ and ImageSets/Main/)")
     report: dict[str, Any] = {"root": root, "splits": {}}
     for task, name in names:
         try:

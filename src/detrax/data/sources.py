@@ -1,7 +1,8 @@
 """Where a dataset comes from. A source names its splits, reads one as a `coco.Dataset` (the records the loader,
 training and evaluation take) and gives its ground truth for pycocotools. Sources are tried in order, the last
 registered first, among those that serve the task (`data.task`: detection | segm | panoptic): TFDS claims
-`tfds:coco/2017[@DATA_DIR]`, the COCO-format folder (COCO layout or a Roboflow export) everything else, also
+`tfds:coco/2017[@DATA_DIR]`, a YOLO folder (`data.yolo`: Ultralytics' or Roboflow's YOLO layout) and a Pascal
+VOC folder (`data.voc`) theirs, the COCO-format folder (COCO layout or a Roboflow export) everything else, also
 for instance masks; for panoptic segmentation, the COCO panoptic folder. A new source is a class with these
 four methods (and `tasks`, the tasks it serves; detection alone without it) and one `register_source` call."""
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from detrax.data import coco, coco_panoptic, tfds_coco
+from detrax.data import coco, coco_panoptic, tfds_coco, voc, yolo
 
 TASKS = ("detection", "segm", "panoptic")
 
@@ -62,6 +63,36 @@ class Tfds:
         return tfds_coco.ground_truth(ds)
 
 
+class Converted:
+    """A folder of another format, read into a COCO dict (`to_coco`) and then by COCO's rules: the dict is the
+    split's ground truth."""
+
+    tasks: tuple[str, ...] = ("detection",)
+    module = yolo
+
+    def claims(self, data: str) -> bool:
+        return self.module.claims(data)
+
+    def splits(self, data: str) -> list[str]:
+        return self.module.splits(data)
+
+    def read(self, data: str, split: str, skip_bad: bool = False) -> coco.Dataset:
+        found, problems, image_dir = self.module.to_coco(data, split, skip_bad)
+        return coco.from_dict(found, data, split, image_dir, None, skip_bad, problems=problems)
+
+    def ground_truth(self, ds: coco.Dataset) -> str | dict:
+        assert ds.ground_truth is not None
+        return ds.ground_truth
+
+
+class Yolo(Converted):
+    module = yolo
+
+
+class Voc(Converted):
+    module = voc
+
+
 class CocoPanopticFolder:
     tasks: tuple[str, ...] = ("panoptic",)
 
@@ -79,7 +110,7 @@ class CocoPanopticFolder:
         return ds.annotation_file  # the panoptic JSON, its PNGs beside it (coco_panoptic.layout)
 
 
-SOURCES: list[Source] = [Tfds(), CocoFolder(), CocoPanopticFolder()]
+SOURCES: list[Source] = [Tfds(), Yolo(), Voc(), CocoFolder(), CocoPanopticFolder()]
 
 
 def register_source(source: Source) -> None:

@@ -56,6 +56,15 @@ def predict_dataset(infer, records, data_cfg, batch_size: int, multiple: int = 1
 def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True, iou_type: str = "bbox") -> dict:
     """pycocotools' COCOeval (`iou_type` bbox or segm) on `results` against `annotations` (a COCO file or dict):
     AP, AP50, AP75, APs, APm, APl."""
+    return _numbers(cocoeval(annotations, results, image_ids, quiet, iou_type))
+
+
+def _numbers(ev) -> dict:
+    return dict.fromkeys(KEYS, 0.0) if ev is None else {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
+
+
+def cocoeval(annotations, results: list[dict], image_ids=None, quiet: bool = True, iou_type: str = "bbox"):
+    """The COCOeval behind `coco_ap`, evaluated, accumulated and summarised (None without results)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -68,7 +77,7 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
         else:
             gt = COCO(annotations)
         if not results:
-            return dict.fromkeys(KEYS, 0.0)
+            return None
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iou_type)
         if image_ids is not None:
@@ -76,7 +85,7 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
+    return ev
 
 
 def panoptic_quality(infer, dataset_, data_cfg, batch_size: int, multiple: int = 1, class_ids=()) -> dict:
@@ -102,16 +111,22 @@ def panoptic_quality(infer, dataset_, data_cfg, batch_size: int, multiple: int =
 
 
 def evaluate(infer, dataset_, data_cfg, batch_size: int = BATCH_SIZE, out_dir: str | None = None, multiple: int = 1,
-             class_ids=()) -> dict:
+             class_ids=(), diagnose: bool = False) -> dict:
     """AP of `infer` (see `predict_dataset`) on a `data.coco.Dataset` (PQ on a panoptic one: `panoptic_quality`);
-    with `out_dir`, writes metrics.json (and the box results, results.json) there."""
+    with `out_dir`, writes metrics.json (and the box results, results.json) there, and with `diagnose` the box
+    diagnostics (`diagnostics.diagnose`: per class, precision-recall, thresholds, confusion, errors)."""
     if dataset_.task == "panoptic":
         return _written(panoptic_quality(infer, dataset_, data_cfg, batch_size, multiple, class_ids), out_dir)
     segm = dataset_.task == "segm"
     results = predict_dataset(infer, dataset_.records, data_cfg, batch_size, multiple, masks=segm)
     gt = ground_truth(dataset_)
     ids = [im["id"] for im in gt["images"]] if isinstance(gt, dict) else [r["image_id"] for r in dataset_.records]
-    metrics = coco_ap(gt, results, ids)
+    ev = cocoeval(gt, results, ids)
+    metrics = _numbers(ev)
+    if diagnose and out_dir and ev is not None:
+        from detrax.evaluation.diagnostics import diagnose as write_diagnostics
+
+        write_diagnostics(ev, ev.cocoGt.dataset, results, out_dir)
     if segm:  # and the masks' AP, as the official coco_evaluator's segm
         metrics.update({f"mask_{k}": v for k, v in coco_ap(gt, results, ids, iou_type="segm").items()})
     return _written(metrics, out_dir, results)

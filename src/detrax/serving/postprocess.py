@@ -27,13 +27,15 @@ def postprocess(outputs, target_sizes, class_ids=()):
     return scores, labels, boxes
 
 
-def select(scores, labels, boxes, threshold: float = THRESHOLD):
-    """One dict of NumPy arrays per image with the detections scoring above `threshold`, best first: scores,
-    labels, boxes and the index of the query that made each."""
+def select(scores, labels, boxes, threshold: float | dict = THRESHOLD):
+    """One dict of NumPy arrays per image with the detections scoring above `threshold` (a number, or {category
+    id: number}, THRESHOLD for a category it lacks: `detrax eval`'s thresholds.json), best first: scores, labels,
+    boxes and the index of the query that made each."""
     scores, labels, boxes = np.asarray(scores), np.asarray(labels), np.asarray(boxes)
     results = []
     for s, lab, b in zip(scores, labels, boxes):
-        keep = np.flatnonzero(s > threshold)
+        cut = np.array([threshold.get(int(k), THRESHOLD) for k in lab]) if isinstance(threshold, dict) else threshold
+        keep = np.flatnonzero(s > cut)
         keep = keep[np.argsort(-s[keep], kind="stable")]
         results.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep], "queries": keep})
     return results

@@ -97,7 +97,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
     n_proc, proc = jax.process_count(), jax.process_index()
     _check(cfg, run.workdir)
     split = resolve_split(run.data_dir, cfg.data.train_split, "train", cfg.data.task)
-    train_ds = read_split(run.data_dir, split, task=cfg.data.task)
+    train_ds = read_split(run.data_dir, split, task=cfg.data.task, skip_bad=cfg.data.skip_bad)
     cfg, classes = start.resolve_classes(cfg, train_ds, run.workdir, run.resume)
     tc, dc = cfg.train, cfg.data
     per_epoch, total, drop = _schedule(tc, len(train_ds.records), train_ds.annotation_file or train_ds.root)
@@ -118,7 +118,9 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
                              "checkpoint), or set train.freeze_detector=false to train everything")
         reporter = closing.enter_context(contextlib.closing(
             Reporter(run.workdir, total, per_epoch, tc.batch_size, enabled=proc == 0 and not run.quiet)))
-        for line in [begin.message, *(f"  allowed change: {c}" for c in begin.changes), *classes]:
+        skipped = [f"data.skip_bad: {len(train_ds.problems)} bad labels or images of {split} skipped; the first: "
+                   f"{train_ds.problems[0]['file']}: {train_ds.problems[0]['error']}"] if train_ds.problems else []
+        for line in [begin.message, *(f"  allowed change: {c}" for c in begin.changes), *classes, *skipped]:
             reporter.line(line)  # the first line says how the run begins
 
         mesh = data_mesh()
@@ -234,7 +236,8 @@ def _val_split(data_dir: str, dc: schema.DataConfig, reporter: Reporter):
     if dc.val_split == "none":
         return None
     try:
-        return read_split(data_dir, resolve_split(data_dir, dc.val_split, "val", dc.task), task=dc.task)
+        return read_split(data_dir, resolve_split(data_dir, dc.val_split, "val", dc.task), task=dc.task,
+                          skip_bad=dc.skip_bad)
     except ValueError as e:
         reporter.line(f"no evaluation: {e}")
         return None
