@@ -107,7 +107,7 @@ def normalize_batch(pixels, mask, mean, std):
 
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
     x = (jnp.asarray(pixels, jnp.float32) / 255.0 - mean) / std
-    return x * jnp.asarray(mask, jnp.float32)[..., None]  # a product, not a select: 5x cheaper in ONNX Runtime
+    return x * jnp.asarray(mask, jnp.float32)[..., None]  # a product, not a select: ONNX Runtime broadcasts it faster
 
 
 def to_model_input(image, target):

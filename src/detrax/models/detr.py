@@ -146,8 +146,8 @@ def _abstract(config: ModelConfig, seed: int, build_backbone) -> tuple:
 def tracing_rngs(seed: int) -> nnx.Rngs:
     """`nnx.Rngs(seed)` for a model built under a trace (`nnx.eval_shape`): the same model, graphdef and state, but
     the streams' counters are references. A plain counter's `count[...] += 1` under a trace reads the tracer's
-    `.sharding`, whose error message JAX builds by walking the whole trace, once per weight: quadratic (DETR-R50's
-    eval_shape 2.15 -> 0.66 s)."""
+    `.sharding`, whose error message JAX builds by walking the whole trace, once per weight: quadratic (for
+    DETR-R50 most of the tracing time; bench_startup.py)."""
     with nnx.var_defaults(ref=True):
         return nnx.Rngs(seed)
 
