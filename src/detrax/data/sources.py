@@ -9,6 +9,7 @@ four methods (and `tasks`, the tasks it serves; detection alone without it) and 
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Protocol
 
 from detrax.data import coco, coco_panoptic, tfds_coco, voc, yolo
@@ -68,7 +69,7 @@ class Converted:
     split's ground truth."""
 
     tasks: tuple[str, ...] = ("detection",)
-    module = yolo
+    module: types.ModuleType  # its claims, splits and to_coco
 
     def claims(self, data: str) -> bool:
         return self.module.claims(data)
