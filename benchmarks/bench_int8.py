@@ -11,7 +11,7 @@ OpenVINO, on the same images in the same run. Beside each, milliseconds per imag
   `bench_int8_foreign.<machine>.json`.
 
     .venv/bin/python benchmarks/bench_int8.py [--set demo|foreign] [--workdir DIR] [--calibration-images 64]
-                                              [--steps 4000]
+                                              [--calibration-method minmax|percentile] [--steps 4000]
 """
 
 import argparse
@@ -42,6 +42,7 @@ def main():
     p.add_argument("--set", choices=("demo", "foreign"), default="demo")
     p.add_argument("--workdir", help="the trained run (default: /tmp/bench_demo, /tmp/bench_int8_foreign)")
     p.add_argument("--calibration-images", type=int, default=64)
+    p.add_argument("--calibration-method", default="minmax", help="minmax or percentile (serving.quantize)")
     p.add_argument("--steps", type=int, default=4000, help="the foreign set's training steps")
     args = p.parse_args()
     run = args.workdir or {"demo": "/tmp/bench_demo", "foreign": "/tmp/bench_int8_foreign"}[args.set]
@@ -64,7 +65,7 @@ def main():
     f32 = export(det, os.path.join(work, "demo.onnx"), "onnx")
     images, about = calibration_images(os.path.join(run, "data"), args.calibration_images)
     int8 = export(det, os.path.join(work, "demo_int8.onnx"), "onnx", quantize="int8", calibration=images,
-                  calibration_about=about)
+                  calibration_about=about, calibration_method=args.calibration_method)
     figures = {"export_and_quantize_s": round(time.perf_counter() - t0, 1),
                "calibration": metadata(int8)["quantization"]["calibration"]}
     runtimes = {"xla_f32": det,

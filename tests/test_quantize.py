@@ -61,6 +61,15 @@ def test_an_int8_file_says_so_keeps_the_heads_in_float_and_stays_near_float(dete
     compiled = ov.Core().compile_model(q, "CPU")
     out = compiled.create_infer_request().infer(feed)
     np.testing.assert_allclose(out[compiled.output("pred_boxes")], bq, atol=0.01)
+    # percentile calibration: its own ranges (another file), said in the metadata, as near the float model
+    p = tmp_path / "p.onnx"
+    made = quantize.quantize_onnx(f, p, quantize.calibration_batches(detector, calibration), method="percentile")
+    assert made["activations"] == "uint8, per tensor, percentile calibration" == \
+        quantize.metadata(p)["quantization"]["activations"]
+    lp, bp = ort.InferenceSession(p).run(None, feed)
+    assert not np.array_equal(lp, lq) and np.abs(lp - lf).max() < 0.2 and np.abs(bp - bf).max() < 0.03
+    with pytest.raises(ValueError, match="calibration method 'entropy': methods: minmax, percentile"):
+        quantize.quantize_onnx(f, p, [], method="entropy")
 
 
 def test_export_cli_quantizes_on_a_data_folder_and_reports_the_accuracy_kept(detector, tmp_path, capsys):

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration", default=None, help="with --quantize: a data folder (its training split), an "
                    "image or a folder of images (default: the run's own training data)")
     s.add_argument("--calibration-images", type=int, default=64, help="with --quantize: how many images")
+    s.add_argument("--calibration-method", default="minmax", help="with --quantize: minmax (each activation's "
+                   "range) or percentile (its 99.999th percentile: an outlier moves it less; about 4x slower)")
     s.add_argument("--tolerance", type=float, default=1.0,
                    help="with --quantize: AP50 points int8 may lose against float32 before it is reported")
     s.set_defaults(func=commands.cmd_export)

@@ -259,7 +259,7 @@ def cmd_export(args) -> int:
     source, split = _calibration_source(args)
     images, about = calibration_images(source, args.calibration_images, split)
     export(detector, args.out, args.format, shape, dtype=args.dtype, quantize=args.quantize, calibration=images,
-           calibration_about=about)
+           calibration_about=about, calibration_method=args.calibration_method)
     done |= {"quantize": args.quantize, "calibration": about | {"images_used": len(images)}}
     if "data" in about:  # the accuracy it kept, on the data's val split
         from detrax.evaluation.coco import accuracy_kept

@@ -61,11 +61,11 @@ def register_format(name: str, fn: Callable) -> None:
 
 def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: Shape | None = None,
            dtype: str | None = None, quantize: str | None = None, calibration=None,
-           calibration_about: dict | None = None) -> str:
+           calibration_about: dict | None = None, calibration_method: str = "minmax") -> str:
     """Write `detector` (a `detrax.Detector`) to `path` in a registered format, for inputs of `shape` (default:
     any batch and size), computing in `dtype` (default: the model's); returns the path. `quantize="int8"` (onnx):
     post-training quantization calibrated on `calibration` (images: paths, PIL images or uint8 arrays), whose
-    source `calibration_about` describes in the file's metadata (`serving.quantize`)."""
+    source `calibration_about` describes in the file's metadata, by `calibration_method` (`serving.quantize`)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; formats: {', '.join(sorted(FORMATS))}")
     if quantize not in (None, "int8"):
@@ -84,7 +84,7 @@ def export(detector, path: str | os.PathLike, format: str = "stablehlo", shape: 
     batches = calibration_batches(detector, calibration or [])  # before the export: a clear error first
     with tempfile.TemporaryDirectory(prefix="detrax-float-") as work:
         FORMATS[format](detector, os.path.join(work, "float.onnx"), shape or Shape())
-        quantize_onnx(os.path.join(work, "float.onnx"), path, batches, calibration_about)
+        quantize_onnx(os.path.join(work, "float.onnx"), path, batches, calibration_about, method=calibration_method)
     return path
 
 
