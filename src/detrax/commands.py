@@ -36,29 +36,17 @@ def _detector(args):
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
-
-    from detrax.data.synthetic import scene
-    from detrax.serving.images import list_images, read_image, write_results
+    from detrax.data.synthetic import write_scenes
+    from detrax.serving.images import list_images, read_all, write_results
 
     out = _writable_dir(args.out)
     files = list_images(args.paths)
     if not files:
-        gen = _writable_dir(os.path.join(out, "inputs"))
-        rng = np.random.default_rng(args.seed)
-        for i in range(args.generate):
-            image, _, _ = scene(rng, 480, 640)
-            files.append(os.path.join(gen, f"scene{i:03d}.jpg"))
-            image.save(files[-1], quality=95)
-        print(f"no images given: generated {len(files)} synthetic scenes in {gen}")
-    images, kept, skipped = [], [], []
-    for f in files:
-        try:
-            images.append(read_image(f))
-            kept.append(f)
-        except (ValueError, FileNotFoundError) as e:
-            skipped.append(f)
-            print(f"skipped: {e}", file=sys.stderr)
+        files = write_scenes(_writable_dir(os.path.join(out, "inputs")), args.generate, args.seed)
+        print(f"no images given: generated {len(files)} synthetic scenes in {os.path.join(out, 'inputs')}")
+    images, kept, skipped = read_all(files)
+    for _, why in skipped:
+        print(f"skipped: {why}", file=sys.stderr)
     t0 = time.time()
     detector = _detector(args)
     if args.checkpoint.startswith("random:"):
@@ -81,22 +69,19 @@ def cmd_predict(args) -> int:
             if images else []
         path = write_panoptic(out, kept, images, found) if args.task == "panoptic" else write_instances(
             out, kept, images, found, detector.names)
-        n = sum(len(r["segments"] if args.task == "panoptic" else r["scores"]) for r in found)
-        print(json.dumps({"images": len(kept), "skipped": len(skipped), "segments" if args.task == "panoptic"
-                          else "detections": n, "threshold": threshold, "results": path,
-                          "seconds": round(time.time() - t0, 2)}))
-        return 0
-    dets = detector.predict(images, threshold=threshold, batch_size=args.batch_size, size=args.size,
-                            max_size=args.max_size) if images else []  # sizes None: the model's own
-    path = write_results(out, kept, images, dets, detector.names)
-    if args.attention and dets:
-        for f, im, d in zip(kept, images, dets):
+        counted = {"segments" if args.task == "panoptic" else "detections":
+                   sum(len(r["segments"] if args.task == "panoptic" else r["scores"]) for r in found)}
+    else:
+        dets = detector.predict(images, threshold=threshold, batch_size=args.batch_size, size=args.size,
+                                max_size=args.max_size) if images else []  # sizes None: the model's own
+        path = write_results(out, kept, images, dets, detector.names)
+        for f, im, d in zip(kept, images, dets) if args.attention else ():
             points = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in d["boxes"][:args.attention_points]]
             stem = os.path.splitext(os.path.basename(f))[0]
             detector.attention(im, d, args.size, args.max_size, points).save(
                 os.path.join(out, f"{stem}_attention.png"))
-    n = sum(len(d["scores"]) for d in dets)
-    print(json.dumps({"images": len(kept), "skipped": len(skipped), "detections": n, "threshold": threshold,
+        counted = {"detections": sum(len(d["scores"]) for d in dets)}
+    print(json.dumps({"images": len(kept), "skipped": len(skipped), **counted, "threshold": threshold,
                       "results": path, "seconds": round(time.time() - t0, 2)}))
     return 0
 

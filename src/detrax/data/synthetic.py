@@ -79,6 +79,16 @@ STUFF = ("sky", "ground")  # panoptic scenes: two stuff regions behind the shape
 STUFF_COLOURS = np.array([[120, 160, 215], [125, 105, 70]])
 
 
+def write_scenes(folder: str, count: int, seed: int = 0) -> list[str]:
+    """`count` 640x480 scenes as JPEG files in `folder` (for trying a model without images); their paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"scene{i:03d}.jpg") for i in range(count)]
+    for path in paths:
+        scene(rng, 480, 640)[0].save(path, quality=95)
+    return paths
+
+
 def panoptic_scene(rng: np.random.Generator, height: int, width: int, max_objects: int = 4):
     """Shapes (things) over a sky above a ground (stuff) split along a random sloped line: (PIL RGB image,
     segment ids [H, W] uint32 (1, 2: sky and ground when present; shapes from 3), segments [(id, category

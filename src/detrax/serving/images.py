@@ -22,6 +22,18 @@ def read_image(path: str) -> Image.Image:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
+def read_all(files: list[str]) -> tuple[list, list, list]:
+    """(the images that could be read, their files, [(file, why not)] for the others)."""
+    images, kept, skipped = [], [], []
+    for f in files:
+        try:
+            images.append(read_image(f))
+            kept.append(f)
+        except (ValueError, FileNotFoundError) as e:
+            skipped.append((f, str(e)))
+    return images, kept, skipped
+
+
 def to_rgb(im) -> Image.Image:
     """A path, PIL image or HxWx3 uint8 array -> an RGB PIL image."""
     if isinstance(im, (str, os.PathLike)):
