@@ -54,7 +54,8 @@ def _train_args(synth, workdir, steps, *extra) -> list[str]:
             f"train.steps={steps}", "train.batch_size=2", "train.ckpt_every=2", "train.keep=2", "train.log_every=1",
             "train.eval_every=0", "data.workers=0", "model.dropout=0.1", "data.scales=64,80", "data.max_size=96",
             "data.crop_scales=48,64", "data.crop_size=32,48", "data.val_size=64", "data.max_targets=8",
-            "data.bucket_step=96", "data.val_split=none", "loss.matcher=hungarian_jax", *extra]
+            "data.bucket_step=96", "data.val_split=none", "loss.matcher=hungarian_jax",
+            "train.ema_decay=0.9", "train.ema_tau=2", *extra]  # the weights' moving average resumes exactly too
 
 
 def _child(synth, workdir, steps, *extra, kill=None):
@@ -81,7 +82,14 @@ def _committed(workdir) -> list[int]:
 
 
 def _weights(workdir):
-    return {k: np.asarray(v) for k, v in weight_arrays(load_run(str(workdir))).items()}
+    """The trained weights, and their moving average where the run keeps one (`train.ema_decay`)."""
+    model, meta = load_run(str(workdir), with_meta=True)
+    raw = {k: np.asarray(v) for k, v in weight_arrays(model).items()}
+    if not meta["config"]["train"]["ema_decay"]:
+        return raw
+    ema = {f"ema/{k}": np.asarray(v) for k, v in weight_arrays(load_run(str(workdir), ema=True)).items()}
+    assert any(not np.array_equal(raw[k], ema[f"ema/{k}"]) for k in raw)  # two things to compare
+    return raw | ema
 
 
 def _assert_same(a, b):

@@ -173,8 +173,10 @@ class Detector:
         save_weights(plain(self.model), path, categories=categories, data=data)
 
 
-def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> Detector:
-    """A Detector from a training run's workdir (its latest checkpoint), detrax weights (`.safetensors` written by
+def load(path: str | os.PathLike, runtime: str = "xla", weights: str = "auto", **config_overrides) -> Detector:
+    """A Detector from a training run's workdir (`weights`: its `best` evaluated weights, its `last` checkpoint's,
+    their moving average where the run keeps one, or `raw`, the last trained weights themselves; `auto`: the best
+    where the run kept them, else the last), detrax weights (`.safetensors` written by
     `detrax convert` or `Detector.save`, with the class names and val transform they carry), an official / HF /
     torchvision / BiT / MasterSkepticista/detr checkpoint (converted on the fly), or `random:PRESET` for random
     weights; run by `runtime` (`detrax.serving.runtimes`). Turns on JAX's persistent compilation cache
@@ -183,17 +185,17 @@ def load(path: str | os.PathLike, runtime: str = "xla", **config_overrides) -> D
     from detrax.serving import compilation_cache
 
     compilation_cache.enable()
-    detector = _load(os.fspath(path), **config_overrides)
+    detector = _load(os.fspath(path), weights, **config_overrides)
     return detector if runtime == "xla" else detector.with_runtime(runtime)
 
 
-def _load(path: str, **config_overrides) -> Detector:
-    if path.startswith("random:"):
+def _load(path: str, weights: str = "auto", **config_overrides) -> Detector:
+    if path.startswith("random:") and weights == "auto":
         cfg = dataclasses.replace(presets.get(path.split(":", 1)[1]).model, **config_overrides)
         return Detector(DETR(cfg.with_classes(), rngs=nnx.Rngs(0)))
     from detrax.weights.opener import open_weights
 
-    opened = open_weights(path, **config_overrides)
+    opened = open_weights(path, weights=weights, **config_overrides)
     names = {int(c["id"]): c["name"] for c in opened.categories} or None
     return Detector(opened.model, names=names, data=opened.data, things=_things(opened.categories))
 

@@ -10,12 +10,21 @@ from detrax import commands
 from detrax.config.schema import DataConfig
 from detrax.serving import panoptic, postprocess
 from detrax.serving.infer import BATCH_SIZE
+from detrax.weights.opener import WEIGHTS
 
 VAL = DataConfig()  # the official val transform: what weights files that record none are resized by
 
 
+def _weights_arg(s: argparse.ArgumentParser) -> None:
+    """--weights: which weights of a training run."""
+    s.add_argument("--weights", choices=WEIGHTS, default="auto", help="of a training run: best (its best evaluated, "
+                   "train.keep_best), last (its latest checkpoint's; their moving average where it keeps one, "
+                   "train.ema_decay), raw (the latest trained weights themselves); auto: best where kept, else last")
+
+
 def _runtime_args(s: argparse.ArgumentParser) -> None:
-    """--runtime and --model, of the commands that run a model (predict, eval)."""
+    """--runtime, --model and --weights, of the commands that run a model (predict, eval)."""
+    _weights_arg(s)
     s.add_argument("--runtime", default="xla", help="what runs the model: xla, onnxruntime or openvino "
                    "(detrax.serving.runtimes; the latter two export it to ONNX first, unless --model)")
     s.add_argument("--model", default=None, help="with --runtime onnxruntime or openvino: the exported file to run "
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention heads, where the weights cannot tell (official, HF: 8)")
     s.add_argument("--preset", default=None, help="record this preset's val transform in the file (e.g. "
                    "detr_r50_640 for weights trained at 640), which `detrax.load`, eval and predict then use")
+    _weights_arg(s)
     s.set_defaults(func=commands.cmd_convert)
 
     s = sub.add_parser("export", help="a detector for serving, with the weights inside: stablehlo (pixels in, "
@@ -74,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a training workdir, detrax weights, or an official/HF checkpoint")
     s.add_argument("out", help="the file to write")
     s.add_argument("--format", default="stablehlo", help="a registered export format (detrax.serving.export.FORMATS)")
+    _weights_arg(s)
     s.add_argument("--batch", type=int, default=None, help="images per call (default: any)")
     s.add_argument("--size", default=None, help="HxW: the padded canvas (default: any size)")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),

@@ -29,7 +29,7 @@ def _detector(args):
     if model is not None and args.runtime == "xla":
         raise ValueError("--model is an exported file for another runtime (--runtime onnxruntime or openvino); "
                          "xla runs the checkpoint itself")
-    detector = detrax.load(args.checkpoint)
+    detector = detrax.load(args.checkpoint, weights=args.weights)
     if args.runtime == "xla":
         return detector
     return detector.with_runtime(args.runtime, **({"onnx": model} if model is not None else {}))
@@ -120,7 +120,7 @@ def _convert_out(args) -> int:
     from detrax.weights.to_torch import write
 
     overrides = {k: v for k, v in (("num_heads", args.num_heads), ("dilation", args.dilation or None)) if v}
-    detector = detrax.load(args.src, **overrides)
+    detector = detrax.load(args.src, weights=args.weights, **overrides)
     written = write(detector.model, args.dst, args.to, detector.names)
     cfg = detector.config
     print(f"{args.src} -> {written} ({'official DETR' if args.to == 'official' else 'Hugging Face DETR'}"
@@ -185,8 +185,9 @@ def cmd_train(args) -> int:
     _distributed(args)
     summary = fit(cfg, Run(args.data, args.workdir, resume=args.resume, init=args.init,
                            allow_changes=args.allow_changes))
-    print(json.dumps({"workdir": args.workdir, "step": summary["step"], "eval": summary["eval"],
-                      "stopped": summary["stopped"]}))
+    shown = ("step", "eval", "stopped", "eval_ema", "best", "early_stopped")  # the last three where the run has them
+    print(json.dumps({"workdir": args.workdir} | {k: summary.get(k) for k in shown[:3]}
+                     | {k: summary[k] for k in shown[3:] if summary.get(k)}))
     return _exit_status(summary)
 
 
@@ -232,7 +233,7 @@ def cmd_export(args) -> int:
     if args.format not in FORMATS:  # before the weights are read
         raise ValueError(f"unknown export format {args.format!r}; formats: {', '.join(sorted(FORMATS))}")
     shape = Shape(args.batch, *_size(args.size))
-    detector = detrax.load(args.checkpoint)
+    detector = detrax.load(args.checkpoint, weights=args.weights)
     done = {"out": args.out, "format": args.format, "shape": dataclasses.asdict(shape),
             "dtype": args.dtype or detector.config.dtype}
     if not args.quantize:

@@ -193,11 +193,25 @@ class TrainConfig:
     # trained detector with --init
     freeze_detector: bool = False
     max_bad_steps: int = 5  # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    # an exponential moving average of the trained weights (0: none), its decay warmed up over about `ema_tau`
+    # steps (decay * (1 - exp(-updates / ema_tau)), as RF-DETR's); evaluated beside the raw weights, kept in the
+    # optimizer state (`training/optim.py`), and the weights a run's `last` means
+    ema_decay: float = 0.0
+    ema_tau: int = 100
+    # keep the best evaluated weights by this eval metric (AP, AP50, ..., PQ; "": none) in the workdir's best/,
+    # raw or EMA, whichever scored higher (`training/best.py`); `detrax.load(RUN, weights="best")`
+    keep_best: str = ""
+    early_stop: int = 0  # > 0: stop after this many evaluations without a new best `keep_best`
 
     def __post_init__(self):
         if self.crop_steps < 0 or not self.crop_lr > 0:
             raise ValueError(f"crop_steps must be at least 0 (got {self.crop_steps}) and crop_lr above 0 (got "
                              f"{self.crop_lr})")
+        if not 0 <= self.ema_decay < 1 or self.ema_tau < 0:
+            raise ValueError(f"ema_decay must be in [0, 1) (got {self.ema_decay}) and ema_tau at least 0 (got "
+                             f"{self.ema_tau})")
+        if self.early_stop < 0:
+            raise ValueError(f"early_stop must be at least 0 (got {self.early_stop})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,13 @@ def coco_ap(annotations, results: list[dict], image_ids=None, quiet: bool = True
     return _numbers(cocoeval(annotations, results, image_ids, quiet, iou_type))
 
 
+def metric_names(task: str) -> tuple[str, ...]:
+    """The numbers `evaluate` gives for a dataset of `task` (detection, segm, panoptic)."""
+    if task == "panoptic":
+        return tuple(f"{m}{s}" for s in ("", "_th", "_st") for m in ("PQ", "SQ", "RQ"))
+    return KEYS + (tuple(f"mask_{k}" for k in KEYS) if task == "segm" else ())
+
+
 def _numbers(ev) -> dict:
     return dict.fromkeys(KEYS, 0.0) if ev is None else {k: float(v) for k, v in zip(KEYS, ev.stats[:6])}
 

@@ -23,11 +23,11 @@ class Periodic:
     def __init__(self, every: int, total: int, fn: Callable, at_end: bool = True):
         self.every, self.total, self.fn, self.at_end = every, total, fn, at_end
 
+    def due(self, step: int) -> bool:
+        return self.at_end if step == self.total else bool(self.every) and step % self.every == 0
+
     def __call__(self, step: int, state, terms) -> None:
-        if step == self.total:
-            if self.at_end:
-                self.fn(step, state, terms)
-        elif self.every and step % self.every == 0:
+        if self.due(step):
             self.fn(step, state, terms)
 
 

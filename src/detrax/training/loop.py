@@ -22,15 +22,15 @@ from detrax.criterion.loss import set_loss
 from detrax.data.loader import Augment, Loader, dataset
 from detrax.data.sources import read_split, resolve_split
 from detrax.errors import TrainingError
-from detrax.evaluation.coco import evaluate
 from detrax.models.detr import DETR, tracing_rngs
 from detrax.serving.infer import make_infer
-from detrax.training import start
+from detrax.training import start, validation
 from detrax.training.actions import Periodic, Stop, WatchFinite
 from detrax.training.devices import data_mesh, global_batch, local_copy, replicate, shardings
 from detrax.training.optim import learning_rates, optimizer
 from detrax.training.reporting import Reporter, plot
 from detrax.training.step import BATCH_KEYS, MASK_KEYS, make_train_step, trainable
+from detrax.training.validation import Validation
 from detrax.weights.checkpoint import Checkpoints
 
 
@@ -60,15 +60,15 @@ class Trainer:
     save: Callable  # save(step, state): a checkpoint
     checkpoints: Checkpoints
     reporter: Reporter
-    results: dict  # the last logged `train` metrics and `eval` metrics
+    results: dict  # the last logged `train` metrics, `eval` metrics (and `eval_ema`), the `best` record
     graphdef: Any
     closing: contextlib.ExitStack
 
 
 def fit(cfg: schema.Config, run: Run) -> dict:
     """Train `cfg` on `run.data_dir` (a COCO-format folder or any source of `data.sources`), writing to
-    `run.workdir`. Returns the last step, whether a signal stopped it, the last train and eval metrics, the
-    weights."""
+    `run.workdir`. Returns the last step, whether a signal stopped it, whether `train.early_stop` did, the last
+    train and eval metrics, the best record (`train.keep_best`), the weights."""
     t = setup(cfg, run)
     state, end, stopped = t.state, t.end, None
     with t.closing, Stop() as stop:
@@ -76,7 +76,7 @@ def fit(cfg: schema.Config, run: Run) -> dict:
             state, terms = t.step(state, next(t.batches), i)
             for action in t.actions:
                 action(i + 1, state, terms)
-            if stopped := stop.requested():
+            if (stopped := stop.requested()) or t.results.get("early_stopped"):
                 end = i + 1
                 break
         for action in t.actions:
@@ -85,6 +85,11 @@ def fit(cfg: schema.Config, run: Run) -> dict:
             t.save(end, state)
         if stopped:
             t.reporter.line(f"{stopped}: stopped at step {end}, checkpoint saved; --resume continues")
+        elif t.results.get("early_stopped"):
+            b = t.results["best"]
+            t.reporter.line(f"train.early_stop={cfg.train.early_stop}: stopped at step {end}, {b['since']} "
+                            f"evaluations after the best {b['metric']} ({b['value']:.4f}, step {b['step']}: "
+                            f"{b['file']})")
     if t.reporter.enabled:
         plot(run.workdir)
     weights = jax.tree.map(local_copy, nnx.state(nnx.merge(t.graphdef, state)[0], nnx.Param))
@@ -96,6 +101,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
     optimizer state (fresh, initialised or restored), the step function, the batches and the actions."""
     n_proc, proc = jax.process_count(), jax.process_index()
     _check(cfg, run.workdir)
+    validation.check(cfg.train, cfg.data.task)
     split = resolve_split(run.data_dir, cfg.data.train_split, "train", cfg.data.task)
     train_ds = read_split(run.data_dir, split, task=cfg.data.task, skip_bad=cfg.data.skip_bad)
     cfg, classes = start.resolve_classes(cfg, train_ds, run.workdir, run.resume)
@@ -148,18 +154,27 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         train_data = dataset(train_ds.records, Augment(True, dc), tc.batch_size // n_proc, max_targets=dc.max_targets,
                              step=dc.bucket_step, seed=tc.seed, shard=(proc, n_proc), group=dc.group_batches)
         loader = closing.enter_context(Loader(train_data, workers=dc.workers))
-        first = 0
+        first, saved = 0, {}
         if begin.restore is not None:
-            _, _, data_state, meta = ckpts.restore(state[0], state[1], begin.restore)  # fills state in place
+            _, _, data_state, saved = ckpts.restore(state[0], state[1], begin.restore)  # fills state in place
             loader.restore(data_state)
-            first = meta["step"]
-        reporter.begin(first, "resume" if begin.restore is not None else "start", begin.record, begin.changes)
+            first = saved["step"]
 
         results: dict = {"train": {}, "eval": None}
         categories = [{"id": i, "name": n} | ({"isthing": int(train_ds.isthing[i])} if i in train_ds.isthing else {})
                       for i, n in sorted(train_ds.names.items())]
+        evaluation = Validation(make_infer(eval_graphdef, masks=dc.task != "detection"),
+                                validation.val_split(run.data_dir, dc, reporter.line), cfg, sharded, eval_graphdef,
+                                categories, run.workdir, reporter, results, saved.get("best"))
+        evaluating = Periodic(tc.eval_every * per_epoch, total, evaluation)
+        redo = evaluation.redo(first) and evaluating.due(first)
+        reporter.begin(first, "resume" if begin.restore is not None else "start", begin.record, begin.changes,
+                       redo_eval=redo)
         meta = {"config": schema.to_dict(cfg), "categories": categories, "start": begin.record}
-        save = lambda done, state: ckpts.save(done, state[0], state[1], loader.state(), {"step": done, **meta})
+
+        def save(done, state):
+            ckpts.save(done, state[0], state[1], loader.state(), {"step": done, **meta, "best": results["best"]})
+            evaluation.prune([ckpts.meta(s).get("best") for s in ckpts.steps()])
 
         def log(done, state, terms):
             metrics = jax.device_get(terms)
@@ -167,21 +182,19 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
             lr, lr_backbone = (float(r) for r in rates(done - 1))
             reporter.log(done, "train", {**metrics, "lr": lr, "lr_backbone": lr_backbone})
 
-        evaluate_now = _evaluator(make_infer(eval_graphdef, masks=dc.task != "detection"),
-                                  _val_split(run.data_dir, dc, reporter), cfg, sharded)
-
-        def evaluation(done, state, terms):
-            results["eval"] = evaluate_now(state[0])
-            if results["eval"] is not None:
-                reporter.log(done, "eval", results["eval"])
-
         actions: list[Callable] = [
             WatchFinite(tc.max_bad_steps, reporter.line, ckpts),
             Periodic(tc.log_every, total, log),
             lambda done, state, terms: reporter.progress(done),
             Periodic(tc.ckpt_every, total, lambda done, state, terms: save(done, state)),  # before evaluating
-            Periodic(tc.eval_every * per_epoch, total, evaluation)]
+            evaluating]
+        if redo:  # killed between the checkpoint and its step's evaluation: evaluated again, as it would have been
+            evaluation(first, state)
         end = total if run.stop_after is None else min(total, first + run.stop_after)
+        if results.get("early_stopped") or (evaluation.best and evaluation.best.stopped):
+            end, results["early_stopped"] = first, True
+            reporter.line(f"the run stopped early at step {first} (train.early_stop={tc.early_stop}); nothing to "
+                          "train")
         keys = BATCH_KEYS + (MASK_KEYS if dc.task != "detection" else ())
         batches = (global_batch(local, sharded, keys) for local in loader)
         reporter.start(first)
@@ -229,36 +242,3 @@ def _schedule(tc: schema.TrainConfig, images: int, where: str) -> tuple[int, int
         raise ValueError(f"{where}: {images} images, fewer than one batch of {tc.batch_size}")
     total = tc.steps or tc.epochs * per_epoch
     return per_epoch, total, round(total * tc.lr_drop / tc.epochs) if tc.steps else tc.lr_drop * per_epoch
-
-
-def _val_split(data_dir: str, dc: schema.DataConfig, reporter: Reporter):
-    """The split that evaluation scores, or None (data.val_split=none, or no such split: said once)."""
-    if dc.val_split == "none":
-        return None
-    try:
-        return read_split(data_dir, resolve_split(data_dir, dc.val_split, "val", dc.task), task=dc.task,
-                          skip_bad=dc.skip_bad)
-    except ValueError as e:
-        reporter.line(f"no evaluation: {e}")
-        return None
-
-
-def _evaluator(infer, val_ds, cfg: schema.Config, sharded) -> Callable:
-    """weights -> COCO AP of the live training weights on `val_ds` through the one inference path (None on hosts
-    other than the first, or without a val split). On one host the replicated weights are used as they are, the
-    batch sharded over the devices; on several, the first host evaluates on its own copy of the weights."""
-
-    def run(weights):
-        if val_ds is None or jax.process_index() != 0:
-            return None
-        if jax.process_count() == 1:
-            put = lambda x: jax.device_put(x, sharded)
-            live = lambda *batch: infer(weights, *map(put, batch))
-            devices = jax.device_count()
-        else:
-            mine = jax.tree.map(local_copy, weights)
-            live, devices = (lambda *batch: infer(mine, *batch)), 1
-        return evaluate(live, val_ds, cfg.data, batch_size=cfg.train.batch_size, multiple=devices,
-                        class_ids=cfg.model.class_ids)
-
-    return run

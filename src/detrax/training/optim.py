@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -37,17 +39,43 @@ def optimizer(cfg: schema.TrainConfig) -> optax.GradientTransformationExtraArgs:
     does when it skips an optimizer step, while the schedule moves on with the loop, as the official per-epoch
     StepLR does. The same object for equal settings: the optimizer is part of the train step's static structure,
     so runs of one model in one process share their compiled step."""
-    return _optimizer(cfg.weight_decay, cfg.clip_max_norm)
+    return _optimizer(cfg.weight_decay, cfg.clip_max_norm, cfg.ema_decay, cfg.ema_tau)
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer(weight_decay: float, clip_max_norm: float) -> optax.GradientTransformationExtraArgs:
+def _optimizer(weight_decay: float, clip_max_norm: float, ema_decay: float = 0.0,
+               ema_tau: int = 0) -> optax.GradientTransformationExtraArgs:
     def adamw(which: int):
         return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay), _scale_by_lr(which))
 
-    return optax.chain(
-        optax.clip_by_global_norm(clip_max_norm) if clip_max_norm > 0 else optax.identity(),
-        optax.multi_transform({"rest": adamw(0), "backbone": adamw(1)}, _group))
+    parts = [optax.clip_by_global_norm(clip_max_norm) if clip_max_norm > 0 else optax.identity(),
+             optax.multi_transform({"rest": adamw(0), "backbone": adamw(1)}, _group)]
+    return optax.chain(*parts, *([weight_ema(ema_decay, ema_tau)] if ema_decay else []))
+
+
+class WeightEmaState(NamedTuple):
+    count: jax.Array  # updates applied
+    ema: Any  # the average, a tree like the trained weights
+
+
+def weight_ema(decay: float, tau: int) -> optax.GradientTransformationExtraArgs:
+    """The last link of the chain: leaves the updates as they are and keeps an exponential moving average of the
+    weights they make (params + updates), at decay `decay * (1 - exp(-updates / tau))` (RF-DETR's ModelEma: the
+    early average follows the weights closely; tau 0: `decay` throughout). Part of the optimizer state, so a
+    checkpoint holds it, a resume continues it exactly, and a skipped step leaves it as it was.
+    `weights.checkpoint.ema_of` finds it in a saved optimizer state."""
+
+    def init(params):
+        return WeightEmaState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.array, params))
+
+    def update(updates, state, params=None, **extra):
+        del extra
+        count = state.count + 1
+        d = decay * (1 - jnp.exp(-count.astype(jnp.float32) / tau)) if tau else jnp.float32(decay)
+        ema = jax.tree.map(lambda e, p, u: (d * e + (1 - d) * (p + u)).astype(e.dtype), state.ema, params, updates)
+        return updates, WeightEmaState(count, ema)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _scale_by_lr(which: int) -> optax.GradientTransformationExtraArgs:

@@ -46,17 +46,18 @@ class Reporter:
             self._tb = _summary_writer()(os.path.join(self.workdir, "tensorboard"), purge_step=purge_step)
         return self._tb
 
-    def begin(self, step: int, kind: str, record: dict, changes: list[str]):
+    def begin(self, step: int, kind: str, record: dict, changes: list[str], redo_eval: bool = False):
         """The metrics log rewound to `step` (rows of a killed run's steps after its checkpoint are dropped: the
-        resumed run logs them again; TensorBoard is told to purge its events from `step` on), then a row of `kind`
-        (start or resume) with what the run started from."""
+        resumed run logs them again, and with `redo_eval` its evaluation of `step` too; TensorBoard is told to purge
+        its events from `step` on), then a row of `kind` (start or resume) with what the run started from."""
         if not self.enabled:
             return
         self._writer(purge_step=step)
         path = os.path.join(self.workdir, "metrics.jsonl")
         if os.path.exists(path):
-            kept = [line for line in open(path) if line.endswith("}\n") and json.loads(line)["step"] <= step
-                    and step > 0]
+            rows = [(line, json.loads(line)) for line in open(path) if line.endswith("}\n")]
+            kept = [line for line, r in rows if r["step"] <= step and step > 0
+                    and not (redo_eval and r["step"] == step and r["kind"] in ("eval", "eval_ema"))]
             with open(path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(path + ".tmp", path)
@@ -87,7 +88,7 @@ class Reporter:
         if kind == "train":
             self.last = {k: float(metrics[k]) for k in SHOWN if k in metrics}
         else:
-            self.line(f"eval at step {step}: " + " ".join(f"{k} {float(v):.3f}" for k, v in metrics.items()))
+            self.line(f"{kind.replace('_', ' (') + ')' * ('_' in kind)} at step {step}: " + " ".join(f"{k} {float(v):.3f}" for k, v in metrics.items()))
 
     def progress(self, step: int):
         """The bar: epoch, step, loss terms, images per second, ETA."""
@@ -148,10 +149,12 @@ def plot(workdir: str) -> list[str]:
         if not sel:
             continue
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in sel if k in r]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker="o" if kind == "eval" else None)
+        for k in keys:  # and the weights' moving average's evaluation (train.ema_decay), dashed
+            for which, style in ((kind, "-"), ("eval_ema", "--") if kind == "eval" else (None, "")):
+                pts = [(r["step"], r[k]) for r in rows if r["kind"] == which and k in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=k + (" (ema)" if which == "eval_ema" else ""),
+                            marker="o" if kind == "eval" else None)
         ax.set_xlabel("step")
         ax.set_title(f"{kind} ({os.path.basename(os.path.abspath(workdir))})")
         ax.grid(alpha=0.3)

@@ -68,6 +68,10 @@ class Checkpoints:
     def latest_step(self):
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints kept."""
+        return list(self.manager.all_steps())
+
     def save(self, step: int, model_state, opt_state, data_state, meta: dict) -> None:
         """Write checkpoint `step`; on any failure (full disk, unwritable folder) raise CheckpointWriteError
         naming the step and the cause, with the previous checkpoint left as it was."""
@@ -147,13 +151,42 @@ class Checkpoints:
                 data = json.load(f)
         return back(out["model"], model_like), opt, data, out["meta"]
 
+    def ema(self, step: int) -> dict | None:
+        """The weights' moving average that checkpoint `step` holds (a pure dict of the trained weights), or None
+        when its run keeps none (`train.ema_decay=0`)."""
+        a = self._ocp.args
+        return ema_of(self.manager.restore(step, args=a.Composite(optimizer=a.StandardRestore()))["optimizer"])
+
     def close(self):
         self.manager.close()
 
 
-def load_run(workdir: str, step=None, with_meta: bool = False):
+def ema_of(opt_state: dict) -> dict | None:
+    """The weights' moving average in a run's optimizer state (`nnx.to_pure_dict` of it, or as orbax restores it):
+    the state of `training.optim.weight_ema`, the chain's last link; None when the run keeps none."""
+    links = opt_state.get("opt_state") or {}
+    last = links[max(links, key=int)] if isinstance(links, dict) and links else None
+    return last["ema"] if isinstance(last, dict) and set(last) == {"count", "ema"} else None
+
+
+BEST = "best.json"  # in a run's workdir: which of its best/ files is the best (`training.best`)
+
+
+def best_weights(workdir: str) -> tuple[str, dict] | None:
+    """(the path of a run's best weights file, its record: metric, value, step, raw or ema), or None when the run
+    keeps none (`train.keep_best`)."""
+    path = os.path.join(workdir, BEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    return os.path.join(workdir, record["file"]), record
+
+
+def load_run(workdir: str, step=None, with_meta: bool = False, ema: bool | None = False):
     """The model of a training run's latest checkpoint (or `step`), in eval mode (and the checkpoint's meta:
-    config, step, category names)."""
+    config, step, category names); with `ema`, its weights' moving average in place of the trained weights (None:
+    where the run keeps one)."""
     from flax import nnx
 
     from detrax.config import schema
@@ -171,6 +204,14 @@ def load_run(workdir: str, step=None, with_meta: bool = False):
         nnx.reseed(shapes, default=0)  # RNG streams get real keys: their restored values replace them
         graphdef, like = nnx.split(shapes)
         model_state, _, _, _ = ckpts.restore(like, None, step)
+        if ema is None:
+            ema = meta["config"]["train"].get("ema_decay", 0) > 0
+        if ema:
+            average = ckpts.ema(step)
+            if average is None:
+                raise ValueError(f"{workdir}: its checkpoint of step {step} keeps no moving average of the weights "
+                                 "(train.ema_decay=0)")
+            nnx.replace_by_pure_dict(model_state, average)
     finally:
         ckpts.close()
     model = nnx.merge(graphdef, model_state)
