@@ -81,13 +81,14 @@ def budget(overrides, steps):
     return (round(float(own[-1][:-1]) * steps) if own[-1].endswith("x") else int(own[-1])), rest
 
 
-def read_curve(workdir):
-    """{step: AP50} of the run's evaluations (a step evaluated again after a resume: its last value)."""
+def read_curve(workdir, kind="eval"):
+    """{step: AP50} of the run's evaluations (`eval_ema`: of its weights' moving average; a step evaluated again
+    after a resume: its last value)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
     rows = [json.loads(line) for line in open(path) if line.endswith("\n")]  # a line being written: not yet
-    return dict((r["step"], r["AP50"]) for r in rows if r["kind"] == "eval")
+    return dict((r["step"], r["AP50"]) for r in rows if r["kind"] == kind)
 
 
 def settled(curve, until):
@@ -164,7 +165,11 @@ def one_run(preset, overrides, data, workdir, seed, steps, eval_steps, resume, u
     seconds = sum(rows[b - 1]["time"] - rows[a]["time"] for a, b in zip(starts, starts[1:]))  # cut time left out
     with open(os.path.join(workdir, "run.json")) as f:  # the backbone's warm-up, before the first row
         seconds += json.load(f).get("crop_warmup", {}).get("seconds", 0.0)
-    return {"curve": sorted(curve.items()), "minutes": seconds / 60}
+    best = os.path.join(workdir, "best.json")  # train.keep_best's record
+    with open(best) if os.path.exists(best) else contextlib.nullcontext() as f:
+        best = json.load(f) if f else None
+    return {"curve": sorted(curve.items()), "minutes": seconds / 60, "ema_curve": sorted(read_curve(
+        workdir, "eval_ema").items()), "best": best and {k: best[k] for k in ("value", "step", "weights")}}
 
 
 def main():
@@ -208,7 +213,9 @@ def main():
                 r = one_run(preset, rest, data, workdir, seed, own, args.eval_steps, args.resume, until)
                 runs.append(r)
                 print(f"{name} {variant} seed {seed}: {r['minutes']:.1f} min, AP50 by step "
-                      f"{' '.join(f'{s}:{ap:.3f}' for s, ap in r['curve'])}", flush=True)
+                      f"{' '.join(f'{s}:{ap:.3f}' for s, ap in r['curve'])}"
+                      + (f"; moving average {' '.join(f'{s}:{ap:.3f}' for s, ap in r['ema_curve'])}"
+                         if r["ema_curve"] else "") + (f"; best {r['best']}" if r["best"] else ""), flush=True)
             to = {lv: [first_step(r["curve"], lv) for r in runs] for lv in (0.3, 0.5)}
             finals = [r["curve"][-1][1] if r["curve"] else 0.0 for r in runs]
             # a seed that did not get there counts as later than any that did: the median is defined while most did
@@ -219,6 +226,16 @@ def main():
                 "ap50_end_mean": round(statistics.mean(finals), 3), "ap50_end_min": round(min(finals), 3),
                 "ap50_end_max": round(max(finals), 3),
                 "steps": own, "minutes_mean": round(statistics.mean(r["minutes"] for r in runs), 1)}
+            if runs[0]["ema_curve"]:  # train.ema_decay: the average's AP50 at the end, against the raw weights'
+                ema = [r["ema_curve"][-1][1] for r in runs]
+                figures[name][variant].update(
+                    ema_ap50_end=[round(a, 3) for a in ema], raw_ap50_end=[round(a, 3) for a in finals],
+                    ema_minus_raw_mean=round(statistics.mean(e - f for e, f in zip(ema, finals)), 3))
+            if runs[0]["best"]:  # train.keep_best: the best evaluated against the last (the average where kept)
+                last = [r["ema_curve"][-1][1] if r["ema_curve"] else r["curve"][-1][1] for r in runs]
+                figures[name][variant].update(
+                    best=[r["best"] for r in runs],
+                    best_minus_last=[round(r["best"]["value"] - v, 3) for r, v in zip(runs, last)])
             if capped:  # stopped at 0.5 or the cap: its `ap50_end` is at the stop; a bound ratio is against the cap
                 figures[name][variant].update(budget=own, steps=min(own, args.base_until),
                                               stopped_at=[r["curve"][-1][0] if r["curve"] else None for r in runs])
