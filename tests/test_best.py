@@ -68,6 +68,9 @@ def test_the_best_record_keeps_the_best_and_counts_evaluations_since(tmp_path):
     assert sorted(os.listdir(tmp_path / "best")) == ["4-ema.safetensors", "8-raw.safetensors"]
     best.prune([])
     assert sorted(os.listdir(tmp_path / "best")) == ["8-raw.safetensors"]
+    # resumed with another metric (--allow-changes): a new record from there, said
+    other = Best(str(tmp_path), "AP", record=best.record, say=lines.append)
+    assert other.record["value"] is None and other.record["evaluated"] == 20 and "by AP50 until step 20" in lines[-1]
     with pytest.raises(ValueError, match=r"keep_best=AP50: the evaluation gives no such number \(it gives PQ\)"):
         Best(str(tmp_path / "b"), "AP50").update(1, {"raw": {"PQ": 0.1}}, save)
 

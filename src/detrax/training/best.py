@@ -41,11 +41,13 @@ class Best:
     def __init__(self, workdir: str, metric: str, patience: int = 0, record: dict | None = None,
                  say: Callable[[str], None] = print):
         self.workdir, self.metric, self.patience, self.say = workdir, metric, patience, say
-        self.record = dict(record) if record else {"metric": metric, "value": None, "step": None, "weights": None,
-                                                   "file": None, "eval": None, "since": 0,
-                                                   "evaluated": 0}
-        if self.record["metric"] != metric:
-            raise ValueError(f"train.keep_best={metric}: the run kept its best by {self.record['metric']}")
+        fresh = {"metric": metric, "value": None, "step": None, "weights": None, "file": None, "eval": None,
+                 "since": 0, "evaluated": 0}
+        if record and record["metric"] != metric:  # a resume with --allow-changes
+            say(f"train.keep_best={metric}: the run kept its best by {record['metric']} until step "
+                f"{record['evaluated']}; by {metric} from here on")
+            record = {**fresh, "evaluated": record["evaluated"]}
+        self.record = dict(record or fresh)
 
     def due(self, step: int) -> bool:
         """Whether the evaluation of `step` is not in the record yet (a checkpoint is written before the
