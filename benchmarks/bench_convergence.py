@@ -10,7 +10,7 @@ of different sizes and class sets that the project generates:
 
     .venv/bin/python benchmarks/bench_convergence.py [--sets shapes varied] [--seeds 0 1 2] [--steps 1800 6000]
         [--variant NAME:key=value,key=value ...] [--preset demo] [--base-until STEP] [--out /tmp/bench_convergence]
-        [--resume]
+        [--resume] [--results NAME]
 
 Each variant is the preset with its overrides (default: `plain` = the official DETR's training, without the
 preset's training-only aids: one query group, no denoising, no encoder head, with three times the set's budget;
@@ -20,6 +20,10 @@ one continues from its last checkpoint (detrax's `--resume`), one recorded with 
 `--base-until STEP` runs the first variant only as far as a ratio against it needs: each seed stops (with a
 checkpoint) once it passes AP50 0.5, or at STEP, its schedule still its budget's; its AP50 at the end is then at
 the stop. Plain DETR's seeds at three times the aids' median steps to 0.5 settle the goal's third either way.
+
+A variant with `train.ema_decay` also reports the moving average's AP50 at the end against the raw weights' (the
+same run), and one with `train.keep_best` the best kept against the last evaluation (in-sample: the best is chosen
+on the val split it is measured on).
 
 Prints the CPU model, a line per run, a table per set and last one JSON object: per set and variant the budget,
 the steps to 0.3 / 0.5 per seed (null: not reached), the median (a seed that did not get there counts as later
@@ -188,6 +192,8 @@ def main():
                    "to 0.5 against it, e.g. 3x the others' median for the goal's third")
     p.add_argument("--resume", action="store_true", help="keep the runs in --out: read back the finished ones, "
                    "continue the cut ones")
+    p.add_argument("--results", default=None, help="the results file's name: bench_convergence_RESULTS (default: "
+                   "bench_convergence)")
     args = p.parse_args()
     from detrax.training.devices import prefer_eigen_convolutions
 
@@ -250,7 +256,7 @@ def main():
             ratio = f["ratio_steps_to_0.5"] or (f"< {f['ratio_steps_to_0.5_below']}" if mine else None)
             print(f"  {variant:12s} {f['steps']:5d} {f['steps_to_0.3']} / {f['steps_to_0.5']}  "
                   f"{f['ap50_end_mean']:.3f} [{f['ap50_end_min']:.3f}, {f['ap50_end_max']:.3f}]  ratio {ratio}")
-    record.finish(figures)
+    record.finish(figures, name=f"bench_convergence_{args.results}" if args.results else None)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
 
         def save(done, state):
             ckpts.save(done, state[0], state[1], loader.state(), {"step": done, **meta, "best": results["best"]})
-            evaluation.prune([ckpts.meta(s).get("best") for s in ckpts.steps()])
+            evaluation.prune(ckpts)
 
         def log(done, state, terms):
             metrics = jax.device_get(terms)
@@ -191,7 +191,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         if redo:  # killed between the checkpoint and its step's evaluation: evaluated again, as it would have been
             evaluation(first, state)
         end = total if run.stop_after is None else min(total, first + run.stop_after)
-        if results.get("early_stopped") or (evaluation.best and evaluation.best.stopped):
+        if results.get("early_stopped") or evaluation.stopped:
             end, results["early_stopped"] = first, True
             reporter.line(f"the run stopped early at step {first} (train.early_stop={tc.early_stop}); nothing to "
                           "train")

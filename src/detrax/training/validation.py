@@ -84,9 +84,15 @@ class Validation:
         not in the checkpoint's record (the checkpoint was written before it)."""
         return self.best is not None and step > 0 and self.best.due(step)
 
-    def prune(self, records: list) -> None:
+    @property
+    def stopped(self) -> bool:
+        """Whether the record says the run has stopped early (a resumed run that had)."""
+        return self.best is not None and self.best.stopped
+
+    def prune(self, checkpoints) -> None:
+        """best/ keeps the files that the record or a kept checkpoint's record names (after each checkpoint)."""
         if self.best is not None and jax.process_index() == 0:
-            self.best.prune(records)
+            self.best.prune([checkpoints.meta(s).get("best") for s in checkpoints.steps()])
 
 
 def _agreed(stop: bool) -> bool:
