@@ -43,7 +43,7 @@ def test_the_moving_average_follows_its_recurrence():
     got = state[-1].ema
     for path in (("backbone", "w"), ("head", "b")):
         np.testing.assert_allclose(got[path[0]][path[1]], ema[path[0]][path[1]], rtol=1e-6)
-    assert int(state[-1].count) == 5
+    assert int(state[-1].updates) == 5
     # off (the default): no link, the optimizer state of the official recipe as before
     assert len(optimizer(schema.TrainConfig()).init(params)) == 2
 

@@ -153,8 +153,9 @@ def demo_panoptic(smoke: bool = False) -> Config:
     kernel on the attention channels initialised 1000 times larger (`model.mask_attention_gain`): with the
     official init the masks do not tell the queries apart within a CPU's minutes (benchmarks/history.md)."""
     cfg = demo_panoptic_detector(smoke)
-    train = dataclasses.replace(cfg.train, freeze_detector=True, calibrate_bn=False,
-                                **({} if smoke else dict(epochs=4, lr_drop=3, eval_every=2)))
+    train = dataclasses.replace(cfg.train, freeze_detector=True, calibrate_bn=False)
+    if not smoke:
+        train = dataclasses.replace(train, epochs=4, lr_drop=3, eval_every=2)
     return dataclasses.replace(cfg, name="demo_panoptic", train=train,  # the detector's training-only aids off
                                model=dataclasses.replace(cfg.model, masks=True, mask_attention_gain=1000.0,
                                                          dn_groups=0, encoder_head=False),

@@ -54,7 +54,7 @@ def _optimizer(weight_decay: float, clip_max_norm: float, ema_decay: float = 0.0
 
 
 class WeightEmaState(NamedTuple):
-    count: jax.Array  # updates applied
+    updates: jax.Array  # how many were applied
     ema: Any  # the average, a tree like the trained weights
 
 
@@ -70,7 +70,7 @@ def weight_ema(decay: float, tau: int) -> optax.GradientTransformationExtraArgs:
 
     def update(updates, state, params=None, **extra):
         del extra
-        count = state.count + 1
+        count = state.updates + 1
         d = decay * (1 - jnp.exp(-count.astype(jnp.float32) / tau)) if tau else jnp.float32(decay)
         ema = jax.tree.map(lambda e, p, u: (d * e + (1 - d) * (p + u)).astype(e.dtype), state.ema, params, updates)
         return updates, WeightEmaState(count, ema)

@@ -88,7 +88,8 @@ class Reporter:
         if kind == "train":
             self.last = {k: float(metrics[k]) for k in SHOWN if k in metrics}
         else:
-            self.line(f"{kind.replace('_', ' (') + ')' * ('_' in kind)} at step {step}: " + " ".join(f"{k} {float(v):.3f}" for k, v in metrics.items()))
+            name = "eval (ema)" if kind == "eval_ema" else kind
+            self.line(f"{name} at step {step}: " + " ".join(f"{k} {float(v):.3f}" for k, v in metrics.items()))
 
     def progress(self, step: int):
         """The bar: epoch, step, loss terms, images per second, ETA."""

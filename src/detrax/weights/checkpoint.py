@@ -166,7 +166,7 @@ def ema_of(opt_state: dict) -> dict | None:
     the state of `training.optim.weight_ema`, the chain's last link; None when the run keeps none."""
     links = opt_state.get("opt_state") or {}
     last = links[max(links, key=int)] if isinstance(links, dict) and links else None
-    return last["ema"] if isinstance(last, dict) and set(last) == {"count", "ema"} else None
+    return last["ema"] if isinstance(last, dict) and set(last) == {"updates", "ema"} else None
 
 
 BEST = "best.json"  # in a run's workdir: which of its best/ files is the best (`training.best`)
