@@ -308,7 +308,7 @@ def cmd_demo(args) -> int:
     dets = detector.predict(images, threshold=args.threshold)  # the run's own val transform
     out = os.path.join(args.workdir, "predictions")
     write_results(out, files, images, dets, detector.names)
-    ev = summary["eval"] or {}
+    ev = (summary.get("best") or {}).get("eval") or summary.get("eval_ema") or summary["eval"] or {}  # as loaded
     print(json.dumps({"AP": ev.get("AP"), "AP50": ev.get("AP50"), "minutes": round((time.time() - t0) / 60, 1),
                       "workdir": args.workdir, "predictions": out}))
     return 0
