@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(s)
     s.set_defaults(func=commands.cmd_predict)
 
+    s = sub.add_parser("serve", help="an HTTP service: POST /detect, GET /health, /info, and a page at / (the serve "
+                       "extra)")
+    s.add_argument("checkpoint", help="a training workdir, detrax weights, an official/HF checkpoint, or random:PRESET")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="requests run as one batch at most")
+    s.add_argument("--window-ms", type=float, default=10.0, help="how long a request waits for others to join it")
+    s.add_argument("--queue", type=int, default=64, help="requests waiting at most; one more is answered 503")
+    s.add_argument("--max-mb", type=float, default=20.0, help="an upload's size at most, in MiB (413 above)")
+    _runtime_args(s)
+    s.set_defaults(func=commands.cmd_serve)
+
     s = sub.add_parser("convert", help="official DETR / HF DETR / torchvision ResNet / BiT / MasterSkepticista/detr "
                        "weights -> detrax weights; with --to, a detrax model -> an official or HF DETR")
     s.add_argument("src", help=".pth/.pt/.bin (needs the torch extra), .safetensors, BiT's .npz, or a Flax msgpack "

@@ -35,6 +35,17 @@ def _detector(args):
     return detector.with_runtime(args.runtime, **({"onnx": model} if model is not None else {}))
 
 
+def cmd_serve(args) -> int:
+    from detrax.serving.service import Settings, serve
+
+    detector = _detector(args)
+    print(f"detrax serve: http://{args.host}:{args.port}/ ({args.checkpoint}, run by {args.runtime}); Ctrl-C stops",
+          file=sys.stderr)
+    settings = Settings(args.max_batch, args.window_ms, args.queue, int(args.max_mb * 2**20))
+    serve(detector, args.host, args.port, settings)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from detrax.data.synthetic import write_scenes
     from detrax.serving.images import list_images, read_all, write_results

@@ -3,6 +3,7 @@ inference path (`infer`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -14,12 +15,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 def read_image(path: str) -> Image.Image:
     """An RGB image with its EXIF orientation applied; ValueError naming the file if it cannot be read."""
+    return _read(path, path)
+
+
+def decode_image(data: bytes, name: str = "the upload") -> Image.Image:
+    """`read_image` of an encoded image's bytes (an upload); ValueError naming `name` if it cannot be decoded
+    (not an image, truncated, more pixels than PIL's decompression-bomb limit)."""
+    return _read(io.BytesIO(data), name)
+
+
+def _read(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from None
 
 
 def read_all(files: list[str]) -> tuple[list, list, list]:
