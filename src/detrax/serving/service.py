@@ -77,12 +77,17 @@ def app(detector, settings: Settings = Settings(), warmup: bool = True):
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
-        if warmup:
+        if warmup:  # each batch size a burst makes (1, 2, 4 ... max_batch), at a square image of the val size
             from PIL import Image
 
-            size = detector.preprocess.size
-            await run_in_threadpool(run, detector, "detection", [{"image": Image.new("RGB", (size, size)),
-                                                                   "threshold": 1.0}], settings.max_batch)
+            size, n = detector.preprocess.size, 1
+            while True:
+                blank = {"image": Image.new("RGB", (size, size)), "threshold": 1.0}
+                await run_in_threadpool(run, detector, "detection", [blank] * min(n, settings.max_batch),
+                                        settings.max_batch)
+                if n >= settings.max_batch:
+                    break
+                n *= 2
         batcher.start()
         try:
             yield
