@@ -29,7 +29,9 @@ def _read(source, name: str) -> Image.Image:
         with Image.open(source) as im:
             im.load()
             return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not a readable image (not a format PIL reads)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: not a readable image ({e})") from None
 
 
