@@ -30,7 +30,6 @@ from detrax.training.devices import data_mesh, global_batch, local_copy, replica
 from detrax.training.optim import learning_rates, optimizer
 from detrax.training.reporting import Reporter, plot
 from detrax.training.step import BATCH_KEYS, MASK_KEYS, make_train_step, trainable
-from detrax.training.validation import Validation
 from detrax.weights.checkpoint import Checkpoints
 
 
@@ -163,7 +162,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         results: dict = {"train": {}, "eval": None}
         categories = [{"id": i, "name": n} | ({"isthing": int(train_ds.isthing[i])} if i in train_ds.isthing else {})
                       for i, n in sorted(train_ds.names.items())]
-        evaluation = Validation(make_infer(eval_graphdef, masks=dc.task != "detection"),
+        evaluation = validation.Validation(make_infer(eval_graphdef, masks=dc.task != "detection"),
                                 validation.val_split(run.data_dir, dc, reporter.line), cfg, sharded, eval_graphdef,
                                 categories, run.workdir, reporter, results, saved.get("best"))
         evaluating = Periodic(tc.eval_every * per_epoch, total, evaluation)
@@ -191,7 +190,7 @@ def setup(cfg: schema.Config, run: Run) -> Trainer:
         if redo:  # killed between the checkpoint and its step's evaluation: evaluated again, as it would have been
             evaluation(first, state)
         end = total if run.stop_after is None else min(total, first + run.stop_after)
-        if results.get("early_stopped") or evaluation.stopped:
+        if results.get("early_stopped") or evaluation.stopped:  # the first: agreed by every host (a redone one)
             end, results["early_stopped"] = first, True
             reporter.line(f"the run stopped early at step {first} (train.early_stop={tc.early_stop}); nothing to "
                           "train")
